@@ -1,0 +1,60 @@
+"""``python -m yolotune``: compose the Hydra config, validate it, run the experiment."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from yolotune import experiment
+from yolotune.config import ExperimentConfig, register_configs
+from yolotune.errors import ConfigError
+from yolotune.validation import validate
+
+register_configs()
+
+
+def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig, Path, DictConfig]:
+    """Resolve resume and the experiment name, validate, and save the config: nothing heavy runs here."""
+    if cfg.resume:
+        cfg, exp_dir = experiment.resume_config(cfg, overrides)
+    else:
+        with open_dict(cfg):
+            cfg.name = cfg.name or experiment.new_name()
+        exp_dir = experiment.storage_dir(cfg.storage) / cfg.name
+        if (exp_dir / experiment.SAVED_CONFIG).exists():
+            raise ConfigError("name", cfg.name, f"{exp_dir} already holds an experiment; resume it with "
+                                                "resume=true or choose another name")
+    exp = experiment.to_experiment(cfg)
+    validate(exp)
+    if not exp.resume:
+        experiment.save_config(exp_dir, cfg, overrides)
+    return exp, exp_dir, cfg
+
+
+def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
+    exp, exp_dir, _ = prepare(cfg, overrides)
+    from yolotune.runner import run
+
+    return run(exp, exp_dir)
+
+
+@hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        run_experiment(cfg, list(hydra_cfg.overrides.task))
+    except ConfigError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job and runs the others
+        print(f"yolotune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _main()

@@ -1,0 +1,114 @@
+"""Turns a validated experiment into a Ray Tune ``Tuner``, runs it, and writes the results."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from yolotune import experiment as experiment_dir
+from yolotune.config import ExperimentConfig
+from yolotune.data import build_label_caches, resolve_data
+from yolotune.model import resolve_weights
+from yolotune.resources import TrialResources, plan
+from yolotune.space import parse_space, to_ray_space
+
+
+# Ray's TensorBoard logger only warns about Ultralytics' metric names; W&B is the dashboard here.
+# A forced state snapshot per checkpoint is what keeps a SIGKILL from losing finished epochs.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def run(exp: ExperimentConfig, exp_dir: Path):
+    """Run (or resume) the experiment in ``exp_dir`` and return Ray's ResultGrid."""
+    import ray
+    from ray import tune
+
+    from yolotune.results import write_results
+    from yolotune.trainable import train_trial
+
+    job = _job(exp, exp_dir)
+    build_label_caches(job["data"])
+    started = not ray.is_initialized()
+    if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left behind
+        resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
+        if started:
+            ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=False,
+                     log_to_driver=False, runtime_env=exp.ray.runtime_env or None)
+    else:
+        if started:
+            ray.init(address=exp.ray.address, log_to_driver=False, runtime_env=exp.ray.runtime_env or None)
+        total = ray.cluster_resources()
+        resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0))
+    job["threads"] = resources.threads
+    try:
+        trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
+                                        {"cpu": resources.cpu, "gpu": resources.gpu})
+        if exp.resume and (exp_dir / "tuner.pkl").exists():
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                                       resume_errored=exp.resume_errored)
+        else:
+            tuner = _new_tuner(exp, exp_dir, trainable, resources)
+        grid = tuner.fit()
+        print("\n" + write_results(exp_dir).summary())
+        return grid
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: TrialResources):
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from yolotune.schedulers import build_scheduler
+    from yolotune.search import build_search
+
+    ray_space = to_ray_space(parse_space(exp.space))
+    return tune.Tuner(
+        trainable,
+        param_space=ray_space,
+        tune_config=tune.TuneConfig(
+            metric=exp.metric, mode=exp.mode, num_samples=exp.iterations,
+            scheduler=build_scheduler(exp.scheduler, exp.search, exp.train.get("epochs", 100), ray_space),
+            search_alg=build_search(exp.search, exp.seed),
+            max_concurrent_trials=resources.max_concurrent_trials,
+            reuse_actors=True,  # one warm worker runs trial after trial: no torch import per trial
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=exp_dir.name, storage_path=str(exp_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=exp.failure.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+            log_to_file=True, verbose=1,
+        ),
+    )
+
+
+def _trial_name(trial) -> str:
+    from yolotune.trainable import trial_dirname
+
+    return trial_dirname(trial.trial_id)
+
+
+def _job(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
+    """Everything a trial needs besides its sampled values: plain, resolved, absolute."""
+    train = dict(exp.train)
+    train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
+    if exp.seed is not None and "seed" not in exp.space:
+        train.setdefault("seed", exp.seed)
+    job = {"weights": resolve_weights(exp.model.weights), "data": resolve_data(exp.data), "train": train,
+           "experiment_dir": str(exp_dir), "threads": 1}
+    if exp.wandb.mode != "disabled":
+        from yolotune.wandb_logging import trial_settings
+
+        job["wandb"] = trial_settings(exp.wandb, exp_dir.name)
+    return job
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

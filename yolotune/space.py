@@ -1,0 +1,151 @@
+"""The search space: typed distributions parsed from the config, and their Ray Tune domains.
+
+Bounds, as the README states them:
+  uniform(low, high)         float in [low, high]
+  loguniform(low, high)      float in [low, high], log-spaced, low > 0
+  quniform(low, high, q)     float in [low, high], a multiple of q
+  randint(low, high)         int in [low, high]  (inclusive, unlike Ray's randint)
+  qrandint(low, high, q)     int in [low, high], a multiple of q (inclusive, as Ray's)
+  choice(values)             one of values
+  grid(values)               every one of values (a grid search over them)
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from yolotune.errors import ConfigError
+
+RANGE_DISTS = ("uniform", "loguniform", "quniform", "randint", "qrandint")
+VALUE_DISTS = ("choice", "grid")
+DISTS = RANGE_DISTS + VALUE_DISTS
+_Q_DISTS = ("quniform", "qrandint")
+_FIELDS = {"dist", "low", "high", "q", "values"}
+_SUGAR = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class Dist:
+    dist: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    q: Optional[float] = None
+    values: Optional[List[Any]] = None
+
+
+def parse_dist(key: str, spec: Any) -> Dist:
+    """A mapping ``{dist: uniform, low: 0, high: 1}`` or the string ``uniform(0, 1)`` -> Dist."""
+    if isinstance(spec, str):
+        spec = _parse_sugar(key, spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(key, spec, "a space entry is a mapping like {dist: uniform, low: 0.0, high: 1.0} "
+                                     "or a string like uniform(0.0, 1.0)")
+    unknown = sorted(set(spec) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", spec[unknown[0]], f"allowed fields: {', '.join(sorted(_FIELDS))}")
+    dist = spec.get("dist")
+    if dist not in DISTS:
+        raise ConfigError(f"{key}.dist", dist, f"allowed: {', '.join(DISTS)}")
+    if dist in VALUE_DISTS:
+        values = spec.get("values")
+        if not isinstance(values, (list, tuple)) or len(values) == 0:
+            raise ConfigError(f"{key}.values", values, f"{dist} needs a non-empty list of values")
+        return Dist(dist, values=list(values))
+    low, high = _number(key, "low", spec.get("low")), _number(key, "high", spec.get("high"))
+    if low >= high:
+        raise ConfigError(f"{key}.low", low, f"must be < {key}.high ({high})")
+    if dist == "loguniform" and low <= 0:
+        raise ConfigError(f"{key}.low", low, "loguniform needs low > 0")
+    if dist in ("randint", "qrandint") and not (float(low).is_integer() and float(high).is_integer()):
+        raise ConfigError(f"{key}.low", low, f"{dist} needs integer low and high")
+    q = None
+    if dist in _Q_DISTS:
+        q = _number(key, "q", spec.get("q"))
+        if q <= 0:
+            raise ConfigError(f"{key}.q", q, "must be > 0")
+    if dist in ("randint", "qrandint"):
+        low, high = int(low), int(high)
+        q = int(q) if q is not None else None
+    return Dist(dist, low, high, q)
+
+
+def parse_space(space: Dict[str, Any], prefix: str = "space") -> Dict[str, Dist]:
+    return {name: parse_dist(f"{prefix}.{name}", spec) for name, spec in space.items()}
+
+
+def _number(key: str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}.{field}", value, "must be a number")
+    return value
+
+
+def _parse_sugar(key: str, text: str) -> Dict[str, Any]:
+    """``loguniform(1e-5, 1e-1)`` -> mapping, with ast.literal_eval (never eval)."""
+    match = _SUGAR.match(text)
+    if not match:
+        raise ConfigError(key, text, f"expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {', '.join(DISTS)}")
+    dist, args_text = match.groups()
+    try:
+        args = ast.literal_eval(f"({args_text},)") if args_text.strip() else ()
+    except (ValueError, SyntaxError):
+        raise ConfigError(key, text, "arguments must be literal numbers or a list of literals") from None
+    if dist in VALUE_DISTS:
+        values = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+        return {"dist": dist, "values": list(values)}
+    names = ["low", "high", "q"] if dist in _Q_DISTS else ["low", "high"]
+    if len(args) != len(names):
+        raise ConfigError(key, text, f"{dist} takes ({', '.join(names)})")
+    return {"dist": dist, **dict(zip(names, args))}
+
+
+def to_ray(dist: Dist):
+    """The Ray Tune domain for a Dist (imports Ray, so call it at run time only)."""
+    from ray import tune
+
+    if dist.dist == "uniform":
+        return tune.uniform(dist.low, dist.high)
+    if dist.dist == "loguniform":
+        return tune.loguniform(dist.low, dist.high)
+    if dist.dist == "quniform":
+        return tune.quniform(dist.low, dist.high, dist.q)
+    if dist.dist == "randint":
+        return tune.randint(dist.low, dist.high + 1)  # Ray's upper bound is exclusive; ours is not
+    if dist.dist == "qrandint":
+        return tune.qrandint(dist.low, dist.high, dist.q)  # Ray's qrandint already includes high
+    if dist.dist == "choice":
+        return tune.choice(dist.values)
+    return tune.grid_search(dist.values)
+
+
+def to_ray_space(space: Dict[str, Dist]) -> Dict[str, Any]:
+    return {name: to_ray(dist) for name, dist in space.items()}
+
+
+def from_ray(key: str, domain: Any) -> Dict[str, Any]:
+    """A Ray Tune domain (as the guide's ``space={"lr0": tune.uniform(...)}``) -> a config mapping."""
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
+
+    if isinstance(domain, dict) and set(domain) == {"grid_search"}:
+        return {"dist": "grid", "values": list(domain["grid_search"])}
+    if isinstance(domain, Categorical):
+        return {"dist": "choice", "values": list(domain.categories)}
+    sampler = domain.get_sampler() if isinstance(domain, (Float, Integer)) else None
+    quantized = isinstance(sampler, Quantized)
+    base = sampler.sampler if quantized else sampler
+    if isinstance(domain, Float):
+        if isinstance(base, LogUniform):
+            if quantized:
+                raise ConfigError(key, domain, "qloguniform is not supported; use loguniform")
+            return {"dist": "loguniform", "low": domain.lower, "high": domain.upper}
+        if quantized:
+            return {"dist": "quniform", "low": domain.lower, "high": domain.upper, "q": sampler.q}
+        return {"dist": "uniform", "low": domain.lower, "high": domain.upper}
+    if isinstance(domain, Integer):
+        if quantized:
+            return {"dist": "qrandint", "low": domain.lower, "high": domain.upper, "q": sampler.q}
+        return {"dist": "randint", "low": domain.lower, "high": domain.upper - 1}
+    raise ConfigError(key, domain, "a Ray Tune domain (tune.uniform, loguniform, quniform, randint, qrandint, "
+                                   "choice, grid_search) or a yolotune space mapping")

@@ -1,0 +1,128 @@
+"""The code that runs inside Ray workers: one trial = one Ultralytics training run.
+
+Ray calls ``train_trial(config, job)`` with the sampled hyperparameters in ``config`` and the
+experiment's fixed settings in ``job`` (plain, resolved values; see runner.py). With
+``reuse_actors`` one warm worker process runs many trials, so nothing here may keep state from
+one trial to the next except the caches Ultralytics itself keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import ray
+from ray import tune
+
+
+def trial_dirname(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
+    import torch
+    from ultralytics import YOLO
+
+    _disable_ultralytics_reporting()
+    torch.set_num_threads(job["threads"])
+    ctx = tune.get_context()
+    trial_dir = Path(job["experiment_dir"]) / trial_dirname(ctx.get_trial_id())
+    save_dir = trial_dir / "train"
+    args = {**job["train"], **config, "data": job["data"], "project": str(trial_dir), "name": "train",
+            "exist_ok": True}
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        model = YOLO(job["weights"])
+    else:
+        with checkpoint.as_directory() as ckpt_dir:
+            resume_from = _prepare_resume(Path(ckpt_dir) / "last.pt", save_dir, args)
+        if resume_from is None:
+            return  # every epoch was already reported: the trial is complete
+        model = YOLO(str(resume_from))
+        args = {"resume": str(resume_from), "data": job["data"]}
+
+    reporter = _EpochReporter(ctx, job)
+    if job.get("wandb"):
+        from yolotune.wandb_logging import TrialRun
+
+        reporter.wandb = TrialRun(job["wandb"], ctx, config, job["train"])
+    model.add_callback("on_model_save", reporter.on_model_save)
+    try:
+        model.train(**args)
+    finally:
+        reporter.close()
+
+
+class _EpochReporter:
+    """Reports each finished epoch to Ray with the trial's last.pt as its checkpoint.
+
+    ``on_model_save`` fires once per epoch, right after last.pt is written, and (unlike
+    ``on_fit_epoch_end``) not again for the final validation of best.pt.
+    """
+
+    def __init__(self, ctx, job):
+        self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+        self.wandb = None
+
+    def on_model_save(self, trainer) -> None:
+        metrics = {
+            **trainer.label_loss_items(trainer.tloss, prefix="train"),
+            **trainer.metrics,
+            **trainer.lr,
+        }
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(fitness=float(trainer.fitness or 0.0), epoch=trainer.epoch + 1, **self.node)
+        if self.wandb:
+            self.wandb.log(metrics)
+        with tempfile.TemporaryDirectory(prefix="yolotune-ckpt-") as tmp:
+            _link_or_copy(trainer.last, Path(tmp) / "last.pt")
+            # Ray copies the checkpoint into the trial directory before report returns.
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    def close(self) -> None:
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _prepare_resume(last: Path, save_dir: Path, args: Dict[str, Any]):
+    """Copy a reported last.pt into this trial and point it at this trial's config and folder.
+
+    The checkpoint may come from another trial (PBT exploits a better trial's weights with new
+    hyperparameters), so its saved train args are replaced by this trial's before Ultralytics
+    resumes from it. Returns None if the checkpoint already holds the last epoch.
+    """
+    import torch
+
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    if ckpt.get("epoch", -1) + 1 >= args.get("epochs", ckpt["train_args"].get("epochs", 100)):
+        return None
+    ckpt["train_args"] = {**ckpt["train_args"], **args, "save_dir": str(save_dir)}
+    save_dir.joinpath("weights").mkdir(parents=True, exist_ok=True)
+    target = save_dir / "weights" / "resume.pt"
+    torch.save(ckpt, target)
+    return target
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _disable_ultralytics_reporting() -> None:
+    """yolotune reports every epoch itself; Ultralytics' Ray Tune and W&B callbacks would report twice.
+
+    Ultralytics adds the callbacks of each enabled integration module to every trainer; emptying
+    those modules' callback tables turns them off in this worker process only (its settings file,
+    shared with the user, is left alone).
+    """
+    from ultralytics.utils.callbacks import raytune, wb
+
+    raytune.callbacks.clear()
+    wb.callbacks.clear()
