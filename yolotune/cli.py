@@ -57,4 +57,8 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["results"]:  # `yolotune results PATH`
+        from yolotune.results import main as results_main
+
+        sys.exit(results_main(sys.argv[2:]))
     _main()

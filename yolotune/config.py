@@ -147,7 +147,8 @@ class ExperimentConfig:
     metric: str = "fitness"
     mode: str = "max"
     seed: Optional[int] = None
-    train: Dict[str, Any] = field(default_factory=lambda: {"epochs": 100})
+    train: Dict[str, Any] = field(
+        default_factory=lambda: {"epochs": 100, "imgsz": 640, "batch": 16, "optimizer": "SGD"})
 
 
 SCHEMAS = {

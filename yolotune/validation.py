@@ -68,6 +68,11 @@ def validate(exp: ExperimentConfig) -> None:
         if name in space:
             raise ConfigError(f"train.{name}", exp.train[name], f"{name} is tuned in space.{name}; fix it or tune it, not both")
 
+    ignored = sorted({"lr0", "momentum"} & set(space))
+    if ignored and exp.train.get("optimizer", "auto") == "auto":
+        raise ConfigError("train.optimizer", "auto", f"Ultralytics' auto optimizer ignores {' and '.join(ignored)}, "
+                                                     "which space tunes; set train.optimizer=SGD (or AdamW, ...)")
+
     epochs = exp.train.get("epochs", 100)
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError("train.epochs", epochs, "an integer >= 1")

@@ -1,0 +1,72 @@
+"""Shared fixtures: offline environment, datasets copied to temp dirs, and real small sweeps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(os.environ.get("YOLOTUNE_SHARED", REPO.parent / "shared")) / "datasets"
+
+# Tests never touch the network, the user's W&B account or their Ultralytics settings.
+os.environ.update(YOLO_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", RAY_AUTH_MODE="disabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    os.environ["YOLO_CONFIG_DIR"] = str(home / "ultralytics")
+    os.environ["WANDB_DIR"] = str(home / "wandb")
+    yield home
+
+
+@pytest.fixture(scope="session")
+def coco8(tmp_path_factory) -> Path:
+    """coco8 copied from ../shared (read-only in CI) to a writable temp dir; returns its data YAML."""
+    target = tmp_path_factory.mktemp("datasets") / "coco8"
+    shutil.copytree(SHARED_DATASETS / "coco8", target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
+    return target / "coco8.yaml"
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shapes-cache")
+
+
+def run_cli(*overrides: str, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """``python -m yolotune OVERRIDES`` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "yolotune", *overrides], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def small_sweep_overrides(storage: Path, shapes_cache: Path, name: str, iterations: int = 6,
+                          epochs: int = 3) -> list:
+    """A real sweep that takes seconds: tiny shapes dataset, 64 px, yolo11n from its YAML.
+
+    No warm-up, so lr0 changes the losses from the first epoch, and ASHA has distinct values to rank.
+    """
+    return [
+        f"storage={storage}", f"name={name}", f"iterations={iterations}", "seed=0",
+        "data=shapes", "data.train_images=32", "data.val_images=16", "data.imgsz=64", f"data.cache_dir={shapes_cache}",
+        "model=yolo11n-scratch", "space=minimal", "~space.warmup_epochs", "+train.warmup_epochs=0",
+        "space.lr0.low=1e-5", "space.lr0.high=0.2",
+        f"train.epochs={epochs}", "train.imgsz=64", "train.batch=16",
+        "metric=val/box_loss", "mode=min",
+        "scheduler=asha", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory, shapes_cache) -> Path:
+    """One finished real sweep shared by the tests that only read its results."""
+    storage = tmp_path_factory.mktemp("storage")
+    proc = run_cli(*small_sweep_overrides(storage, shapes_cache, "small"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "small"
