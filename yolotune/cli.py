@@ -20,7 +20,7 @@ register_configs()
 
 
 def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig, Path, DictConfig]:
-    """Resolve resume and the experiment name, validate, and save the config: nothing heavy runs here."""
+    """Resolve resume and the experiment name, and validate: nothing heavy runs here."""
     if cfg.resume:
         cfg, exp_dir = experiment.resume_config(cfg, overrides)
     else:
@@ -32,16 +32,14 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
                                                 "resume=true or choose another name")
     exp = experiment.to_experiment(cfg)
     validate(exp)
-    if not exp.resume:
-        experiment.save_config(exp_dir, cfg, overrides)
     return exp, exp_dir, cfg
 
 
 def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
-    exp, exp_dir, _ = prepare(cfg, overrides)
+    exp, exp_dir, cfg = prepare(cfg, overrides)
     from yolotune.runner import run
 
-    return run(exp, exp_dir)
+    return run(exp, exp_dir, lambda: experiment.save_config(exp_dir, cfg, overrides))
 
 
 @hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")

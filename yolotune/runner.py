@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from yolotune import experiment as experiment_dir
 from yolotune.config import ExperimentConfig
@@ -20,8 +20,12 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def run(exp: ExperimentConfig, exp_dir: Path):
-    """Run (or resume) the experiment in ``exp_dir`` and return Ray's ResultGrid."""
+def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
+    """Run (or resume) the experiment in ``exp_dir`` and return Ray's ResultGrid.
+
+    ``save_config`` creates the experiment directory; it is called once the weights, data and
+    resources are known to be usable, so a run that cannot start leaves nothing behind.
+    """
     import ray
     from ray import tune
 
@@ -30,19 +34,18 @@ def run(exp: ExperimentConfig, exp_dir: Path):
 
     job = _job(exp, exp_dir)
     build_label_caches(job["data"])
-    started = not ray.is_initialized()
-    if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left behind
+    if exp.ray.address is None:  # checked before Ray starts: a GPU asked of a machine without one fails here
         resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
-        if started:
-            ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=False,
-                     log_to_driver=False, runtime_env=exp.ray.runtime_env or None)
-    else:
-        if started:
-            ray.init(address=exp.ray.address, log_to_driver=False, runtime_env=exp.ray.runtime_env or None)
-        total = ray.cluster_resources()
-        resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0))
-    job["threads"] = resources.threads
+    started = not ray.is_initialized()
+    if started:
+        ray.init(**_ray_init_args(exp))
     try:
+        if exp.ray.address is not None:
+            total = ray.cluster_resources()
+            resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0))
+        job["threads"] = resources.threads
+        if not exp.resume:
+            save_config()
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume and (exp_dir / "tuner.pkl").exists():
@@ -85,6 +88,14 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             log_to_file=True, verbose=1,
         ),
     )
+
+
+def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
+    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None}
+    if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
+        return {**args, "address": "local", "num_cpus": os.cpu_count(), "num_gpus": _local_gpus(),
+                "include_dashboard": False}
+    return {**args, "address": exp.ray.address}
 
 
 def _trial_name(trial) -> str:

@@ -1,0 +1,90 @@
+"""Space translation, table driven: each dist maps to its Ray domain and samples stay in bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ray import tune
+from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
+
+from yolotune.errors import ConfigError
+from yolotune.space import from_ray, parse_dist, to_ray
+
+TABLE = [
+    # (spec, Ray domain type, sampler check, allowed values predicate)
+    ({"dist": "uniform", "low": 0.1, "high": 0.5}, Float, None, lambda v: 0.1 <= v <= 0.5),
+    ({"dist": "loguniform", "low": 1e-5, "high": 1e-1}, Float, LogUniform, lambda v: 1e-5 <= v <= 1e-1),
+    ({"dist": "quniform", "low": 0.0, "high": 1.0, "q": 0.25}, Float, Quantized,
+     lambda v: 0 <= v <= 1 and abs(v / 0.25 - round(v / 0.25)) < 1e-9),
+    ({"dist": "randint", "low": 1, "high": 3}, Integer, None, lambda v: v in (1, 2, 3)),
+    ({"dist": "qrandint", "low": 0, "high": 12, "q": 4}, Integer, Quantized, lambda v: v in (0, 4, 8, 12)),
+    ({"dist": "choice", "values": [16, 32, "auto"]}, Categorical, None, lambda v: v in (16, 32, "auto")),
+]
+
+
+@pytest.mark.parametrize("spec,domain_type,sampler_type,allowed", TABLE, ids=[t[0]["dist"] for t in TABLE])
+def test_dist_maps_to_ray_domain_and_samples_in_bounds(spec, domain_type, sampler_type, allowed):
+    domain = to_ray(parse_dist("space.x", spec))
+    assert isinstance(domain, domain_type)
+    if sampler_type:
+        assert isinstance(domain.get_sampler(), sampler_type)
+    samples = domain.sample(size=2000, random_state=np.random.default_rng(0))
+    assert all(allowed(v) for v in samples)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ({"dist": "randint", "low": 1, "high": 3}, {1, 2, 3}),
+    ({"dist": "qrandint", "low": 0, "high": 12, "q": 4}, {0, 4, 8, 12}),
+    ({"dist": "choice", "values": [16, 32]}, {16, 32}),
+])
+def test_inclusive_bounds_are_reached(spec, expected):
+    samples = to_ray(parse_dist("space.x", spec)).sample(size=2000, random_state=np.random.default_rng(0))
+    assert set(samples) == expected
+
+
+def test_grid_is_a_grid_search():
+    assert to_ray(parse_dist("space.x", {"dist": "grid", "values": [1, 2]})) == {"grid_search": [1, 2]}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("uniform(0, 1)", {"dist": "uniform", "low": 0, "high": 1}),
+    ("loguniform(1e-5, 1e-1)", {"dist": "loguniform", "low": 1e-5, "high": 1e-1}),
+    ("quniform(0, 1, 0.1)", {"dist": "quniform", "low": 0, "high": 1, "q": 0.1}),
+    ("randint(1, 10)", {"dist": "randint", "low": 1, "high": 10}),
+    ("choice([16, 32])", {"dist": "choice", "values": [16, 32]}),
+    ("grid('SGD', 'AdamW')", {"dist": "grid", "values": ["SGD", "AdamW"]}),
+])
+def test_compact_string_form(text, expected):
+    assert parse_dist("space.x", text) == parse_dist("space.x", expected)
+
+
+@pytest.mark.parametrize("spec,key", [
+    ("uniform(0)", "space.x"),
+    ("exec('1')", "space.x"),
+    ("uniform(__import__('os'), 1)", "space.x"),
+    ({"dist": "uniform", "low": 1, "high": 0}, "space.x.low"),
+    ({"dist": "uniform", "low": 0, "hi": 1}, "space.x.hi"),
+    ({"dist": "randint", "low": 0.5, "high": 2}, "space.x.low"),
+    ({"dist": "qrandint", "low": 0, "high": 2, "q": -1}, "space.x.q"),
+    ({"dist": "choice", "values": []}, "space.x.values"),
+    ({"dist": "uniform", "low": "a", "high": 1}, "space.x.low"),
+])
+def test_bad_specs_name_the_key(spec, key):
+    with pytest.raises(ConfigError) as err:
+        parse_dist("space.x", spec)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("domain", [
+    tune.uniform(0, 1), tune.loguniform(1e-4, 1e-1), tune.quniform(0, 1, 0.5), tune.randint(0, 5),
+    tune.qrandint(0, 10, 2), tune.choice([1, 2]), tune.grid_search(["a", "b"]),
+], ids=lambda d: type(d).__name__)
+def test_ray_domains_round_trip(domain):
+    """The Python API accepts the guide's ``tune.uniform(...)`` domains."""
+    back = to_ray(parse_dist("space.x", from_ray("space.x", domain)))
+    if isinstance(domain, dict):
+        assert back == domain
+    elif isinstance(domain, Categorical):
+        assert back.categories == domain.categories
+    else:
+        assert type(back) is type(domain) and (back.lower, back.upper) == (domain.lower, domain.upper)
