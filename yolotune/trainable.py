@@ -66,7 +66,9 @@ class _EpochReporter:
     """
 
     def __init__(self, ctx, job):
-        self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+        # Where the trial ran: the node, and the worker process (shared by trials when actors are reused).
+        self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+                     "pid": os.getpid()}
         self.wandb = None
 
     def on_model_save(self, trainer) -> None:

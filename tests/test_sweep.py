@@ -1,0 +1,82 @@
+"""Sweep engine: real Ray Tune sweeps of real Ultralytics training, on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from yolotune.validation import ultralytics_args
+
+pytestmark = pytest.mark.slow
+
+
+def _results(exp_dir):
+    """trial dir -> list of reported results, in order."""
+    return {d: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            for d in sorted(exp_dir.glob("trial_*"))}
+
+
+def test_one_trial_per_iteration_each_reporting_every_epoch_with_a_checkpoint(small_sweep):
+    results = _results(small_sweep)
+    assert len(results) == 6
+    for trial_dir, rows in results.items():
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all("fitness" in r and "metrics/mAP50-95(B)" in r for r in rows)
+        assert all(r["checkpoint_dir_name"] for r in rows)
+        assert list(trial_dir.glob("checkpoint_*/last.pt")), trial_dir
+        assert (trial_dir / "train" / "args.yaml").is_file()  # Ultralytics' output lives in the trial dir
+
+
+def test_asha_stops_some_trials_early(small_sweep):
+    trials = pd.read_csv(small_sweep / "trials.csv")
+    assert len(trials) == 6
+    assert (trials["epochs"] < 3).any(), trials[["trial_id", "epochs"]]
+    assert (trials["epochs"] == 3).any()
+
+
+def test_best_hyperparameters_are_train_args_of_the_best_trial(small_sweep):
+    best = yaml.safe_load((small_sweep / "best_hyperparameters.yaml").read_text())
+    assert set(best) <= ultralytics_args()
+    trials = pd.read_csv(small_sweep / "trials.csv")
+    winner = trials.loc[trials["best_val/box_loss"].idxmin()]
+    params = json.loads((small_sweep / f"trial_{winner.trial_id}" / "params.json").read_text())
+    assert params and all(best[k] == pytest.approx(v) for k, v in params.items())
+    assert best["epochs"] == 3 and best["imgsz"] == 64 and best["warmup_epochs"] == 0
+
+
+def test_best_weights_load(small_sweep):
+    from ultralytics import YOLO
+
+    model = YOLO(str(small_sweep / "best.pt"))
+    assert model.task == "detect"
+
+
+def test_reused_workers_train_each_trials_own_config(small_sweep):
+    """With reuse_actors one process runs several trials; each must train with its own sampled values."""
+    pids = set()
+    for trial_dir, rows in _results(small_sweep).items():
+        pids.add(rows[0]["pid"])
+        params = json.loads((trial_dir / "params.json").read_text())
+        args = yaml.safe_load((trial_dir / "train" / "args.yaml").read_text())
+        assert {k: args[k] for k in params} == pytest.approx(params)
+    assert len(pids) < 6  # at least one worker process ran more than one trial
+
+
+def test_python_api_returns_a_result_grid(tmp_path, coco8):
+    from ray import tune as ray_tune
+    from ray.tune import ResultGrid
+
+    import yolotune
+
+    grid = yolotune.tune(model="yolo11n.yaml", data=str(coco8), space={"lr0": ray_tune.uniform(1e-3, 1e-1)},
+                         iterations=2, storage=str(tmp_path), name="api", overrides=["scheduler=fifo"],
+                         epochs=1, imgsz=64)
+    assert isinstance(grid, ResultGrid)
+    assert len(grid) == 2 and not grid.errors
+    assert all(1e-3 <= r.config["lr0"] <= 1e-1 for r in grid)
+    saved = yaml.safe_load((tmp_path / "api" / ".hydra" / "config.yaml").read_text())
+    assert saved["space"] == {"lr0": {"dist": "uniform", "low": 1e-3, "high": 1e-1}}
+    assert (tmp_path / "api" / "trials.csv").is_file()
