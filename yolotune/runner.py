@@ -55,6 +55,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             tuner = _new_tuner(exp, exp_dir, trainable, resources)
         grid = tuner.fit()
         print("\n" + write_results(exp_dir).summary())
+        if "wandb" in job:
+            from yolotune.wandb_logging import log_experiment_summary
+
+            log_experiment_summary(exp_dir, job["wandb"])
         return grid
     finally:
         if started:
@@ -115,7 +119,7 @@ def _job(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
     if exp.wandb.mode != "disabled":
         from yolotune.wandb_logging import trial_settings
 
-        job["wandb"] = trial_settings(exp.wandb, exp_dir.name)
+        job["wandb"] = trial_settings(exp, exp_dir)
     return job
 
 
