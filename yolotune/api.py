@@ -46,7 +46,7 @@ def tune(model: str = "yolo11n.pt", data: str = "coco8.yaml", space: Optional[Di
             cfg.space = {key: _spec(key, value) for key, value in space.items()}
         if not resume:
             cfg.train.update(train_args)
-    return run_experiment(cfg, cli)
+    return run_experiment(cfg, cli)[1]
 
 
 def _spec(key: str, value: Any):

@@ -36,22 +36,27 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
 
 
 def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
+    """Run the experiment; returns its directory and Ray's ResultGrid."""
     exp, exp_dir, cfg = prepare(cfg, overrides)
     from yolotune.runner import run
 
-    return run(exp, exp_dir, lambda: experiment.save_config(exp_dir, cfg, overrides))
+    return exp_dir, run(exp, exp_dir, lambda: experiment.save_config(exp_dir, cfg, overrides))
 
 
 @hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     try:
-        run_experiment(cfg, list(hydra_cfg.overrides.task))
+        exp_dir, grid = run_experiment(cfg, list(hydra_cfg.overrides.task))
     except ConfigError as e:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job and runs the others
         print(f"yolotune: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not experiment.is_finished(exp_dir):
+        sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
+    if grid.num_terminated == 0:
+        sys.exit(1)  # every trial errored
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw.pop("hydra", None)
     scheduler, search, data = raw.pop("scheduler"), raw.pop("search"), raw.pop("data")
-    exp = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw)
-    exp = OmegaConf.to_object(exp)
+    train, space = raw.pop("train"), raw.pop("space")  # as given: merging would bring back removed keys
+    exp = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw))
+    exp.train, exp.space = train, space
     exp.scheduler = _typed("scheduler", scheduler, SCHEMAS["scheduler"].get(scheduler.get("type")))
     exp.search = _typed("search", search, SCHEMAS["search"].get(search.get("type")))
     exp.data = _typed("data", data, ShapesDataConfig if data.get("yaml") == "shapes" else DataConfig)
@@ -57,6 +58,10 @@ def save_config(exp_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Non
     plain.pop("hydra", None)
     write_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(plain))
     write_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+
+
+def mark_finished(exp_dir: Path) -> None:
+    (exp_dir / DONE_MARKER).touch()
 
 
 def is_finished(exp_dir: Path) -> bool:

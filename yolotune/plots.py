@@ -56,17 +56,19 @@ def _history(results, metric: str, mode: str):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
+    history, trials, best = results.history(), results.dataframe(metric, mode), results.best(metric, mode)
+    reported = set(history.trial_id)
+    shown = _count(len(trials), "trial") + ("" if len(reported) == len(trials) else f", {len(reported)} reported")
+    title = f"{metric} per epoch of each trial ({shown}): experiment {results.path.name}"
+    if best is None:
+        return _empty(title, f"no trial has reported {metric} yet")
     fig = _new_figure(10, 5.5)
     ax = fig.add_subplot()
-    history, trials, best = results.history(), results.dataframe(metric, mode), results.best(metric, mode)
-    fig.suptitle(f"{metric} per epoch of each trial ({len(trials)} trials): experiment {results.path.name}")
-    if metric not in history or history[metric].isna().all():
-        return _empty(fig, [ax], f"no trial has reported {metric} yet")
+    ax.set_title(title)
 
     planned = max(int(results.config.train.get("epochs", 0)), int(history["epoch"].max()))
     status = dict(zip(trials.trial_id, trials.status))
-    best_id = best["trial_id"] if best is not None else None
-    ids = [t for t in trials.trial_id if t in set(history.trial_id)]
+    ids = [t for t in trials.trial_id if t in reported]
     few = len(ids) <= 10  # few trials: one colour and legend entry each; many: grey, only the best named
     colors = dict(zip(ids, _cycle(len(ids)))) if few else {}
     ends = set()
@@ -74,7 +76,7 @@ def _history(results, metric: str, mode: str):
         runs = history[history.trial_id == trial_id].dropna(subset=[metric])
         if runs.empty:
             continue
-        is_best = trial_id == best_id
+        is_best = trial_id == best["trial_id"]
         color = BEST_COLOR if is_best else colors.get(trial_id, "0.6")
         label = f"{trial_id} (best)" if is_best else (trial_id if few else None)
         ax.plot(runs["epoch"], runs[metric], color=color, lw=3 if is_best else 1.4, alpha=1 if is_best else 0.85,
@@ -82,15 +84,14 @@ def _history(results, metric: str, mode: str):
         end = _end_kind(status[trial_id], int(runs["epoch"].iloc[-1]), planned)
         if end:
             ends.add(end)
-            ax.plot(runs["epoch"].iloc[-1], runs[metric].iloc[-1], ls="", color=color, zorder=4, **_END_STYLE[end])
-    if best is not None:
-        ax.scatter(best["best_epoch"], best[f"best_{metric}"], **STAR,
-                   label=f"best: {best[f'best_{metric}']:.4g} at epoch {best['best_epoch']}")
+            ax.plot(runs["epoch"].iloc[-1], runs[metric].iloc[-1], ls="", color=color, zorder=6, **_END_STYLE[end])
+    ax.scatter(best["best_epoch"], best[f"best_{metric}"], **STAR,
+               label=f"best: {best[f'best_{metric}']:.4g} at epoch {best['best_epoch']}")
     if not few:
         ax.plot([], [], color="0.6", lw=1.4, label=f"other trials ({len(ids) - 1})")
     handles = ax.get_legend_handles_labels()[0]
     handles += [Line2D([], [], ls="", color="0.3", **_END_STYLE[end], label=_END_LABEL[end]) for end in sorted(ends)]
-    fig.legend(handles=handles, loc="outside right upper", title="trial", fontsize=9)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=9)
     ax.set_xlim(0.6, planned + 0.4)  # the full planned run, so that trials stopped early visibly end early
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"epoch (of {planned} planned)")
@@ -102,7 +103,7 @@ def _history(results, metric: str, mode: str):
 
 _END_STYLE = {"stopped": dict(marker="X", ms=10, mec="white", mew=0.8),
               "error": dict(marker="X", ms=12, mec="red", mew=1.5),
-              "unfinished": dict(marker="o", ms=9, mfc="none", mew=1.5)}
+              "unfinished": dict(marker="o", ms=20, mfc="none", mew=1.5)}  # a ring, visible around the best's star
 _END_LABEL = {"stopped": "stopped early by the scheduler", "error": "errored",
               "unfinished": "not finished (running or interrupted)"}
 
@@ -121,21 +122,27 @@ def _params(results, metric: str, mode: str):
     trials = results.dataframe(metric, mode)
     key = f"best_{metric}"
     scored = trials.dropna(subset=[key])
-    ncols = min(3, max(1, len(space)))
-    nrows = max(1, math.ceil(len(space) / ncols))
-    fig = _new_figure(4.2 * ncols + 0.4, 3.4 * nrows + 1.0)
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).flat
-    fig.suptitle(f"Best {metric} of each trial vs its sampled hyperparameters ({len(scored)} trials, "
-                 f"{better(mode)}): experiment {results.path.name}")
+    title = (f"Best {metric} of each trial vs its sampled hyperparameters ({_count(len(scored), 'trial')}, "
+             f"{better(mode)}): experiment {results.path.name}")
     if not space or scored.empty:
-        return _empty(fig, list(axes), "no tuned parameters" if not space else f"no trial has reported {metric} yet")
+        return _empty(title, "no tuned parameters" if not space else f"no trial has reported {metric} yet")
+    ncols = min(3, len(space))
+    nrows = math.ceil(len(space) / ncols)
+    fig = _new_figure(4.2 * ncols + 0.4, 3.4 * nrows + 1.0)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False, sharey=True).flat)
+    fig.suptitle(title)
     best = results.best(metric, mode)
     for i, (ax, (name, dist)) in enumerate(zip(axes, space.items())):
-        categorical = dist.dist in ("choice", "grid")
-        values = scored[name].map(str) if categorical else scored[name]
-        ax.scatter(values, scored[key], s=40, color="tab:blue", alpha=0.8, edgecolor="white", label="trial")
-        ax.scatter(str(best[name]) if categorical else best[name], best[key], **STAR,
+        categorical = dist.values is not None
+        # choice/grid values sit at their declared positions (as strings, 8 < 16 < 32 would sort as text)
+        position = {str(v): i for i, v in enumerate(dist.values)} if categorical else None
+        x = scored[name].map(lambda v: position.get(str(v))) if categorical else scored[name]
+        ax.scatter(x, scored[key], s=40, color="tab:blue", alpha=0.8, edgecolor="white", label="trial")
+        ax.scatter(position.get(str(best[name])) if categorical else best[name], best[key], **STAR,
                    label=f"best trial ({best['trial_id']})")
+        if categorical:
+            ax.set_xticks(range(len(dist.values)), [str(v) for v in dist.values])
+            ax.set_xlim(-0.5, len(dist.values) - 0.5)
         log = dist.dist == "loguniform"
         if log:
             ax.set_xscale("log")
@@ -147,7 +154,7 @@ def _params(results, metric: str, mode: str):
             ax.set_ylabel(f"best {metric}")
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
-    for ax in list(axes)[len(space):]:
+    for ax in axes[len(space):]:
         ax.set_visible(False)
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=9)
     return fig
@@ -170,12 +177,13 @@ def _dist_text(name: str, dist) -> str:
 
 def _progress(results, metric: str, mode: str):
     """Best-so-far metric as trials complete, by count and by wall time: is the search still improving?"""
-    fig = _new_figure(11, 4.8)
-    by_count, by_time = fig.subplots(1, 2, sharey=True)
-    fig.suptitle(f"Search progress: best {metric} so far ({better(mode)}): experiment {results.path.name}")
+    title = f"Search progress: best {metric} so far ({better(mode)}): experiment {results.path.name}"
     history = results.history()
     if metric not in history or history[metric].isna().all():
-        return _empty(fig, [by_count, by_time], f"no trial has reported {metric} yet")
+        return _empty(title, f"no trial has reported {metric} yet")
+    fig = _new_figure(11, 4.8)
+    by_count, by_time = fig.subplots(1, 2, sharey=True)
+    fig.suptitle(title)
 
     done = _completions(history, metric, mode)
     best_so_far = done["value"].cummin() if mode == "min" else done["value"].cummax()
@@ -191,6 +199,8 @@ def _progress(results, metric: str, mode: str):
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
     by_count.xaxis.get_major_locator().set_params(integer=True)
+    by_count.set_xlim(0.5, len(done) + 0.5)
+    by_time.set_xlim(left=0)
     by_count.set_ylabel(metric)
     fig.legend(*by_count.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=9)
     return fig
@@ -220,12 +230,19 @@ def _cycle(n: int):
     return [colormaps["tab10"](i % 10) for i in range(n)]
 
 
-def _empty(fig, axes, message: str):
-    for ax in axes:
-        ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.3")
-        ax.set_xticks([])
-        ax.set_yticks([])
+def _empty(title: str, message: str):
+    """A plot with nothing to draw yet still says what it is and why it is empty."""
+    fig = _new_figure(9, 4)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.3")
+    ax.set_xticks([])
+    ax.set_yticks([])
     return fig
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def better(mode: str) -> str:

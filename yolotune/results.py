@@ -13,7 +13,9 @@ import argparse
 import base64
 import html
 import json
+import math
 import sys
+import time
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +30,7 @@ from yolotune.plots import better
 from yolotune.space import Dist, parse_space
 
 ENDED = ("TERMINATED", "ERROR")
+KNOWN_STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING", "PAUSED")  # Ray's trial statuses
 PLOTS_DIR = "plots"
 REPORT = "report.html"
 TRIALS_CSV = "trials.csv"
@@ -68,11 +71,10 @@ class ExperimentResults:
         """One dict per trial: id, status and sampled config, from Ray's saved experiment state."""
         states = sorted(self.path.glob("experiment_state-*.json"))  # names end in a sortable timestamp
         trials = {}
-        if states:
-            for state_json, _ in json.loads(states[-1].read_text())["trial_data"]:
-                state = json.loads(state_json)
-                trials[state["trial_id"]] = {"trial_id": state["trial_id"], "status": state["status"],
-                                             "config": _plain(state.get("config", {}))}
+        for state_json, _ in _read_state(states[-1])["trial_data"] if states else []:
+            state = json.loads(state_json)
+            trials[state["trial_id"]] = {"trial_id": state["trial_id"], "status": state["status"],
+                                         "config": _plain(state.get("config", {}))}
         for params in self.path.glob("trial_*/params.json"):  # trials started after the last state save
             trial_id = params.parent.name.removeprefix("trial_")
             trials.setdefault(trial_id, {"trial_id": trial_id, "status": "RUNNING",
@@ -115,11 +117,21 @@ class ExperimentResults:
         """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` and the
         epoch of the best, node, error. Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
+        if (metric, mode) not in self._frames:  # the table, plots and report each ask for it
+            self._frames[metric, mode] = self._trial_frame(metric, mode)
+        return self._frames[metric, mode].copy()
+
+    @cached_property
+    def _frames(self) -> Dict[tuple, pd.DataFrame]:
+        return {}
+
+    def _trial_frame(self, metric: str, mode: str) -> pd.DataFrame:
         history = self._history
+        by_trial = dict(tuple(history.groupby("trial_id", sort=False)))
         rows = []
         for trial in self._trials:
             trial_id = trial["trial_id"]
-            runs = history[history.trial_id == trial_id]
+            runs = by_trial.get(trial_id, history.iloc[:0])
             values = runs[metric].dropna() if metric in runs else pd.Series(dtype=float)
             best_at = (values.idxmax() if mode == "max" else values.idxmin()) if len(values) else None
             rows.append({
@@ -262,7 +274,7 @@ class ExperimentResults:
     def _overview(self) -> List[str]:
         counts = self.status_counts()
         lines = [f"Experiment {self.path}  ({'finished' if self.finished else 'unfinished'})",
-                 f"Trials: {sum(counts.values())}" + "".join(f", {n} {s}" for s, n in counts.items())]
+                 f"Trials: {sum(counts.values())}" + (f" ({_counts_text(counts)})" if counts else "")]
         lines += [f"  ERROR {trial_id}: {error}" for trial_id, error in self.errors.items()]
         return lines
 
@@ -308,7 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "by metric and the best config, and (re)write trials.csv, plots/*.png and report.html in "
                     "it. Given a storage dir, list the experiments in it.")
     parser.add_argument("path", help="an experiment dir (<storage>/<name>) or a storage dir")
-    parser.add_argument("--metric", help="rank by this reported metric (default: the experiment's)")
+    parser.add_argument("--metric", help="rank and plot by this reported metric (default: the experiment's; "
+                                         "trials.csv keeps the experiment's)")
     parser.add_argument("--mode", choices=("min", "max"),
                         help="default: the experiment's for its metric; otherwise min for losses, max for the rest")
     parser.add_argument("--top", type=_positive_int, metavar="N", help="show the best N trials only")
@@ -344,8 +357,7 @@ def _show_experiment(results: ExperimentResults, args) -> int:
     elif args.format == "csv":
         print(results.table(args.top).to_csv(index=False), end="")
     else:
-        lines = [*results._overview(), f"Metric: {results.metric} ({better(results.mode)})", "",
-                 *results._ranking_text(args.top), ""]
+        lines = [*results._overview(), "", *results._ranking_text(args.top), ""]
         best = results.best()
         if best is not None:
             lines += [f"Best trial: {best['trial_id']}: {results.metric} {best[f'best_{results.metric}']:.6g} "
@@ -358,9 +370,13 @@ def _show_experiment(results: ExperimentResults, args) -> int:
 
 
 def _write_outputs(results: ExperimentResults, top: Optional[int]) -> Dict[str, str]:
-    """trials.csv, plots/ and report.html; a read-only experiment dir is reported, not fatal."""
+    """trials.csv, plots/ and report.html; a read-only experiment dir is reported, not fatal.
+
+    trials.csv keeps the experiment's own metric whatever ``--metric`` ranks by: other tools read its columns.
+    """
+    own = results if results.metric == results.config.metric else load(results.path)
     try:
-        csv_path = results.write_trials_csv()
+        csv_path = own.write_trials_csv()
         pngs = results.plot()
         report = results.report(pngs, top)
     except OSError as e:
@@ -375,7 +391,7 @@ def _as_json(results: ExperimentResults, top: Optional[int], written: Dict[str, 
         "experiment": str(results.path), "finished": results.finished,
         "metric": results.metric, "mode": results.mode,
         "trials": len(results._trials), "status": results.status_counts(), "errors": results.errors,
-        "ranked": json.loads(results.table(top).to_json(orient="records")),
+        "ranked": _records(results.table(top)),
         "best": None if best is None else {
             "trial_id": best["trial_id"], "value": float(best[f"best_{results.metric}"]),
             "epoch": int(best["best_epoch"]), "config": results.best_hyperparameters()},
@@ -401,11 +417,13 @@ def _list_experiments(experiments: List[Path], args) -> int:
             "best_trial": None if best is None else best["trial_id"],
         })
     frame = pd.DataFrame(rows)
-    order = ["experiment", "status", "trials", *[s.lower() for s in ("TERMINATED", "ERROR", "RUNNING", "PENDING",
-                                                                      "PAUSED")], "metric", "mode", "best", "best_trial"]
+    order = ["experiment", "status", "trials", *[s.lower() for s in KNOWN_STATUSES], "metric", "mode", "best",
+             "best_trial"]
+    counted = [c for c in frame.columns if c.upper() in KNOWN_STATUSES]
+    frame[counted] = frame[counted].fillna(0).astype(int)
     frame = frame[[c for c in order if c in frame] + [c for c in frame if c not in order]]
     if args.format == "json":
-        print(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
+        print(json.dumps(_records(frame), indent=2))
     elif args.format == "csv":
         print(frame.to_csv(index=False), end="")
     else:
@@ -428,7 +446,7 @@ def _positive_int(text: str) -> int:
 
 def _report_html(results: ExperimentResults, pngs: Dict[str, Path], top: Optional[int]) -> str:
     esc = html.escape
-    counts = ", ".join(f"{n} {s}" for s, n in results.status_counts().items()) or "no trials yet"
+    counts = _counts_text(results.status_counts()) or "no trials yet"
     errors = "".join(f"<li><code>{esc(t)}</code>: {esc(e)}</li>" for t, e in results.errors.items())
     best_hp = results.best_hyperparameters()
     table = results.table(top).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
@@ -458,7 +476,14 @@ ranked by best <b>{esc(results.metric)}</b> ({better(results.mode)}); report wri
 """
 
 
+def _counts_text(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def _format_table(frame: pd.DataFrame) -> str:
+    frame = frame.copy()
+    for col in frame.columns[frame.dtypes == "Int64"]:  # to_string's na_rep skips nullable ints' <NA>
+        frame[col] = frame[col].map(lambda v: "-" if pd.isna(v) else str(v))
     return frame.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
 
 
@@ -478,6 +503,27 @@ def _read_results(result_file: Path) -> List[dict]:
                 raise
             # A driver killed mid-write leaves at most its last line cut short.
     return rows
+
+
+def _read_state(state_file: Path) -> dict:
+    """Ray's experiment state. Ray rewrites it in place while the experiment runs, so a read can
+    catch it half-written: read again until it parses."""
+    for attempt in range(20):
+        try:
+            return json.loads(state_file.read_text())
+        except json.JSONDecodeError:
+            if attempt == 19:
+                raise
+            time.sleep(0.1)
+
+
+def _records(frame: pd.DataFrame) -> List[dict]:
+    """JSON-ready rows: Python scalars at full precision, None for missing values."""
+    return [{k: None if _missing(v) else _scalar(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def _plain(config: dict) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -33,12 +35,24 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.trainable import train_trial
 
     job = _job(exp, exp_dir)
+    wandb_settings = None
+    if exp.wandb.mode != "disabled":
+        from yolotune.wandb_logging import trial_settings
+
+        wandb_settings = trial_settings(exp, exp_dir, job["train"])
     build_label_caches(job["data"])
     if exp.ray.address is None:  # checked before Ray starts: a GPU asked of a machine without one fails here
         resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
     started = not ray.is_initialized()
     if started:
-        ray.init(**_ray_init_args(exp))
+        # Ray's own processes inherit an ignored SIGINT: a Ctrl-C (sent to the whole process group)
+        # then reaches only this driver, where Tune stops the sweep gracefully and saves its state,
+        # instead of killing the raylet and, with it, the driver.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            ray.init(**_ray_init_args(exp))
+        finally:
+            signal.signal(signal.SIGINT, handler)
     try:
         if exp.ray.address is not None:
             total = ray.cluster_resources()
@@ -52,20 +66,25 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
         else:
-            tuner = _new_tuner(exp, exp_dir, trainable, resources)
+            tuner = _new_tuner(exp, exp_dir, trainable, resources, wandb_settings)
         grid = tuner.fit()
-        print("\n" + write_results(exp_dir).summary())
-        if "wandb" in job:
+        results = write_results(exp_dir)
+        print("\n" + results.summary())
+        if wandb_settings:
             from yolotune.wandb_logging import log_experiment_summary
 
-            log_experiment_summary(exp_dir, job["wandb"])
+            log_experiment_summary(exp_dir, wandb_settings)
+        if is_complete(results, exp.iterations):
+            experiment_dir.mark_finished(exp_dir)
+        else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
+            print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
         return grid
     finally:
         if started:
             ray.shutdown()
 
 
-def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: TrialResources):
+def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: TrialResources, wandb_settings):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -73,6 +92,11 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     from yolotune.search import build_search
 
     ray_space = to_ray_space(parse_space(exp.space))
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
+        from yolotune.wandb_logging import tune_callback
+
+        callbacks.append(tune_callback(wandb_settings))
     return tune.Tuner(
         trainable,
         param_space=ray_space,
@@ -88,10 +112,23 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             name=exp_dir.name, storage_path=str(exp_dir.parent),
             failure_config=tune.FailureConfig(max_failures=exp.failure.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+            callbacks=callbacks,
             log_to_file=True, verbose=1,
         ),
     )
+
+
+def is_complete(results, iterations: int) -> bool:
+    """Every trial ran and ended (finished, stopped early or errored), as Ray's saved state says.
+
+    (After a Ctrl-C the in-memory ResultGrid shows interrupted trials as terminated.)
+    """
+    status = results.dataframe()["status"]
+    return len(status) >= iterations and status.isin(["TERMINATED", "ERROR"]).all()
+
+
+def resume_command(exp_dir: Path) -> str:
+    return f"python -m yolotune resume=true name={shlex.quote(exp_dir.name)} storage={shlex.quote(str(exp_dir.parent))}"
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
@@ -116,10 +153,6 @@ def _job(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
         train.setdefault("seed", exp.seed)
     job = {"weights": resolve_weights(exp.model.weights), "data": resolve_data(exp.data), "train": train,
            "experiment_dir": str(exp_dir), "threads": 1}
-    if exp.wandb.mode != "disabled":
-        from yolotune.wandb_logging import trial_settings
-
-        job["wandb"] = trial_settings(exp, exp_dir)
     return job
 
 

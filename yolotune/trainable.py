@@ -47,15 +47,8 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
         args = {"resume": str(resume_from), "data": job["data"]}
 
     reporter = _EpochReporter(ctx, job)
-    if job.get("wandb"):
-        from yolotune.wandb_logging import TrialRun
-
-        reporter.wandb = TrialRun(job["wandb"], ctx, config, job["train"])
     model.add_callback("on_model_save", reporter.on_model_save)
-    try:
-        model.train(**args)
-    finally:
-        reporter.close()
+    model.train(**args)
 
 
 class _EpochReporter:
@@ -69,7 +62,6 @@ class _EpochReporter:
         # Where the trial ran: the node, and the worker process (shared by trials when actors are reused).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                      "pid": os.getpid()}
-        self.wandb = None
 
     def on_model_save(self, trainer) -> None:
         metrics = {
@@ -79,16 +71,10 @@ class _EpochReporter:
         }
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(fitness=float(trainer.fitness or 0.0), epoch=trainer.epoch + 1, **self.node)
-        if self.wandb:
-            self.wandb.log(metrics)
         with tempfile.TemporaryDirectory(prefix="yolotune-ckpt-") as tmp:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")
             # Ray copies the checkpoint into the trial directory before report returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-    def close(self) -> None:
-        if self.wandb:
-            self.wandb.finish()
 
 
 def _prepare_resume(last: Path, save_dir: Path, args: Dict[str, Any]):

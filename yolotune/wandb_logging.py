@@ -1,26 +1,30 @@
 """The wandb group: one W&B run per trial, grouped per experiment, plus a summary run.
 
-``check_wandb`` runs at validation time, ``trial_settings`` and ``log_experiment_summary`` in the
-driver, ``TrialRun`` inside Ray workers. wandb is imported inside the functions that use it, so
-composing and validating a config never imports it. Credentials never pass through here: W&B reads
-them itself (WANDB_API_KEY, which Ray workers inherit, or the netrc file).
+Every W&B call happens in the driver. A Ray Tune callback turns each result a trial reports into a
+history row of the trial's run. A run kept inside the trial's Ray worker would lose its end: Ray
+ends a stopped trial's worker without waiting for the trial's function to unwind, and wandb writes
+a run to disk only when the run finishes. Credentials never pass through here: W&B reads them
+itself (WANDB_API_KEY or the netrc file). This module imports only the standard library; wandb and
+Ray are imported by the functions that use them, so validating a config imports neither.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
-import json
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from yolotune.errors import ConfigError
 
 
 def check_wandb(cfg) -> None:
-    """Refuse, before any trial starts, a W&B mode that could only fail inside the trials."""
+    """Refuse, before any trial starts, a W&B mode that could only fail once the experiment runs."""
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb", cfg.mode, "needs wandb: pip install 'yolotune[wandb]'")
     if cfg.mode == "online" and not _logged_in():
@@ -35,20 +39,20 @@ def _logged_in() -> bool:
     return wandb.login(prompt=False, verify=False)
 
 
-def trial_settings(exp, exp_dir: Path) -> Dict[str, Any]:
-    """What the trials and the summary run need: plain values that Ray pickles, never a credential."""
+def trial_settings(exp, exp_dir: Path, train: Dict[str, Any]) -> Dict[str, Any]:
+    """Everything the W&B runs need, as plain values (Ray pickles them into tuner.pkl): no credential."""
     cfg = exp.wandb
     return {
         "mode": cfg.mode, "project": cfg.project, "entity": cfg.entity, "group": cfg.group or exp_dir.name,
         "tags": list(cfg.tags), "notes": cfg.notes,
-        # Ray workers run in their own working dir, which wandb's default (./wandb) would point into.
         "dir": str(Path(os.environ.get("WANDB_DIR") or exp_dir).expanduser().resolve()),
-        "experiment": exp_dir.name, "experiment_dir": str(exp_dir), "metric": exp.metric, "metric_mode": exp.mode,
+        "experiment": exp_dir.name, "metric": exp.metric, "metric_mode": exp.mode, "train": dict(train),
     }
 
 
 def run_id(experiment: str, key: str) -> str:
-    """The same W&B run id every time a trial (or the summary) of this experiment starts, resumed or not."""
+    """The same W&B run id each time a trial (or the summary) of this experiment starts: a resumed
+    trial continues its own run."""
     return hashlib.sha1(f"{experiment}/{key}".encode()).hexdigest()[:16]
 
 
@@ -60,59 +64,126 @@ def _init(settings: Dict[str, Any], key: str, name: str, job_type: str, config: 
         mode=settings["mode"], project=settings["project"], entity=settings["entity"], group=settings["group"],
         tags=settings["tags"], notes=settings["notes"], dir=settings["dir"], job_type=job_type, name=name,
         id=run_id(settings["experiment"], key), resume="allow", config=config,
-        reinit="finish_previous",  # a reused worker never logs into the previous trial's run
+        reinit="create_new",  # the driver keeps one open run per running trial
+        # Neither the driver's console (Ray's progress table) nor its machine's stats belong to a trial.
+        settings=wandb.Settings(console="off", x_disable_stats=True),
     )
 
 
-class TrialRun:
-    """The W&B run of one trial: its config, one history row per epoch, the best ``metric`` in its summary."""
+class TrialRuns:
+    """The open W&B runs of the running trials, driven by a background thread: wandb.init and
+    finish wait on the W&B server when online, and Tune's loop, and so every trial's next report,
+    would wait with them."""
 
-    def __init__(self, settings: Dict[str, Any], ctx, config: Dict[str, Any], train: Dict[str, Any]):
-        # Ray gives a stopped trial's function 2 s (TUNE_FUNCTION_THREAD_TIMEOUT_S) to return before it
-        # discards the warm worker; finishing a run (an upload, online) can take longer.
-        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-        self.metric, self.mode = settings["metric"], settings["metric_mode"]
-        trial_dir = Path(settings["experiment_dir"]) / ctx.get_trial_name()
-        self.best = self._best(_reported(trial_dir, self.metric))  # a resumed trial's epochs before the crash
-        self.run = _init(settings, ctx.get_trial_id(), ctx.get_trial_name(), "trial", {**train, **config})
-        self.run.define_metric("*", step_metric="epoch")
+    def __init__(self, settings: Dict[str, Any]):
+        self.settings = settings
+        self.runs: Dict[str, Any] = {}
+        self.configs: Dict[str, dict] = {}
+        self.tasks: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._work, name="yolotune-wandb", daemon=True)
+        self.thread.start()
 
-    def _best(self, values):
-        values = [v for v in values if v is not None]
-        return (max if self.mode == "max" else min)(values) if values else None
+    def log(self, trial_id: str, name: str, config: dict, row: Dict[str, float], best: Optional[float]) -> None:
+        self.tasks.put((self._log, trial_id, name, config, row, best))
 
-    def log(self, metrics: Dict[str, Any]) -> None:
-        # The metrics (floats) and the step; not where the trial ran (hostname, node_id, pid).
-        row = {k: v for k, v in metrics.items() if isinstance(v, float) or k == "epoch"}
-        self.best = self._best([self.best, row.get(self.metric)])
-        if self.best is not None:
-            self.run.summary[f"best_{self.metric}"] = self.best
-        self.run.log(row)
+    def finish(self, trial_id: str, failed: bool) -> None:
+        self.tasks.put((self._finish, trial_id, failed))
 
-    def finish(self) -> None:
-        # Called from the trainable's ``finally``: an exception other than Ray's stop (SystemExit) failed it.
-        error = sys.exc_info()[0]
-        self.run.finish(exit_code=0 if error in (None, SystemExit) else 1)
+    def close(self) -> None:
+        """Finish every open run and wait until W&B has written (or uploaded) them."""
+        self.tasks.put(None)
+        self.thread.join()
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            self._try(*task)
+        for trial_id in list(self.runs):
+            self._try(self._finish, trial_id, False)
+
+    @staticmethod
+    def _try(method, *args) -> None:
+        try:
+            method(*args)
+        except Exception as e:  # a W&B failure must not end a tuning experiment
+            print(f"yolotune: W&B logging failed: {e}", file=sys.stderr)
+
+    def _log(self, trial_id, name, config, row, best) -> None:
+        train = self.settings["train"]
+        if trial_id not in self.runs:
+            self.runs[trial_id] = _init(self.settings, trial_id, name, "trial", {**train, **config})
+            self.runs[trial_id].define_metric("*", step_metric="epoch")
+        elif config != self.configs[trial_id]:  # PBT changed the trial's hyperparameters
+            self.runs[trial_id].config.update(config, allow_val_change=True)
+        self.configs[trial_id] = config
+        run = self.runs[trial_id]
+        if best is not None:
+            run.summary[f"best_{self.settings['metric']}"] = best
+        run.log(row)
+
+    def _finish(self, trial_id, failed) -> None:
+        self.configs.pop(trial_id, None)
+        run = self.runs.pop(trial_id, None)
+        if run is not None:
+            run.finish(exit_code=1 if failed else 0)
 
 
-def _reported(trial_dir: Path, metric: str) -> list:
-    results = trial_dir / "result.json"
-    lines = results.read_text().splitlines() if results.is_file() else []
-    return [json.loads(line).get(metric) for line in lines if line.strip()]
+def tune_callback(settings: Dict[str, Any]):
+    """The Ray Tune callback that logs every trial to W&B."""
+    return _callback_class()(settings)
+
+
+@functools.lru_cache(maxsize=None)
+def _callback_class():
+    # Built on first use: subclassing Ray's Callback at import would import Ray (seconds) at validation.
+    from ray.tune import Callback
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    class WandbCallback(Callback):
+        def __init__(self, settings: Dict[str, Any]):
+            self.settings = settings
+            self.runs: Optional[TrialRuns] = None
+
+        def __reduce__(self):  # Ray pickles callbacks into tuner.pkl; this class is only reachable this way
+            return tune_callback, (self.settings,)
+
+        def setup(self, **info):
+            self.runs = TrialRuns(self.settings)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            metric, mode = self.settings["metric"], self.settings["metric_mode"]
+            # What the trainable reported (metrics and epoch), not Ray's bookkeeping (time, pid, done, ...).
+            row = {k: v for k, v in result.items()
+                   if k not in AUTO_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # Ray's running min/max over the trial's earlier results, kept across a resume.
+            values = [trial.metric_analysis.get(metric, {}).get(mode), row.get(metric)]
+            values = [v for v in values if v is not None]
+            best = (max if mode == "max" else min)(values) if values else None
+            self.runs.log(trial.trial_id, str(trial), dict(trial.config), row, best)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.runs.finish(trial.trial_id, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.runs.finish(trial.trial_id, failed=True)
+
+        def on_experiment_end(self, trials, **info):
+            self.runs.close()
+
+    return WandbCallback
 
 
 def log_experiment_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
-    """One run in the experiment's group: a table of all trials (for the parallel-coordinates and
-    scatter panels), one scatter chart per tuned parameter, and the best config."""
+    """One run in the experiment's group: a table of all trials (config, best metric, status) for
+    the parallel-coordinates and scatter panels, one scatter chart per tuned parameter, and the best
+    config as the run's config."""
     import wandb
 
     from yolotune.results import ExperimentResults
 
     results = ExperimentResults(exp_dir)
-    trials = results.dataframe()
     best_key = f"best_{results.metric}"
     run = _init(settings, "summary", "summary", "summary", results.best_hyperparameters() or {})
-    table = wandb.Table(dataframe=trials)
+    table = wandb.Table(dataframe=results.dataframe())
     charts = {f"scatter/{p}": wandb.plot.scatter(table, p, best_key, title=f"{best_key} vs {p}")
               for p in results.params}
     run.log({"trials": table, **charts})

@@ -1,0 +1,135 @@
+"""Resume and fault tolerance: a killed or interrupted sweep loses no finished work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_cli, small_sweep_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(trial_dir: Path):
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _start(overrides):
+    return subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _one_done_one_midway(exp_dir: Path, epochs: int):
+    def check():
+        counts = sorted(len(_rows(d)) for d in exp_dir.glob("trial_*"))
+        return epochs in counts and any(0 < c < epochs for c in counts)
+    return check
+
+
+def _sequential_sweep(storage, shapes_cache, name):
+    """Three 4-epoch trials, one at a time, without early stopping."""
+    overrides = small_sweep_overrides(storage, shapes_cache, name, iterations=3, epochs=4)
+    return [o for o in overrides if not o.startswith("scheduler")] + [
+        "scheduler=fifo", "resources.max_concurrent_trials=1"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig):
+    exp_dir = tmp_path / "exp"
+    proc = _start(_sequential_sweep(tmp_path, shapes_cache, "exp"))
+    _wait_for(_one_done_one_midway(exp_dir, 4), proc)
+    os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C or a dying machine does
+    output = proc.communicate(timeout=120)[0]
+    if sig == signal.SIGKILL:
+        command = ["resume=true", f"storage={tmp_path}"]
+    else:
+        assert proc.returncode == 130, output[-3000:]
+        command = shlex.split(output.strip().splitlines()[-1])
+        assert command[:4] == ["python", "-m", "yolotune", "resume=true"], output[-2000:]
+        command = command[3:]
+    before = {d.name: _rows(d) for d in exp_dir.glob("trial_*")}
+    finished = {name for name, rows in before.items() if len(rows) == 4}
+    midway = {name: len(rows) for name, rows in before.items() if 0 < len(rows) < 4}
+    assert finished and midway
+    checkpoint_epoch = {name: _last_checkpoint_epoch(exp_dir / name, before[name]) for name in midway}
+
+    resumed = run_cli(*command)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = {d.name: _rows(d) for d in exp_dir.glob("trial_*")}
+    assert len(after) == 3
+    for name in finished:  # finished trials were not re-run: same results, same timestamps
+        assert after[name] == before[name]
+    for name in midway:  # continued after its last checkpoint, not from scratch
+        new_rows = after[name][len(before[name]):]
+        assert new_rows[0]["epoch"] == checkpoint_epoch[name] + 1 > 1
+        assert [r["epoch"] for r in after[name]][-1] == 4
+    trials = pd.read_csv(exp_dir / "trials.csv")
+    assert len(trials) == 3 and (trials["epochs"] == 4).all() and (trials["status"] == "TERMINATED").all()
+
+
+def _last_checkpoint_epoch(trial_dir: Path, rows) -> int:
+    """The epoch of the last result that came with a persisted checkpoint."""
+    persisted = {p.name for p in trial_dir.glob("checkpoint_*")}
+    return max(r["epoch"] for r in rows if r.get("checkpoint_dir_name") in persisted)
+
+
+def test_a_failing_trial_is_an_error_row_and_the_others_finish(tmp_path, coco8):
+    proc = run_cli(f"storage={tmp_path}", "name=err", f"data.yaml={coco8}", "model=yolo11n-scratch",
+                   "space=minimal", "~space.lr0", "~space.momentum", "~train.optimizer",
+                   "+space.optimizer={dist:grid,values:[SGD,NotAnOptimizer]}", "scheduler=fifo",
+                   "train.epochs=1", "train.imgsz=64", "iterations=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "err" / "trials.csv")
+    assert sorted(trials["status"]) == ["ERROR", "TERMINATED"]
+    error = trials.loc[trials.status == "ERROR", "error"].iloc[0]
+    assert "NotAnOptimizer" in error
+    assert "ERROR" in proc.stdout and "NotAnOptimizer" in proc.stdout  # the summary lists it
+    errored = trials.loc[trials.status == "ERROR", "trial_id"].iloc[0]
+    kept = (tmp_path / "err" / f"trial_{errored}" / "error.txt").read_text()
+    assert "yolotune/trainable.py" in kept and "NotAnOptimizer" in kept  # the whole traceback is kept
+
+
+def test_all_trials_failing_exits_non_zero(tmp_path, coco8):
+    proc = run_cli(f"storage={tmp_path}", "name=err", f"data.yaml={coco8}", "model=yolo11n-scratch",
+                   "space=minimal", "~space.lr0", "~space.momentum", "~train.optimizer",
+                   "+space.optimizer={dist:choice,values:[NotAnOptimizer]}", "scheduler=fifo",
+                   "train.epochs=1", "train.imgsz=64", "iterations=1")
+    assert proc.returncode == 1
+
+
+@pytest.mark.parametrize("override", ["space.lr0.high=0.5", "iterations=20", "metric=fitness", "scheduler=fifo",
+                                      "train.epochs=9"])
+def test_resume_refuses_changes_to_the_search(tmp_path, override):
+    (tmp_path / "old" / ".hydra").mkdir(parents=True)
+    (tmp_path / "old" / ".hydra" / "config.yaml").write_text("iterations: 2\n")
+    proc = run_cli("resume=true", f"storage={tmp_path}", override)
+    assert proc.returncode == 2
+    key = override.split("=")[0]
+    assert proc.stderr.strip().startswith(f"yolotune: error: {key}=") and "resume" in proc.stderr
+
+
+def test_nothing_to_resume(tmp_path):
+    proc = run_cli("resume=true", f"storage={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"yolotune: error: resume=True: no unfinished experiment under {tmp_path}; " \
+                                  "start one without resume=true"
