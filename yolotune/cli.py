@@ -46,11 +46,19 @@ def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
 @hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        from yolotune.multirun import run_job
+
+        def job():
+            exp_dir, _ = run_experiment(cfg, overrides)
+            return exp_dir, experiment.is_finished(exp_dir)
+
+        run_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, overrides, job)
+        return
     try:
-        exp_dir, grid = run_experiment(cfg, list(hydra_cfg.overrides.task))
+        exp_dir, grid = run_experiment(cfg, overrides)
     except ConfigError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # Hydra records the failed job and runs the others
         print(f"yolotune: error: {e}", file=sys.stderr)
         sys.exit(2)
     if not experiment.is_finished(exp_dir):

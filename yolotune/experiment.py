@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
+import subprocess
+import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -56,8 +59,42 @@ def save_config(exp_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Non
     hydra_dir.mkdir(parents=True, exist_ok=True)
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
+    # defaults and searchpath make the file a primary config that re-runs the experiment as it was:
+    #   python -m yolotune --config-path <storage>/<name>/.hydra name=null
+    plain = {"defaults": [{"hydra": "yolotune"}, "_self_"], "hydra": {"searchpath": ["pkg://yolotune.conf"]},
+             **plain}
     write_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(plain))
     write_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+    save_provenance(exp_dir)
+
+
+def save_provenance(exp_dir: Path) -> None:
+    """What re-running needs besides the config: the command, the versions, the code's git state."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("yolotune", "ultralytics", "ray", "torch", "hydra-core", "wandb"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    via_cli = Path(sys.argv[0]).name in ("__main__.py", "yolotune")
+    argv = ["python", "-m", "yolotune", *sys.argv[1:]] if via_cli else [Path(sys.executable).name, *sys.argv]
+    info = {"command": shlex.join(argv),
+            "cwd": os.getcwd(), "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "versions": versions, "git": _git_state(Path.cwd())}
+    write_atomic(exp_dir / "provenance.yaml", OmegaConf.to_yaml(info))
+
+
+def _git_state(cwd: Path) -> Optional[dict]:
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
+                "root": git("rev-parse", "--show-toplevel")}
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout, or no git
 
 
 def mark_finished(exp_dir: Path) -> None:
@@ -88,12 +125,19 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[DictConfig
             raise ConfigError(key, text.split("=", 1)[-1], "cannot change on resume (it would change the search); "
                               f"allowed: {', '.join(RESUMABLE_KEYS[:-1])}")
     exp_dir = find_resumable(storage_dir(cfg.storage), cfg.name)
-    saved = OmegaConf.load(exp_dir / SAVED_CONFIG)
+    saved = load_saved_config(exp_dir)
     for key in changed:
         if key.split(".")[0] != "hydra":
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     saved.resume, saved.name = True, exp_dir.name
     return saved, exp_dir
+
+
+def load_saved_config(exp_dir: Path) -> DictConfig:
+    saved = OmegaConf.load(exp_dir / SAVED_CONFIG)
+    saved.pop("defaults", None)
+    saved.pop("hydra", None)
+    return saved
 
 
 def _override_key(override: str) -> str:

@@ -1,9 +1,66 @@
-"""Hydra callback that summarises a multirun: one row per tuning experiment."""
+"""Multirun: each Hydra job is one tuning experiment; a summary compares them.
+
+Every job appends its row to ``<sweep dir>/multirun_summary.csv`` as it ends (so the file is
+right even if the multirun is killed), and the callback prints the table when all have run.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pandas as pd
 from hydra.experimental.callback import Callback
+
+from yolotune.experiment import write_atomic
+
+SUMMARY = "multirun_summary.csv"
+
+
+def run_job(sweep_dir: Path, job_num: int, overrides, run) -> None:
+    """Run one job with ``run() -> experiment dir``; record its row whatever happens."""
+    start = time.time()
+    row = {"job": job_num, "overrides": " ".join(overrides), "status": "ok", "experiment": None,
+           "best_metric": None, "best_config": None, "trials_finished": 0, "trials_errored": 0, "wall_time_s": None,
+           "error": None}
+    try:
+        exp_dir, finished = run()
+        row.update(experiment=str(exp_dir), status="ok" if finished else "interrupted", **_best(exp_dir))
+    except Exception as e:  # noqa: BLE001 - one failed job must not stop the others
+        row.update(status="failed", error=(str(e).strip().splitlines() or [type(e).__name__])[0])
+        print(f"yolotune: job {job_num} ({row['overrides']}) failed: {row['error']}", file=sys.stderr)
+        if not getattr(e, "key", None):  # a bug, not a user mistake: keep the traceback
+            traceback.print_exc()
+    row["wall_time_s"] = round(time.time() - start, 1)
+    path = sweep_dir / SUMMARY
+    rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+    write_atomic(path, pd.DataFrame([*rows, row]).to_csv(index=False))
+
+
+def _best(exp_dir: Path) -> dict:
+    from yolotune.results import ExperimentResults
+
+    results = ExperimentResults(exp_dir)
+    frame = results.dataframe()
+    best = results.best()
+    return {
+        "trials_finished": int((frame["status"] == "TERMINATED").sum()),
+        "trials_errored": int((frame["status"] == "ERROR").sum()),
+        "best_metric": None if best is None else best[f"best_{results.metric}"],
+        "best_config": None if best is None else json.dumps({p: best[p] for p in results.params}, default=str),
+    }
 
 
 class MultirunSummary(Callback):
-    pass
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = Path(config.hydra.sweep.dir) / SUMMARY
+        if not path.is_file():
+            return
+        frame = pd.read_csv(path)
+        columns = ["job", "overrides", "status", "best_metric", "trials_finished", "trials_errored", "wall_time_s"]
+        print(f"\nMultirun summary ({path}):\n" + frame[columns].to_string(index=False))
+        if (frame["status"] != "ok").any():
+            sys.exit(1)

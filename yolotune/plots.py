@@ -72,9 +72,10 @@ def _history(results, metric: str, mode: str):
     few = len(ids) <= 10  # few trials: one colour and legend entry each; many: grey, only the best named
     colors = dict(zip(ids, _cycle(len(ids)))) if few else {}
     ends = set()
+    by_trial = dict(tuple(history.dropna(subset=[metric]).groupby("trial_id", sort=False)))
     for trial_id in ids:
-        runs = history[history.trial_id == trial_id].dropna(subset=[metric])
-        if runs.empty:
+        runs = by_trial.get(trial_id)
+        if runs is None:
             continue
         is_best = trial_id == best["trial_id"]
         color = BEST_COLOR if is_best else colors.get(trial_id, "0.6")
@@ -135,7 +136,7 @@ def _params(results, metric: str, mode: str):
     for i, (ax, (name, dist)) in enumerate(zip(axes, space.items())):
         categorical = dist.values is not None
         # choice/grid values sit at their declared positions (as strings, 8 < 16 < 32 would sort as text)
-        position = {str(v): i for i, v in enumerate(dist.values)} if categorical else None
+        position = {str(v): k for k, v in enumerate(dist.values)} if categorical else None
         x = scored[name].map(lambda v: position.get(str(v))) if categorical else scored[name]
         ax.scatter(x, scored[key], s=40, color="tab:blue", alpha=0.8, edgecolor="white", label="trial")
         ax.scatter(position.get(str(best[name])) if categorical else best[name], best[key], **STAR,

@@ -45,6 +45,7 @@ class ExperimentResults:
             raise ValueError(f"mode={mode!r}: min or max")
         self.config = OmegaConf.load(self.path / SAVED_CONFIG)
         self.metric, self.mode = self._ranking(metric, mode)
+        self._frames: Dict[tuple, pd.DataFrame] = {}  # (metric, mode) -> dataframe(): table, plots, report reuse it
 
     def _ranking(self, metric: Optional[str], mode: Optional[str]):
         """(metric, mode): the experiment's own by default; another metric's mode is guessed from its name."""
@@ -88,16 +89,12 @@ class ExperimentResults:
 
     @cached_property
     def _history(self) -> pd.DataFrame:
-        frames = []
-        for trial in self._trials:
-            rows = _read_results(self.trial_dir(trial["trial_id"]) / "result.json")
-            if rows:
-                frame = pd.DataFrame([{k: v for k, v in row.items() if k != "config"} for row in rows])
-                frame["trial_id"] = trial["trial_id"]
-                frames.append(frame)
-        if not frames:
+        rows = [{**{k: v for k, v in row.items() if k != "config"}, "trial_id": trial["trial_id"]}
+                for trial in self._trials
+                for row in _read_results(self.trial_dir(trial["trial_id"]) / "result.json")]
+        if not rows:
             return pd.DataFrame(columns=["trial_id", "epoch"])
-        history = pd.concat(frames, ignore_index=True)
+        history = pd.DataFrame(rows)
         return history[["trial_id", "epoch", *[c for c in history.columns if c not in ("trial_id", "epoch")]]]
 
     def history(self) -> pd.DataFrame:
@@ -117,13 +114,9 @@ class ExperimentResults:
         """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` and the
         epoch of the best, node, error. Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
-        if (metric, mode) not in self._frames:  # the table, plots and report each ask for it
+        if (metric, mode) not in self._frames:
             self._frames[metric, mode] = self._trial_frame(metric, mode)
         return self._frames[metric, mode].copy()
-
-    @cached_property
-    def _frames(self) -> Dict[tuple, pd.DataFrame]:
-        return {}
 
     def _trial_frame(self, metric: str, mode: str) -> pd.DataFrame:
         history = self._history
@@ -269,6 +262,7 @@ class ExperimentResults:
             lines.append("Best hyperparameters: " + str(self.path / "best_hyperparameters.yaml"))
             lines.append("Best weights:         " + str(self.path / "best.pt"))
         lines.append("Trials table:         " + str(self.path / TRIALS_CSV))
+        lines.append(f"Plots and report:     yolotune results {self.path}")
         return "\n".join(lines)
 
     def _overview(self) -> List[str]:

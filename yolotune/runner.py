@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -45,14 +44,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
     started = not ray.is_initialized()
     if started:
-        # Ray's own processes inherit an ignored SIGINT: a Ctrl-C (sent to the whole process group)
-        # then reaches only this driver, where Tune stops the sweep gracefully and saves its state,
-        # instead of killing the raylet and, with it, the driver.
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            ray.init(**_ray_init_args(exp))
-        finally:
-            signal.signal(signal.SIGINT, handler)
+        ray.init(**_ray_init_args(exp))
     try:
         if exp.ray.address is not None:
             total = ray.cluster_resources()

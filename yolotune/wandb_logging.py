@@ -13,12 +13,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import netrc
 import os
 import queue
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
+from urllib.parse import urlsplit
 
 from yolotune.errors import ConfigError
 
@@ -32,11 +34,27 @@ def check_wandb(cfg) -> None:
                                              "(or use wandb=offline and `wandb sync` the runs later)")
 
 
-def _logged_in() -> bool:
-    import wandb
+# The W&B cloud's API hosts: `wandb login` saves its key in the netrc file under one of these names.
+CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 
-    # W&B's own lookup (WANDB_API_KEY, its settings files, netrc), without prompting or network.
-    return wandb.login(prompt=False, verify=False)
+
+def _logged_in() -> bool:
+    """Whether W&B will find credentials where it looks for them: the environment, then netrc.
+
+    (wandb.login cannot tell: it reports no login whenever WANDB_MODE=offline is set.)
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base_url = os.environ.get("WANDB_BASE_URL")
+    hosts = [urlsplit(base_url).netloc] if base_url else CLOUD_HOSTS
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in map(os.path.expanduser, candidates):
+        try:
+            entries = netrc.netrc(path)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        return any(entries.authenticators(host) for host in hosts)
+    return False
 
 
 def trial_settings(exp, exp_dir: Path, train: Dict[str, Any]) -> Dict[str, Any]:
@@ -65,8 +83,9 @@ def _init(settings: Dict[str, Any], key: str, name: str, job_type: str, config: 
         tags=settings["tags"], notes=settings["notes"], dir=settings["dir"], job_type=job_type, name=name,
         id=run_id(settings["experiment"], key), resume="allow", config=config,
         reinit="create_new",  # the driver keeps one open run per running trial
-        # Neither the driver's console (Ray's progress table) nor its machine's stats belong to a trial.
-        settings=wandb.Settings(console="off", x_disable_stats=True),
+        # Neither the driver's console (Ray's progress table) nor its machine's stats belong to a trial;
+        # silent: wandb's lines for every trial would bury Tune's progress table.
+        settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )
 
 
@@ -190,4 +209,6 @@ def log_experiment_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     best = results.best()
     if best is not None:
         run.summary.update({"best_trial_id": best["trial_id"], best_key: best[best_key]})
+    print(f"W&B: {run.url}" if settings["mode"] == "online" else
+          f"W&B runs saved offline; upload them with: wandb sync {settings['dir']}/wandb/offline-run-*")
     run.finish()

@@ -1,0 +1,237 @@
+"""W&B: a real small sweep logged offline, read back from W&B's own run files (.wandb)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, run_cli, small_sweep_overrides
+from yolotune.config import WandbConfig
+from yolotune.errors import ConfigError
+from yolotune.wandb_logging import check_wandb, run_id
+
+# Well-formed (wandb refuses a malformed key even offline), so it is read and could leak.
+FAKE_KEY = "yolotuneFakeKey" + "0123456789" * 4
+
+
+def _records(path: Path):
+    """The protobuf records of a .wandb file: W&B's 7-byte header, then LevelDB-log chunks in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, chunks = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def _items(items) -> dict:
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def read_run(run_dir: Path) -> dict:
+    """What W&B would upload for an offline run: identity, config, history rows, summary."""
+    run = {"id": run_dir.name.rsplit("-", 1)[-1], "config": {}, "history": [], "summary": {}, "exit_code": None}
+    for record in _records(next(run_dir.glob("*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.update(name=r.display_name, group=r.run_group, job_type=r.job_type, project=r.project)
+            run["config"].update(_items(r.config.update))
+        elif kind == "config":
+            run["config"].update(_items(record.config.update))
+        elif kind == "history":
+            run["history"].append(_items(record.history.item))
+        elif kind == "summary":
+            run["summary"].update(_items(record.summary.update))
+        elif kind == "exit":
+            run["exit_code"] = record.exit.exit_code
+    return run
+
+
+def _result_rows(trial_dir: Path):
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _wandb_env(wandb_dir: Path) -> dict:
+    return {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": FAKE_KEY}
+
+
+@pytest.fixture(scope="module")
+def wandb_sweep(tmp_path_factory, shapes_cache):
+    """One real sweep (3 trials x 2 epochs, ASHA) with wandb=offline: (experiment dir, W&B dir, runs)."""
+    storage, wandb_dir = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("wandb")
+    proc = run_cli(*small_sweep_overrides(storage, shapes_cache, "wb", iterations=3, epochs=2), "wandb=offline",
+                   env=_wandb_env(wandb_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"wandb sync {wandb_dir}/wandb/offline-run-*" in proc.stdout
+    runs = [read_run(d) for d in sorted((wandb_dir / "wandb").glob("offline-run-*"))]
+    return storage / "wb", wandb_dir, runs
+
+
+def _trial_runs(runs):
+    return {run["id"]: run for run in runs if run.get("job_type") == "trial"}
+
+
+@pytest.mark.slow
+def test_one_finished_run_per_trial_plus_one_summary_run(wandb_sweep):
+    exp_dir, _, runs = wandb_sweep
+    trials = pd.read_csv(exp_dir / "trials.csv")
+    assert len(trials) == 3
+    trial_runs = _trial_runs(runs)
+    assert set(trial_runs) == {run_id("wb", t) for t in trials.trial_id}
+    assert {r["name"] for r in trial_runs.values()} == {f"trial_{t}" for t in trials.trial_id}
+    assert [r["job_type"] for r in runs].count("summary") == 1
+    assert len(runs) == 4  # nothing else: no second run per trial
+    assert all(r["exit_code"] == 0 for r in runs)  # every run was finished, none cut off
+
+
+@pytest.mark.slow
+def test_all_runs_share_the_experiment_group(wandb_sweep):
+    _, _, runs = wandb_sweep
+    assert {(r["project"], r["group"]) for r in runs} == {("yolotune", "wb")}
+
+
+@pytest.mark.slow
+def test_trial_run_config_holds_its_sampled_values_and_the_fixed_train_args(wandb_sweep):
+    exp_dir, _, runs = wandb_sweep
+    for run in _trial_runs(runs).values():
+        sampled = json.loads((exp_dir / run["name"] / "params.json").read_text())
+        assert set(sampled) == {"lr0", "lrf", "momentum", "weight_decay"}
+        assert {k: run["config"][k] for k in sampled} == sampled
+        assert run["config"]["epochs"] == 2 and run["config"]["imgsz"] == 64 and run["config"]["optimizer"] == "SGD"
+
+
+@pytest.mark.slow
+def test_one_history_row_per_epoch_and_the_best_metric_in_the_summary(wandb_sweep):
+    exp_dir, _, runs = wandb_sweep
+    for run in _trial_runs(runs).values():
+        reported = _result_rows(exp_dir / run["name"])
+        assert [row["epoch"] for row in run["history"]] == [r["epoch"] for r in reported] != []
+        assert [row["val/box_loss"] for row in run["history"]] == pytest.approx([r["val/box_loss"] for r in reported])
+        assert not {"pid", "hostname", "time_total_s", "done"} & set(run["history"][0])  # metrics only
+        assert run["summary"]["best_val/box_loss"] == pytest.approx(min(r["val/box_loss"] for r in reported))
+
+
+@pytest.mark.slow
+def test_summary_run_holds_a_table_of_all_trials_and_the_best_config(wandb_sweep):
+    exp_dir, wandb_dir, runs = wandb_sweep
+    summary = next(r for r in runs if r["job_type"] == "summary")
+    best = yaml.safe_load((exp_dir / "best_hyperparameters.yaml").read_text())
+    assert {k: summary["config"][k] for k in best} == best
+    trials = pd.read_csv(exp_dir / "trials.csv")
+    winner = trials.loc[trials["best_val/box_loss"].idxmin()]
+    assert summary["summary"]["best_trial_id"] == winner.trial_id
+    assert summary["summary"]["best_val/box_loss"] == pytest.approx(winner["best_val/box_loss"])
+
+    [table_file] = (wandb_dir / "wandb").glob(f"offline-run-*-{summary['id']}/files/media/table/trials_*.table.json")
+    table = json.loads(table_file.read_text())
+    frame = pd.DataFrame(table["data"], columns=table["columns"])
+    assert {"trial_id", "status", "lr0", "lrf", "momentum", "weight_decay", "best_val/box_loss"} <= set(frame.columns)
+    assert sorted(frame.trial_id) == sorted(trials.trial_id) and set(frame.status) == {"TERMINATED"}
+    assert {f"scatter/{p}" for p in ("lr0", "lrf", "momentum", "weight_decay")} <= {
+        key.split("/", 2)[-1] for key in summary["config"] if key.startswith("_wandb/visualize/")}
+
+
+@pytest.mark.slow
+def test_the_api_key_is_written_nowhere(wandb_sweep):
+    exp_dir, wandb_dir, _ = wandb_sweep
+    files = [Path(root, name) for top in (exp_dir, wandb_dir) for root, _, names in os.walk(top) for name in names]
+    assert len(files) > 50 and any(f.name == "tuner.pkl" for f in files)  # the scan sees Ray's and W&B's files
+    leaked = [f for f in files if f.exists() and FAKE_KEY.encode() in f.read_bytes()]
+    assert not leaked
+
+
+@pytest.mark.slow
+def test_a_resumed_trial_continues_its_own_run(tmp_path, shapes_cache):
+    """Kill a sweep mid-trial (SIGKILL, whole process group), resume it: the trial's W&B run id is kept."""
+    overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "kill", iterations=1, epochs=3)
+                 if not o.startswith("scheduler")] + ["scheduler=fifo", "wandb=offline"]
+    wandb_runs = tmp_path / "wandb" / "wandb"
+    env = {**os.environ, **_wandb_env(tmp_path / "wandb")}
+    proc = subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (any(len(_result_rows(d)) for d in tmp_path.glob("kill/trial_*")) and any(wandb_runs.glob("offline-run-*/*.wandb"))):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    [trial_dir] = (tmp_path / "kill").glob("trial_*")
+    before = len(_result_rows(trial_dir))
+    assert before < 3
+
+    resumed = run_cli("resume=true", f"storage={tmp_path}", "name=kill", env=_wandb_env(tmp_path / "wandb"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trial_id = trial_dir.name.removeprefix("trial_")
+    run_dirs = sorted(wandb_runs.glob("offline-run-*"))
+    runs = [read_run(d) for d in run_dirs]
+    summary_id = next(r["id"] for r in runs if r.get("job_type") == "summary")
+    assert {d.name.rsplit("-", 1)[-1] for d in run_dirs} == {run_id("kill", trial_id), summary_id}
+    assert len(run_dirs) == 3  # the trial's run before the kill, the same run resumed, the summary
+    continued = [r for r in runs if r["id"] == run_id("kill", trial_id)][-1]
+    after_resume = _result_rows(trial_dir)[before:]
+    assert [row["epoch"] for row in continued["history"]] == [r["epoch"] for r in after_resume]
+    assert continued["history"][-1]["epoch"] == 3 and continued["exit_code"] == 0
+
+
+def test_wandb_not_installed_is_one_line_naming_the_extra(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None  # as if not installed\n")
+    proc = run_cli(f"storage={tmp_path}/runs", "wandb=offline", env={"PYTHONPATH": str(shim)})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("yolotune: error: wandb='offline'") and "pip install 'yolotune[wandb]'" in line
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    return tmp_path / "netrc"
+
+
+def test_online_without_a_login_is_one_line(tmp_path, no_wandb_login):
+    proc = run_cli(f"storage={tmp_path}/runs", "wandb=online")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("yolotune: error: wandb='online'") and "wandb login" in line and "WANDB_API_KEY" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_online_accepts_the_login_wandb_would_use(no_wandb_login, monkeypatch):
+    with pytest.raises(ConfigError):
+        check_wandb(WandbConfig(mode="online"))
+    no_wandb_login.write_text(f"machine api.wandb.ai login user password {FAKE_KEY}\n")
+    no_wandb_login.chmod(0o600)
+    check_wandb(WandbConfig(mode="online"))
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a login for another server is none
+    with pytest.raises(ConfigError):
+        check_wandb(WandbConfig(mode="online"))
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    check_wandb(WandbConfig(mode="online"))
