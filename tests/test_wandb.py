@@ -173,8 +173,12 @@ def test_a_resumed_trial_continues_its_own_run(tmp_path, shapes_cache):
     env = {**os.environ, **_wandb_env(tmp_path / "wandb")}
     proc = subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def first_epoch_logged():
+        reported = any(_result_rows(d) for d in tmp_path.glob("kill/trial_*"))
+        return reported and any(wandb_runs.glob("offline-run-*/*.wandb"))
+
     deadline = time.time() + 300
-    while not (any(len(_result_rows(d)) for d in tmp_path.glob("kill/trial_*")) and any(wandb_runs.glob("offline-run-*/*.wandb"))):
+    while not first_epoch_logged():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -235,3 +239,19 @@ def test_online_accepts_the_login_wandb_would_use(no_wandb_login, monkeypatch):
         check_wandb(WandbConfig(mode="online"))
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     check_wandb(WandbConfig(mode="online"))
+
+
+def test_pbt_changed_hyperparameters_update_the_trial_runs_config(tmp_path):
+    from yolotune.wandb_logging import TrialRuns
+
+    settings = {"mode": "offline", "project": "yolotune", "entity": None, "group": "pbt", "tags": [], "notes": None,
+                "dir": str(tmp_path), "experiment": "pbt", "metric": "fitness", "metric_mode": "max",
+                "train": {"epochs": 4}}
+    runs = TrialRuns(settings)
+    runs.log("t1", "trial_t1", {"lr0": 0.01}, {"epoch": 1, "fitness": 0.2}, 0.2)
+    runs.log("t1", "trial_t1", {"lr0": 0.02}, {"epoch": 2, "fitness": 0.1}, 0.2)  # exploited and perturbed
+    runs.close()
+    [run] = [read_run(d) for d in (tmp_path / "wandb").glob("offline-run-*")]
+    assert run["id"] == run_id("pbt", "t1") and run["exit_code"] == 0
+    assert run["config"]["lr0"] == 0.02 and run["config"]["epochs"] == 4
+    assert [row["epoch"] for row in run["history"]] == [1, 2] and run["summary"]["best_fitness"] == 0.2

@@ -115,16 +115,9 @@ class TrialRuns:
 
     def _work(self) -> None:
         while (task := self.tasks.get()) is not None:
-            self._try(*task)
+            _warn_on_failure(*task)
         for trial_id in list(self.runs):
-            self._try(self._finish, trial_id, False)
-
-    @staticmethod
-    def _try(method, *args) -> None:
-        try:
-            method(*args)
-        except Exception as e:  # a W&B failure must not end a tuning experiment
-            print(f"yolotune: W&B logging failed: {e}", file=sys.stderr)
+            _warn_on_failure(self._finish, trial_id, False)
 
     def _log(self, trial_id, name, config, row, best) -> None:
         train = self.settings["train"]
@@ -144,6 +137,13 @@ class TrialRuns:
         run = self.runs.pop(trial_id, None)
         if run is not None:
             run.finish(exit_code=1 if failed else 0)
+
+
+def _warn_on_failure(function, *args) -> None:
+    try:
+        function(*args)
+    except Exception as e:  # W&B (a server, a network) failing must not fail a tuning experiment
+        print(f"yolotune: W&B logging failed: {e}", file=sys.stderr)
 
 
 def tune_callback(settings: Dict[str, Any]):
@@ -195,6 +195,10 @@ def log_experiment_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     """One run in the experiment's group: a table of all trials (config, best metric, status) for
     the parallel-coordinates and scatter panels, one scatter chart per tuned parameter, and the best
     config as the run's config."""
+    _warn_on_failure(_log_summary, exp_dir, settings)
+
+
+def _log_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     import wandb
 
     from yolotune.results import ExperimentResults
