@@ -123,7 +123,7 @@ def run_child(args) -> None:
 
         yolotune.tune(model="yolo11n.yaml", data=data, space=space, grace_period=args.grace_period,
                       iterations=args.iterations, storage=str(args.workdir), name="yolotune",
-                      overrides=[f"metric={METRIC}", "resources=cpu"], **train)
+                      overrides=[f"metric='{METRIC}'", "resources=cpu"], **train)
     (args.workdir / "trials.json").write_text(json.dumps(list(timer.trials.values())))
 
 
