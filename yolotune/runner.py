@@ -66,7 +66,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             from yolotune.wandb_logging import log_experiment_summary
 
             log_experiment_summary(exp_dir, wandb_settings)
-        if is_complete(results, exp.iterations):
+        if results.finished:
             experiment_dir.mark_finished(exp_dir)
         else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
@@ -108,15 +108,6 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             log_to_file=True, verbose=1,
         ),
     )
-
-
-def is_complete(results, iterations: int) -> bool:
-    """Every trial ran and ended (finished, stopped early or errored), as Ray's saved state says.
-
-    (After a Ctrl-C the in-memory ResultGrid shows interrupted trials as terminated.)
-    """
-    status = results.dataframe()["status"]
-    return len(status) >= iterations and status.isin(["TERMINATED", "ERROR"]).all()
 
 
 def resume_command(exp_dir: Path) -> str:

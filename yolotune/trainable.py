@@ -46,7 +46,7 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
         model = YOLO(str(resume_from))
         args = {"resume": str(resume_from), "data": job["data"]}
 
-    reporter = _EpochReporter(ctx, job)
+    reporter = _EpochReporter()
     model.add_callback("on_model_save", reporter.on_model_save)
     model.train(**args)
 
@@ -58,7 +58,7 @@ class _EpochReporter:
     ``on_fit_epoch_end``) not again for the final validation of best.pt.
     """
 
-    def __init__(self, ctx, job):
+    def __init__(self):
         # Where the trial ran: the node, and the worker process (shared by trials when actors are reused).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                      "pid": os.getpid()}
