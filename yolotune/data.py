@@ -48,6 +48,25 @@ def build_label_caches(data_yaml: str) -> None:
             YOLODataset(img_path=path, data=data, hyp=hyp, augment=False, task="detect", prefix=f"{split}: ")
 
 
+def check_readable_on_every_node(paths) -> None:
+    """On a cluster, each node must see the dataset (and local weights) at the same path."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def missing(candidates):
+        return [p for p in candidates if not os.path.exists(p)]
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    found = ray.get([missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                     .remote(list(paths)) for n in nodes])
+    for node, absent in zip(nodes, found):
+        if absent:
+            raise ConfigError("data.yaml", absent[0], f"not readable on node {node['NodeManagerHostname']} "
+                                                      f"({node['NodeID'][:12]}); put datasets on a file system "
+                                                      "every node mounts at the same path")
+
+
 def make_shapes(cfg) -> Path:
     """Generate (once) the shapes dataset for these settings; returns its folder."""
     params = {k: getattr(cfg, k) for k in ("train_images", "val_images", "imgsz", "classes", "seed")}

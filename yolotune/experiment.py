@@ -50,7 +50,8 @@ def new_name() -> str:
 
 
 def storage_dir(storage: str) -> Path:
-    return Path(os.path.expanduser(storage)).resolve()
+    """Absolute storage path; a ``file://`` URI is a local (or shared) path."""
+    return Path(os.path.expanduser(storage.removeprefix("file://"))).resolve()
 
 
 def save_config(exp_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict
 
 from yolotune import experiment as experiment_dir
 from yolotune.config import ExperimentConfig
-from yolotune.data import build_label_caches, resolve_data
+from yolotune.data import build_label_caches, check_readable_on_every_node, resolve_data
 from yolotune.model import resolve_weights
 from yolotune.resources import TrialResources, plan
 from yolotune.space import parse_space, to_ray_space
@@ -49,7 +49,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         if exp.ray.address is not None:
             total = ray.cluster_resources()
             resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0))
+            local_files = [job["data"]] + ([job["weights"]] if os.path.isabs(job["weights"]) else [])
+            check_readable_on_every_node(local_files)
         job["threads"] = resources.threads
+        job["train"].setdefault("workers", resources.threads)  # data loader processes: the trial's CPUs (GPU only)
         if not exp.resume:
             save_config()
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
@@ -118,7 +121,7 @@ def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
     args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None}
     if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
         return {**args, "address": "local", "num_cpus": os.cpu_count(), "num_gpus": _local_gpus(),
-                "include_dashboard": False}
+                "include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # this machine only
     return {**args, "address": exp.ray.address}
 
 

@@ -88,6 +88,9 @@ def validate(exp: ExperimentConfig) -> None:
     _check_search(exp, space)
     _check_resources(exp)
     _check_data(exp)
+    if "://" in exp.storage and not exp.storage.startswith("file://"):
+        raise ConfigError("storage", exp.storage, "a local or shared file system path (or file://...); cloud "
+                                                  "storage URIs are not supported yet")
     if exp.failure.max_failures < 0:
         raise ConfigError("failure.max_failures", exp.failure.max_failures, "0 or more")
     if exp.wandb.mode not in WANDB_MODES:
