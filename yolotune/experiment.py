@@ -45,6 +45,11 @@ def _typed(group: str, node: dict, schema):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
+def trial_dirname(trial_id: str) -> str:
+    """A trial's directory under the experiment: Ray creates it, the trainable writes into it."""
+    return f"trial_{trial_id}"
+
+
 def new_name() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from yolotune.experiment import SAVED_CONFIG, is_finished, write_atomic
+from yolotune.experiment import SAVED_CONFIG, is_finished, load_saved_config, trial_dirname, write_atomic
 from yolotune.plots import better
 from yolotune.space import Dist, parse_space
 
@@ -43,7 +43,7 @@ class ExperimentResults:
             raise FileNotFoundError(f"{self.path} is not a yolotune experiment (no {SAVED_CONFIG})")
         if mode not in (None, "min", "max"):
             raise ValueError(f"mode={mode!r}: min or max")
-        self.config = OmegaConf.load(self.path / SAVED_CONFIG)
+        self.config = load_saved_config(self.path)
         self.metric, self.mode = self._ranking(metric, mode)
         self._frames: Dict[tuple, pd.DataFrame] = {}  # (metric, mode) -> dataframe(): table, plots, report reuse it
 
@@ -83,8 +83,6 @@ class ExperimentResults:
         return sorted(trials.values(), key=lambda t: t["trial_id"])
 
     def trial_dir(self, trial_id: str) -> Path:
-        from yolotune.trainable import trial_dirname
-
         return self.path / trial_dirname(trial_id)
 
     @cached_property

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict
 
 from yolotune import experiment as experiment_dir
+from yolotune.experiment import trial_dirname
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node, resolve_data
 from yolotune.model import resolve_weights
@@ -126,8 +127,6 @@ def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
 
 
 def _trial_name(trial) -> str:
-    from yolotune.trainable import trial_dirname
-
     return trial_dirname(trial.trial_id)
 
 
@@ -137,9 +136,8 @@ def _job(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)
-    job = {"weights": resolve_weights(exp.model.weights), "data": resolve_data(exp.data), "train": train,
-           "experiment_dir": str(exp_dir), "threads": 1}
-    return job
+    return {"weights": resolve_weights(exp.model.weights), "data": resolve_data(exp.data), "train": train,
+            "experiment_dir": str(exp_dir), "threads": 1}
 
 
 def _local_gpus() -> int:

@@ -18,9 +18,7 @@ from typing import Any, Dict
 import ray
 from ray import tune
 
-
-def trial_dirname(trial_id: str) -> str:
-    return f"trial_{trial_id}"
+from yolotune.experiment import trial_dirname
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
