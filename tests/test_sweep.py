@@ -80,3 +80,21 @@ def test_python_api_returns_a_result_grid(tmp_path, coco8):
     saved = yaml.safe_load((tmp_path / "api" / ".hydra" / "config.yaml").read_text())
     assert saved["space"] == {"lr0": {"dist": "uniform", "low": 1e-3, "high": 1e-1}}
     assert (tmp_path / "api" / "trials.csv").is_file()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["scheduler=pbt", "scheduler.perturbation_interval=1", "scheduler.quantile_fraction=0.5"],
+    ["search=optuna", "search.n_startup_trials=1", "scheduler=median", "scheduler.grace_period=1"],
+    ["search=hyperopt", "search.n_initial_points=1", "scheduler=hyperband"],
+], ids=["pbt", "optuna+median", "hyperopt+hyperband"])
+def test_other_schedulers_and_searchers_run(tmp_path, shapes_cache, overrides):
+    from conftest import run_cli, small_sweep_overrides
+
+    base = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "x", iterations=3, epochs=3)
+            if not o.startswith("scheduler")]
+    proc = run_cli(*base, *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "x" / "trials.csv")
+    assert len(trials) == 3 and (trials["status"] == "TERMINATED").all() and (trials["epochs"] >= 1).all()
+    if "scheduler=pbt" in overrides:  # PBT continued trials from checkpoints: every trial still reached the end
+        assert (trials["epochs"] == 3).all()
