@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=256)
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="round r samples with seed + r, the same for both tools")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -53,7 +54,8 @@ def main() -> None:
         for tool in TOOLS:
             run_dir = workdir / f"{tool}-{round_}"
             run_dir.mkdir()
-            cmd = [sys.executable, __file__, "--child", tool, "--workdir", str(run_dir), *_passthrough(args)]
+            cmd = [sys.executable, __file__, "--child", tool, "--workdir", str(run_dir), *_passthrough(args),
+                   f"--seed={args.seed + round_}"]
             start = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             stats = summarise(json.loads((run_dir / "trials.json").read_text()), time.perf_counter() - start)
@@ -73,7 +75,7 @@ def main() -> None:
 
 def _passthrough(args) -> list:
     return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "workdir", "rounds") and v is not None]
+            if k not in ("child", "workdir", "rounds", "seed") and v is not None]
 
 
 def summarise(trials: list, wall: float) -> dict:
@@ -101,6 +103,7 @@ def summarise(trials: list, wall: float) -> dict:
 def run_child(args) -> None:
     """One tuning run of one tool, in this fresh process; writes trials.json."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    import numpy as np
     from ray import tune
 
     from yolotune.config import ShapesDataConfig
@@ -115,6 +118,9 @@ def run_child(args) -> None:
     # (with Ultralytics' SGD, nbs=64 and mosaic at 128 px, every trial scores 0 for many epochs).
     train = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "nbs": args.batch,
              "optimizer": "AdamW", "mosaic": 0.0}
+    # Neither tool is given a search seed: both sample from NumPy's global generator, seeded alike,
+    # so in a round both train the same configurations.
+    np.random.seed(args.seed)
     timer = _TrialTimer()
     _add_callback_to_every_tuner(timer)
     if args.child == "ultralytics":
