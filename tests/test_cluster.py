@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 
 import pandas as pd
 import pytest
@@ -29,19 +31,21 @@ def _ray_processes() -> str:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def two_node_cluster():
     port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     try:
         head = _ray("start", "--head", "--port", str(port), "--include-dashboard", "false",
-                    "--temp-dir", str(tmp_path / "ray-head"), *common, env=env)
+                    "--temp-dir", temp_dir, *common, env=env)
         assert head.returncode == 0, head.stderr
         worker = _ray("start", "--address", f"127.0.0.1:{port}", *common, env=env)
         assert worker.returncode == 0, worker.stderr
         yield f"127.0.0.1:{port}"
     finally:
         _ray("stop", "--force", env=env)  # even when the test fails
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_sweep_runs_on_both_nodes_of_an_existing_cluster(two_node_cluster, tmp_path, shapes_cache):
