@@ -16,7 +16,8 @@ from yolotune.schedulers import build_scheduler
 from yolotune.search import build_search
 from yolotune.space import parse_space, to_ray_space
 
-SPACE = to_ray_space(parse_space({"lr0": "loguniform(1e-4, 1e-1)", "batch": "choice([8, 16])"}))
+DISTS = parse_space({"lr0": "loguniform(1e-4, 1e-1)", "batch": "choice([8, 16])", "close_mosaic": "randint(0, 10)"})
+SPACE = to_ray_space(DISTS)
 
 
 @pytest.mark.parametrize("config,expected", [
@@ -27,19 +28,22 @@ SPACE = to_ray_space(parse_space({"lr0": "loguniform(1e-4, 1e-1)", "batch": "cho
     (PbtConfig(perturbation_interval=2), schedulers.PopulationBasedTraining),
 ], ids=lambda v: getattr(v, "type", ""))
 def test_scheduler(config, expected):
-    scheduler = build_scheduler(config, RandomSearchConfig(), epochs=9, ray_space=SPACE)
+    scheduler = build_scheduler(config, RandomSearchConfig(), epochs=9, space=DISTS)
     assert type(scheduler) is expected
     assert getattr(scheduler, "_time_attr", "epoch") == "epoch"
 
 
 def test_asha_max_t_defaults_to_epochs():
-    scheduler = build_scheduler(AshaConfig(grace_period=2), RandomSearchConfig(), epochs=9, ray_space=SPACE)
+    scheduler = build_scheduler(AshaConfig(grace_period=2), RandomSearchConfig(), epochs=9, space=DISTS)
     assert scheduler._max_t == 9
 
 
 def test_pbt_mutates_the_space():
-    scheduler = build_scheduler(PbtConfig(), RandomSearchConfig(), epochs=9, ray_space=SPACE)
-    assert set(scheduler._hyperparam_mutations) == {"lr0", "batch"}
+    scheduler = build_scheduler(PbtConfig(), RandomSearchConfig(), epochs=9, space=DISTS)
+    assert set(scheduler._hyperparam_mutations) == {"lr0", "batch", "close_mosaic"}
+    clip = scheduler._custom_explore_fn
+    assert clip({"lr0": 0.12, "batch": 16, "close_mosaic": 11.6}) == {"lr0": 0.1, "batch": 16, "close_mosaic": 10}
+    assert clip({"lr0": 5e-5, "close_mosaic": -1.2}) == {"lr0": 1e-4, "close_mosaic": 0}
 
 
 @pytest.mark.parametrize("config,expected", [

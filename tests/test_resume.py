@@ -71,7 +71,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
     finished = {name for name, rows in before.items() if len(rows) == 4}
     midway = {name: len(rows) for name, rows in before.items() if 0 < len(rows) < 4}
     assert finished and midway
-    checkpoint_epoch = {name: _last_checkpoint_epoch(exp_dir / name, before[name]) for name in midway}
+    checkpoint_epoch = {name: _last_checkpoint_epoch(exp_dir / name) for name in midway}
 
     resumed = run_cli(*command)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -87,10 +87,13 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
     assert len(trials) == 3 and (trials["epochs"] == 4).all() and (trials["status"] == "TERMINATED").all()
 
 
-def _last_checkpoint_epoch(trial_dir: Path, rows) -> int:
-    """The epoch of the last result that came with a persisted checkpoint."""
-    persisted = {p.name for p in trial_dir.glob("checkpoint_*")}
-    return max(r["epoch"] for r in rows if r.get("checkpoint_dir_name") in persisted)
+def _last_checkpoint_epoch(trial_dir: Path) -> int:
+    """The epoch of the trial's newest persisted checkpoint (checkpoint_00000N holds epoch N + 1).
+
+    A kill can land between a checkpoint's copy and its result's line in result.json, so the
+    checkpoint, not the history, says where the trial can continue from.
+    """
+    return max(int(p.name.split("_")[1]) for p in trial_dir.glob("checkpoint_*")) + 1
 
 
 def test_a_failing_trial_is_an_error_row_and_the_others_finish(tmp_path, coco8):

@@ -95,6 +95,10 @@ def test_other_schedulers_and_searchers_run(tmp_path, shapes_cache, overrides):
     proc = run_cli(*base, *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "x" / "trials.csv")
-    assert len(trials) == 3 and (trials["status"] == "TERMINATED").all() and (trials["epochs"] >= 1).all()
+    # synchronous HyperBand leaves the trials it did not promote PAUSED when the sweep ends
+    assert len(trials) == 3 and trials["status"].isin(["TERMINATED", "PAUSED"]).all() and (trials["epochs"] >= 1).all()
     if "scheduler=pbt" in overrides:  # PBT continued trials from checkpoints: every trial still reached the end
         assert (trials["epochs"] == 3).all()
+        history = [json.loads(line)["epoch"] for path in (tmp_path / "x").glob("trial_*/history.jsonl")
+                   for line in path.read_text().splitlines()]
+        assert set(history) == {1, 2, 3}

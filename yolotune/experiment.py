@@ -19,6 +19,10 @@ from yolotune.config import SCHEMAS, DataConfig, ExperimentConfig, ShapesDataCon
 from yolotune.errors import ConfigError
 
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
+# Each trial's per-epoch results, appended by the trial itself before it reports the epoch to Ray.
+# (Ray's own result.json is written by the driver and copied back over on pause/restore, which
+# can drop epochs under PBT and HyperBand.)
+HISTORY = "history.jsonl"
 DONE_MARKER = ".finished"  # written when every trial has ended; absent while resumable
 # What a resume may change: how trials run, not what they search.
 RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "hydra")

@@ -1,7 +1,8 @@
 """Results of an experiment, finished, running or interrupted: read from its directory alone.
 
 ``load(path)`` needs no running Ray and no live driver: it reads Ray's experiment state for the
-trial list and statuses, and each trial's ``result.json`` for its per-epoch history. The object is a
+trial list and statuses, and each trial's ``history.jsonl`` (written by the trial itself, see
+trainable.py) for its per-epoch history. The object is a
 snapshot: load again to see a running experiment's newer epochs.
 
 ``yolotune results PATH`` (``main``) prints, writes and plots the same for the command line.
@@ -25,11 +26,14 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from yolotune.experiment import SAVED_CONFIG, is_finished, load_saved_config, trial_dirname, write_atomic
+from yolotune.experiment import HISTORY, SAVED_CONFIG, is_finished, load_saved_config, trial_dirname, write_atomic
 from yolotune.plots import better
 from yolotune.space import Dist, parse_space
 
-ENDED = ("TERMINATED", "ERROR")
+# A trial still PAUSED when Tune returns was left there by its scheduler (synchronous HyperBand
+# does that to trials it did not promote): it has ended. Only an interrupt leaves trials
+# RUNNING or PENDING in the saved state.
+ENDED = ("TERMINATED", "ERROR", "PAUSED")
 KNOWN_STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING", "PAUSED")  # Ray's trial statuses
 PLOTS_DIR = "plots"
 REPORT = "report.html"
@@ -87,12 +91,14 @@ class ExperimentResults:
 
     @cached_property
     def _history(self) -> pd.DataFrame:
-        rows = [{**{k: v for k, v in row.items() if k != "config"}, "trial_id": trial["trial_id"]}
+        rows = [{**row, "trial_id": trial["trial_id"]}
                 for trial in self._trials
-                for row in _read_results(self.trial_dir(trial["trial_id"]) / "result.json")]
+                for row in _read_results(self.trial_dir(trial["trial_id"]) / HISTORY)]
         if not rows:
             return pd.DataFrame(columns=["trial_id", "epoch"])
-        history = pd.DataFrame(rows)
+        # An epoch re-run after a resume (or continued by a PBT clone) counts once: its latest run.
+        history = pd.DataFrame(rows).drop_duplicates(["trial_id", "epoch"], keep="last")
+        history = history.sort_values(["trial_id", "epoch"], kind="stable").reset_index(drop=True)
         return history[["trial_id", "epoch", *[c for c in history.columns if c not in ("trial_id", "epoch")]]]
 
     def history(self) -> pd.DataFrame:

@@ -87,7 +87,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     from yolotune.schedulers import build_scheduler
     from yolotune.search import build_search
 
-    ray_space = to_ray_space(parse_space(exp.space))
+    space = parse_space(exp.space)
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
@@ -95,10 +95,10 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
         callbacks.append(tune_callback(wandb_settings))
     return tune.Tuner(
         trainable,
-        param_space=ray_space,
+        param_space=to_ray_space(space),
         tune_config=tune.TuneConfig(
             metric=exp.metric, mode=exp.mode, num_samples=exp.iterations,
-            scheduler=build_scheduler(exp.scheduler, exp.search, exp.train.get("epochs", 100), ray_space),
+            scheduler=build_scheduler(exp.scheduler, exp.search, exp.train.get("epochs", 100), space),
             search_alg=build_search(exp.search, exp.seed),
             max_concurrent_trials=resources.max_concurrent_trials,
             reuse_actors=True,  # one warm worker runs trial after trial: no torch import per trial
@@ -107,7 +107,8 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
         run_config=tune.RunConfig(
             name=exp_dir.name, storage_path=str(exp_dir.parent),
             failure_config=tune.FailureConfig(max_failures=exp.failure.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # A trial needs only its newest checkpoint; under PBT others clone it, so keep a few more.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if exp.scheduler.type == "pbt" else 1),
             callbacks=callbacks,
             log_to_file=True, verbose=1,
         ),

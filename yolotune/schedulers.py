@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from yolotune.space import RANGE_DISTS, Dist, to_ray_space
 
-def build_scheduler(sched, search, epochs: int, ray_space: Dict[str, Any]):
+
+def build_scheduler(sched, search, epochs: int, space: Dict[str, Dist]):
     from ray.tune import schedulers
 
     max_t = getattr(sched, "max_t", None) or epochs
@@ -23,6 +25,21 @@ def build_scheduler(sched, search, epochs: int, ray_space: Dict[str, Any]):
     if sched.type == "pbt":
         return schedulers.PopulationBasedTraining(
             time_attr="epoch", perturbation_interval=sched.perturbation_interval,
-            hyperparam_mutations=ray_space, quantile_fraction=sched.quantile_fraction,
-            resample_probability=sched.resample_probability)
+            hyperparam_mutations=to_ray_space(space), custom_explore_fn=ClipToSpace(space),
+            quantile_fraction=sched.quantile_fraction, resample_probability=sched.resample_probability)
     return schedulers.FIFOScheduler()
+
+
+class ClipToSpace:
+    """PBT's explore step multiplies values by 0.8 or 1.2, which can leave the space (lrf 1.1 makes
+    Ultralytics raise): bring each mutated value back inside its distribution's bounds."""
+
+    def __init__(self, space: Dict[str, Dist]):
+        self.bounds = {name: d for name, d in space.items() if d.dist in RANGE_DISTS}
+
+    def __call__(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        for name, d in self.bounds.items():
+            if name in config:
+                value = min(max(config[name], d.low), d.high)
+                config[name] = int(round(value)) if d.dist in ("randint", "qrandint") else value
+        return config

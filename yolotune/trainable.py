@@ -8,17 +8,19 @@ one trial to the next except the caches Ultralytics itself keeps.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict
 
 import ray
 from ray import tune
 
-from yolotune.experiment import trial_dirname
+from yolotune.experiment import HISTORY, trial_dirname
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
@@ -44,7 +46,7 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
         model = YOLO(str(resume_from))
         args = {"resume": str(resume_from), "data": job["data"]}
 
-    reporter = _EpochReporter()
+    reporter = _EpochReporter(trial_dir / HISTORY)
     model.add_callback("on_model_save", reporter.on_model_save)
     model.train(**args)
 
@@ -56,10 +58,11 @@ class _EpochReporter:
     ``on_fit_epoch_end``) not again for the final validation of best.pt.
     """
 
-    def __init__(self):
+    def __init__(self, history: Path):
         # Where the trial ran: the node, and the worker process (shared by trials when actors are reused).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                      "pid": os.getpid()}
+        self.history, self.last_report = history, time.time()
 
     def on_model_save(self, trainer) -> None:
         metrics = {
@@ -69,6 +72,10 @@ class _EpochReporter:
         }
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(fitness=float(trainer.fitness or 0.0), epoch=trainer.epoch + 1, **self.node)
+        now = time.time()
+        with open(self.history, "a") as f:
+            f.write(json.dumps({**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report}) + "\n")
+        self.last_report = now
         with tempfile.TemporaryDirectory(prefix="yolotune-ckpt-") as tmp:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")
             # Ray copies the checkpoint into the trial directory before report returns.
