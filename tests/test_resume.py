@@ -15,12 +15,14 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli, small_sweep_overrides
+from yolotune.experiment import HISTORY
 
 pytestmark = pytest.mark.slow
 
 
 def _rows(trial_dir: Path):
-    path = trial_dir / "result.json"
+    """The epochs a trial reported, from the history it appends before each report."""
+    path = trial_dir / HISTORY
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
@@ -37,6 +39,14 @@ def _wait_for(predicate, proc, timeout=300):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     raise AssertionError("timed out")
+
+
+def _wait_for_ray_workers_to_exit(timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).stdout:
+            return
+        time.sleep(0.5)
 
 
 def _one_done_one_midway(exp_dir: Path, epochs: int):
@@ -58,8 +68,11 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
     exp_dir = tmp_path / "exp"
     proc = _start(_sequential_sweep(tmp_path, shapes_cache, "exp"))
     _wait_for(_one_done_one_midway(exp_dir, 4), proc)
-    os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C or a dying machine does
+    os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
+    if sig == signal.SIGKILL:  # a dying machine takes Ray's workers (in their own process groups) too
+        subprocess.run(["pkill", "-9", "-f", "ray::|raylet|gcs_server"])
     output = proc.communicate(timeout=120)[0]
+    _wait_for_ray_workers_to_exit()  # a worker can finish its epoch after the driver has gone
     if sig == signal.SIGKILL:
         command = ["resume=true", f"storage={tmp_path}"]
     else:

@@ -40,7 +40,12 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
         model = YOLO(job["weights"])
     else:
         with checkpoint.as_directory() as ckpt_dir:
-            resume_from = _prepare_resume(Path(ckpt_dir) / "last.pt", save_dir, args)
+            candidates = [Path(ckpt_dir) / "last.pt"]
+            if Path(ckpt_dir).resolve().is_relative_to(trial_dir.resolve()):
+                # This trial's own checkpoint (not a PBT donor's): its last.pt on disk can be one epoch
+                # newer, when the driver died before registering the newest checkpoint.
+                candidates.append(save_dir / "weights" / "last.pt")
+            resume_from = _prepare_resume(candidates, save_dir, args)
         if resume_from is None:
             return  # every epoch was already reported: the trial is complete
         model = YOLO(str(resume_from))
@@ -82,8 +87,8 @@ class _EpochReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _prepare_resume(last: Path, save_dir: Path, args: Dict[str, Any]):
-    """Copy a reported last.pt into this trial and point it at this trial's config and folder.
+def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
+    """Copy the newest readable checkpoint into this trial and point it at this trial's config and folder.
 
     The checkpoint may come from another trial (PBT exploits a better trial's weights with new
     hyperparameters), so its saved train args are replaced by this trial's before Ultralytics
@@ -91,7 +96,13 @@ def _prepare_resume(last: Path, save_dir: Path, args: Dict[str, Any]):
     """
     import torch
 
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    loaded = []
+    for path in candidates:
+        try:
+            loaded.append(torch.load(path, map_location="cpu", weights_only=False))
+        except Exception:  # noqa: BLE001 - missing, or cut short by a kill: use another
+            continue
+    ckpt = max(loaded, key=lambda c: c.get("epoch", -1))
     if ckpt.get("epoch", -1) + 1 >= args.get("epochs", ckpt["train_args"].get("epochs", 100)):
         return None
     ckpt["train_args"] = {**ckpt["train_args"], **args, "save_dir": str(save_dir)}
