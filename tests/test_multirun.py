@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import time
 
 import pandas as pd
 import pytest
@@ -32,6 +33,9 @@ def test_multirun_runs_each_job_and_summarises(tmp_path, shapes_cache):
     summary = pd.read_csv(next(tmp_path.glob("multirun/*/multirun_summary.csv")))
     assert list(summary["status"]) == ["ok", "ok"] and list(summary["trials_finished"]) == [2, 2]
     assert "Multirun summary" in proc.stdout
+    deadline = time.time() + 20  # Ray's processes exit within moments of ray.shutdown()
+    while _ray_processes() - before and time.time() < deadline:
+        time.sleep(0.5)
     assert not _ray_processes() - before  # Ray stopped cleanly after each job
     # Same seed, random search: both experiments sampled the same configurations.
     sampled = [sorted(json.loads(p.read_text()).items() for p in sorted((tmp_path / n).glob("trial_*/params.json")))
