@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli, small_sweep_overrides
-from yolotune.experiment import HISTORY
+from yolotune.layout import HISTORY
 
 pytestmark = pytest.mark.slow
 EPOCHS = 8

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from yolotune import experiment
+from yolotune import experiment, layout
 from yolotune.config import ExperimentConfig, register_configs
 from yolotune.errors import ConfigError
 from yolotune.validation import validate
@@ -26,8 +26,8 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
     else:
         with open_dict(cfg):
             cfg.name = cfg.name or experiment.new_name()
-        exp_dir = experiment.storage_dir(cfg.storage) / cfg.name
-        if (exp_dir / experiment.SAVED_CONFIG).exists():
+        exp_dir = layout.storage_dir(cfg.storage) / cfg.name
+        if (exp_dir / layout.SAVED_CONFIG).exists():
             raise ConfigError("name", cfg.name, f"{exp_dir} already holds an experiment; resume it with "
                                                 "resume=true or choose another name")
     exp = experiment.to_experiment(cfg)
@@ -52,7 +52,7 @@ def _main(cfg: DictConfig) -> None:
 
         def job():
             exp_dir, _ = run_experiment(cfg, overrides)
-            return exp_dir, experiment.is_finished(exp_dir)
+            return exp_dir, layout.is_finished(exp_dir)
 
         run_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, overrides, job)
         return
@@ -61,7 +61,7 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"yolotune: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if not experiment.is_finished(exp_dir):
+    if not layout.is_finished(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:
         sys.exit(1)  # every trial errored

@@ -17,13 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from yolotune.config import SCHEMAS, DataConfig, ExperimentConfig, ShapesDataConfig
 from yolotune.errors import ConfigError
+from yolotune.layout import PROVENANCE, SAVED_CONFIG, is_finished, storage_dir, write_atomic
 
-SAVED_CONFIG = Path(".hydra") / "config.yaml"
-# Each trial's per-epoch results, appended by the trial itself before it reports the epoch to Ray.
-# (Ray's own result.json is written by the driver and copied back over on pause/restore, which
-# can drop epochs under PBT and HyperBand.)
-HISTORY = "history.jsonl"
-DONE_MARKER = ".finished"  # written when every trial has ended; absent while resumable
 # What a resume may change: how trials run, not what they search.
 RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "hydra")
 
@@ -49,18 +44,8 @@ def _typed(group: str, node: dict, schema):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
-def trial_dirname(trial_id: str) -> str:
-    """A trial's directory under the experiment: Ray creates it, the trainable writes into it."""
-    return f"trial_{trial_id}"
-
-
 def new_name() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
-def storage_dir(storage: str) -> Path:
-    """Absolute storage path; a ``file://`` URI is a local (or shared) path."""
-    return Path(os.path.expanduser(storage.removeprefix("file://"))).resolve()
 
 
 def save_config(exp_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -93,7 +78,7 @@ def save_provenance(exp_dir: Path) -> None:
     info = {"command": shlex.join(argv),
             "cwd": os.getcwd(), "started": datetime.now().astimezone().isoformat(timespec="seconds"),
             "versions": versions, "git": _git_state(Path.cwd())}
-    write_atomic(exp_dir / "provenance.yaml", OmegaConf.to_yaml(info))
+    write_atomic(exp_dir / PROVENANCE, OmegaConf.to_yaml(info))
 
 
 def _git_state(cwd: Path) -> Optional[dict]:
@@ -105,14 +90,6 @@ def _git_state(cwd: Path) -> Optional[dict]:
                 "root": git("rev-parse", "--show-toplevel")}
     except (OSError, subprocess.CalledProcessError):
         return None  # not a git checkout, or no git
-
-
-def mark_finished(exp_dir: Path) -> None:
-    (exp_dir / DONE_MARKER).touch()
-
-
-def is_finished(exp_dir: Path) -> bool:
-    return (exp_dir / DONE_MARKER).exists()
 
 
 def find_resumable(storage: Path, name: Optional[str]) -> Path:
@@ -152,21 +129,3 @@ def load_saved_config(exp_dir: Path) -> DictConfig:
 
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~").split("@")[0]
-
-
-def write_atomic(path: Path, data) -> None:
-    """Write to a temp file beside ``path`` and rename it into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from yolotune.experiment import write_atomic
+from yolotune.layout import write_atomic
 
 SUMMARY = "multirun_summary.csv"
 

@@ -14,7 +14,7 @@ from typing import Dict, Iterable
 
 import pandas as pd
 
-from yolotune.experiment import write_atomic
+from yolotune.layout import write_atomic
 
 KINDS = ("history", "params", "progress")
 DPI = 110

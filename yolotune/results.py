@@ -26,7 +26,8 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from yolotune.experiment import HISTORY, SAVED_CONFIG, is_finished, load_saved_config, trial_dirname, write_atomic
+from yolotune.experiment import load_saved_config
+from yolotune.layout import HISTORY, SAVED_CONFIG, is_finished, trial_dirname, write_atomic
 from yolotune.plots import better
 from yolotune.space import Dist, parse_space
 

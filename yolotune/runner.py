@@ -7,8 +7,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from yolotune import experiment as experiment_dir
-from yolotune.experiment import trial_dirname
+from yolotune import layout
+from yolotune.layout import trial_dirname
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node, resolve_data
 from yolotune.model import resolve_weights
@@ -71,7 +71,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
 
             log_experiment_summary(exp_dir, wandb_settings)
         if results.finished:
-            experiment_dir.mark_finished(exp_dir)
+            layout.mark_finished(exp_dir)
         else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
         return grid

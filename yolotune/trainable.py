@@ -20,7 +20,7 @@ from typing import Any, Dict
 import ray
 from ray import tune
 
-from yolotune.experiment import HISTORY, trial_dirname
+from yolotune.layout import HISTORY, trial_dirname
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:

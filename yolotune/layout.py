@@ -1,0 +1,131 @@
+"""The experiment directory ``<storage>/<name>/``: its file names and how they are written and read.
+
+Imported by the driver, the Ray workers and the results reader alike, so it imports nothing
+beyond the standard library (no Hydra, no OmegaConf, no Ray).
+
+    <storage>/<name>/
+      .hydra/config.yaml      the composed config (re-runnable with --config-path)
+      .hydra/overrides.yaml   the command line's overrides
+      provenance.yaml         command, versions, git state
+      trials.jsonl            yolotune's trial record: one event a line (records.py)
+      trial_<id>/history.jsonl  the trial's per-epoch results, appended by the trial itself
+      trial_<id>/train/       Ultralytics' output (weights/last.pt, ...)
+      trials.csv, best_hyperparameters.yaml, best.pt, plots/, report.html   results
+      .finished               written when every trial has ended; absent while resumable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+SAVED_CONFIG = Path(".hydra") / "config.yaml"
+SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
+PROVENANCE = "provenance.yaml"
+# Each trial's per-epoch results, appended by the trial itself before it reports the epoch to Ray.
+# (Ray's own result.json is written by the driver and copied back over on pause/restore, which
+# can drop epochs under PBT and HyperBand.)
+HISTORY = "history.jsonl"
+TRIAL_RECORD = "trials.jsonl"
+DONE_MARKER = ".finished"
+TRIALS_CSV = "trials.csv"
+BEST_HYPERPARAMETERS = "best_hyperparameters.yaml"
+BEST_WEIGHTS = "best.pt"
+PLOTS_DIR = "plots"
+REPORT = "report.html"
+
+
+def trial_dirname(trial_id: str) -> str:
+    """A trial's directory under the experiment: Ray creates it, the trainable writes into it."""
+    return f"trial_{trial_id}"
+
+
+def storage_dir(storage: str) -> Path:
+    """Absolute storage path; a ``file://`` URI is a local (or shared) path."""
+    return Path(os.path.expanduser(storage.removeprefix("file://"))).resolve()
+
+
+def is_experiment(path: Path) -> bool:
+    return (path / SAVED_CONFIG).is_file()
+
+
+def experiments_in(storage: Path) -> List[Path]:
+    """The experiment dirs directly under a storage dir, oldest first."""
+    dirs = [config.parent.parent for config in storage.glob(f"*/{SAVED_CONFIG}")]
+    return sorted(dirs, key=lambda d: ((d / SAVED_CONFIG).stat().st_mtime, d.name))
+
+
+def mark_finished(exp_dir: Path) -> None:
+    (exp_dir / DONE_MARKER).touch()
+
+
+def is_finished(exp_dir: Path) -> bool:
+    return (exp_dir / DONE_MARKER).exists()
+
+
+def write_atomic(path: Path, data) -> None:
+    """Write to a temp file beside ``path`` and rename it into place: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line. A kill can leave the last line cut short; cut it off before appending,
+    so a resumed writer never glues its first line onto the broken one."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.seek(data.rfind(b"\n") + 1)
+                f.truncate()
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> Tuple[List[dict], int]:
+    """The records of a JSON-lines file and the number of lines skipped as unreadable (cut short
+    by a kill, or damaged). A missing file has no records."""
+    records, skipped = [], 0
+    for line in _lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
+
+
+def _lines(path: Path) -> Iterator[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return iter(())
+    return (line for line in text.splitlines() if line.strip())
+
+
+def first_line(text: Optional[str]) -> str:
+    """The line of an error message or traceback that says what went wrong: a traceback's last
+    non-blank line (the exception), or a message's first."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
