@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from yolotune.validation import ultralytics_args
+from yolotune.train_args import ultralytics_args
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli, small_sweep_overrides
-from yolotune.config import WandbConfig
+from yolotune.wandb_logging import WandbConfig
 from yolotune.errors import ConfigError
 from yolotune.wandb_logging import check_wandb, run_id
 
@@ -208,7 +208,7 @@ def test_wandb_not_installed_is_one_line_naming_the_extra(tmp_path):
     proc = run_cli(f"storage={tmp_path}/runs", "wandb=offline", env={"PYTHONPATH": str(shim)})
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("yolotune: error: wandb='offline'") and "pip install 'yolotune[wandb]'" in line
+    assert line.startswith("yolotune: error: wandb=offline") and "pip install 'yolotune[wandb]'" in line
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
@@ -224,7 +224,7 @@ def test_online_without_a_login_is_one_line(tmp_path, no_wandb_login):
     proc = run_cli(f"storage={tmp_path}/runs", "wandb=online")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("yolotune: error: wandb='online'") and "wandb login" in line and "WANDB_API_KEY" in line
+    assert line.startswith("yolotune: error: wandb=online") and "wandb login" in line and "WANDB_API_KEY" in line
     assert not (tmp_path / "runs").exists()
 
 

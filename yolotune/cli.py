@@ -1,37 +1,39 @@
-"""``python -m yolotune``: compose the Hydra config, validate it, run the experiment."""
+"""``python -m yolotune``: compose the Hydra config, validate it, run the experiment.
+
+Every mistake ends here as one line ``yolotune: error: <key>=<value>: <what is allowed>`` and exit
+code 2, whether Hydra found it while composing or yolotune while validating.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence, Tuple
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from yolotune import experiment, layout
-from yolotune.config import ExperimentConfig, register_configs
+from yolotune.config import ExperimentConfig, register_configs, to_experiment, validate
 from yolotune.errors import ConfigError
-from yolotune.validation import validate
+from yolotune.overrides import composition_error, group_options, normalize, replace_space_entries
 
 register_configs()
 
 
 def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig, Path, DictConfig]:
-    """Resolve resume and the experiment name, and validate: nothing heavy runs here."""
+    """Resolve resume and the experiment name, and validate: nothing heavy runs, nothing is written."""
     if cfg.resume:
         cfg, exp_dir = experiment.resume_config(cfg, overrides)
-    else:
-        with open_dict(cfg):
-            cfg.name = cfg.name or experiment.new_name()
-        exp_dir = layout.storage_dir(cfg.storage) / cfg.name
-        if (exp_dir / layout.SAVED_CONFIG).exists():
-            raise ConfigError("name", cfg.name, f"{exp_dir} already holds an experiment; resume it with "
-                                                "resume=true or choose another name")
-    exp = experiment.to_experiment(cfg)
+    exp = to_experiment(cfg)
     validate(exp)
+    if not cfg.resume:
+        with open_dict(cfg):
+            cfg.name = exp.name = cfg.name or experiment.new_name()
+        exp_dir = layout.storage_dir(cfg.storage) / cfg.name
+        if exp_dir.exists():
+            raise ConfigError("name", cfg.name, f"{exp_dir} already exists; resume it with resume=true or choose "
+                                                "another name")
     return exp, exp_dir, cfg
 
 
@@ -43,10 +45,13 @@ def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
     return exp_dir, run(exp, exp_dir, lambda: experiment.save_config(exp_dir, cfg, overrides))
 
 
-@hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
+    replace_space_entries(cfg, overrides)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         from yolotune.multirun import run_job
 
@@ -59,17 +64,72 @@ def _main(cfg: DictConfig) -> None:
     try:
         exp_dir, grid = run_experiment(cfg, overrides)
     except ConfigError as e:
-        print(f"yolotune: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     if not layout.is_finished(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:
         sys.exit(1)  # every trial errored
 
 
+def fail(error: ConfigError) -> None:
+    print(f"yolotune: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["results"]:  # `yolotune results PATH`
+    argv = sys.argv[1:]
+    if argv[:1] == ["results"]:  # `yolotune results PATH`
         from yolotune.results import main as results_main
 
-        sys.exit(results_main(sys.argv[2:]))
-    _main()
+        sys.exit(results_main(argv[1:]))
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
+    try:
+        sys.argv[1:] = normalize(argv)
+    except ConfigError as e:
+        fail(e)
+    import hydra
+
+    # Hydra's own errors would print several lines and exit 1: let them through to be translated.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _register_plugins()
+    app = hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")(_main)
+    try:
+        app()
+    except Exception as e:  # noqa: BLE001 - translated when it is a composition error, else re-raised
+        error = composition_error(e, sys.argv[1:])
+        if error is None:
+            raise
+        fail(error)
+
+
+def _register_plugins() -> None:
+    """Hydra finds plugins by walking the hydra_plugins namespace, which an editable install
+    (pip install -e) hides from it: register yolotune's sweeper and launcher by hand."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # first: its scan re-executes the modules of Hydra's own plugins
+    from hydra_plugins.yolotune_launcher import YolotuneLauncher, YolotuneSweeper
+
+    for plugin in (YolotuneSweeper, YolotuneLauncher):
+        plugins.class_name_to_class.setdefault(f"{plugin.__module__}.{plugin.__name__}", plugin)
+
+
+def help_text() -> str:
+    lines = ["yolotune: tune Ultralytics YOLO hyperparameters on Ray Tune.",
+             "Usage: python -m yolotune [group=option ...] [key=value ...]   (-m for a multirun)", "",
+             "Config groups (group=option; conf/<group>/<option>.yaml):"]
+    lines += [f"  {group}: {', '.join(options)}" for group, options in group_options().items()]
+    lines += ["",
+              "Keys: iterations, name, storage, resume, resume_errored, metric, mode, seed, failure.max_failures,",
+              "      ray.address, ray.runtime_env, and any Ultralytics train argument as train.KEY=VALUE (or KEY=VALUE).",
+              "      python -m yolotune --cfg job  prints the composed config; README.md lists every option.", "",
+              "Examples:",
+              "  python -m yolotune experiment=quickstart",
+              "  python -m yolotune space=minimal data=coco128 iterations=20 epochs=30 imgsz=320",
+              "  python -m yolotune -m scheduler=asha,fifo experiment=quickstart",
+              "  python -m yolotune resume=true",
+              "Results of an experiment: yolotune results runs/tune/NAME",
+              "Hydra's own options: python -m yolotune --hydra-help"]
+    return "\n".join(lines)

@@ -1,5 +1,9 @@
-"""The data group: resolves the dataset to an absolute data YAML in the driver, generates the
-synthetic ``shapes`` dataset, and builds Ultralytics' label caches once before trials start."""
+"""The data group: which dataset trials train on.
+
+Each option checks itself (without importing Ultralytics) and resolves, in the driver before Ray
+starts, to the absolute path of a data YAML that Ultralytics has accepted; the driver also builds
+the label caches once. ``shapes`` is a synthetic dataset that yolotune draws itself.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +12,106 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from yolotune.errors import ConfigError
+from omegaconf import MISSING
+
+from yolotune.errors import ConfigError, check_range
+from yolotune.layout import first_line
 
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 
 
-def resolve_data(data) -> str:
-    """Absolute path of the data YAML that trials train on (Ray runs trials in other directories)."""
-    if data.yaml == "shapes":
-        return str(make_shapes(data) / "data.yaml")
-    local = Path(data.yaml).expanduser()
-    if local.is_file():
-        return str(local.resolve())
-    from ultralytics.data.utils import check_det_dataset
-    from ultralytics.utils.checks import check_file
+@dataclass
+class DataConfig:
+    type: str = MISSING
 
-    try:  # a bare dataset name: Ultralytics finds it in its package and downloads the images if needed
-        check_det_dataset(data.yaml)
-        return str(Path(check_file(data.yaml)).resolve())
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad or unreachable dataset
-        raise ConfigError("data.yaml", data.yaml, f"cannot be loaded ({_first_line(e)}); give a local data YAML path"
-                                                  " or use data=shapes offline") from None
+    def check(self, exp) -> None:
+        """Raise ConfigError for a dataset that cannot work (no Ultralytics import)."""
+
+    def resolve(self) -> str:
+        """The absolute path of the data YAML that trials train on (Ray runs trials in other directories)."""
+        raise NotImplementedError
+
+
+@dataclass
+class YamlDataConfig(DataConfig):
+    """An Ultralytics data YAML: a dataset name it knows (coco8.yaml) or a path to a file."""
+    type: str = "yaml"
+    yaml: str = MISSING  # each option names its file
+
+    def check(self, exp) -> None:
+        if not self.yaml or "\n" in self.yaml:
+            raise ConfigError("data.yaml", self.yaml, "a data YAML path or an Ultralytics dataset name")
+        local = Path(self.yaml).expanduser()
+        if local.is_file():
+            _check_data_yaml(self.yaml, local)
+        elif _is_path(self.yaml) or local.exists():
+            raise ConfigError("data.yaml", self.yaml, "no such file; give an existing data YAML or a dataset name "
+                                                      "such as coco8.yaml")
+
+    def resolve(self) -> str:
+        local = Path(self.yaml).expanduser()
+        data_yaml = str(local.resolve()) if local.is_file() else self.yaml
+        from ultralytics.data.utils import check_det_dataset
+        from ultralytics.utils.checks import check_file
+
+        try:  # a bare name: Ultralytics finds it in its package and downloads the images if needed
+            check_det_dataset(data_yaml)
+            return str(Path(check_file(data_yaml)).resolve())
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad or unreachable dataset
+            hint = "" if local.is_file() else "; give a local data YAML path or use data=shapes offline"
+            raise ConfigError("data.yaml", self.yaml, f"Ultralytics cannot load it: {first_line(str(e))}{hint}") \
+                from None
+
+
+@dataclass
+class ShapesDataConfig(DataConfig):
+    """Synthetic shapes drawn by yolotune: offline, deterministic from seed, cached under cache_dir."""
+    type: str = "shapes"
+    train_images: int = 256
+    val_images: int = 64
+    imgsz: int = 128
+    classes: int = 3
+    seed: int = 0
+    cache_dir: str = "~/.cache/yolotune/datasets"
+
+    def check(self, exp) -> None:
+        check_range("data.train_images", self.train_images, 1, 100_000, "an integer from 1 to 100000", integer=True)
+        check_range("data.val_images", self.val_images, 1, 100_000, "an integer from 1 to 100000", integer=True)
+        check_range("data.imgsz", self.imgsz, 32, 4096, "an integer from 32 to 4096", integer=True)
+        check_range("data.classes", self.classes, 1, 3, "1 to 3 (circle, rectangle, triangle)", integer=True)
+        check_range("data.seed", self.seed, 0, None, "an integer >= 0", integer=True)
+        cache = Path(os.path.expanduser(self.cache_dir))
+        if cache.exists() and not cache.is_dir():
+            raise ConfigError("data.cache_dir", self.cache_dir, "a directory (this is a file)")
+
+    def resolve(self) -> str:
+        try:
+            return str(make_shapes(self) / "data.yaml")
+        except OSError as e:
+            raise ConfigError("data.cache_dir", self.cache_dir, f"cannot write the dataset there: {e.strerror}") \
+                from None
+
+
+def _check_data_yaml(key_value: str, path: Path) -> None:
+    """What Ultralytics needs of a detection data YAML, checked without importing it."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError("data.yaml", key_value, f"not a readable YAML file ({first_line(str(e))})") from None
+    if not isinstance(content, dict):
+        raise ConfigError("data.yaml", key_value, "a data YAML mapping with train, val and names")
+    missing = [key for key in ("train", "val") if not content.get(key)]
+    if "names" not in content and "nc" not in content:
+        missing.append("names")
+    if missing:
+        raise ConfigError("data.yaml", key_value, f"the data YAML lacks {', '.join(missing)}; it needs train, val "
+                                                  "and names")
 
 
 def build_label_caches(data_yaml: str) -> None:
@@ -41,11 +120,15 @@ def build_label_caches(data_yaml: str) -> None:
     from ultralytics.data.dataset import YOLODataset
     from ultralytics.data.utils import check_det_dataset
 
-    data = check_det_dataset(data_yaml)
-    hyp = get_cfg()
-    for split in ("train", "val"):
-        for path in data[split] if isinstance(data[split], list) else [data[split]]:
-            YOLODataset(img_path=path, data=data, hyp=hyp, augment=False, task="detect", prefix=f"{split}: ")
+    try:
+        data = check_det_dataset(data_yaml)
+        hyp = get_cfg()
+        for split in ("train", "val"):
+            for path in data[split] if isinstance(data[split], list) else [data[split]]:
+                YOLODataset(img_path=path, data=data, hyp=hyp, augment=False, task="detect", prefix=f"{split}: ")
+    except Exception as e:  # noqa: BLE001 - images or labels that Ultralytics cannot read
+        raise ConfigError("data.yaml", data_yaml, f"Ultralytics cannot read the dataset: {first_line(str(e))}") \
+            from None
 
 
 def check_readable_on_every_node(paths) -> None:
@@ -117,5 +200,6 @@ def _draw_split(root: Path, split: str, count: int, size: int, classes: int, rng
         (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(labels) + "\n")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def _is_path(text: str) -> bool:
+    """A bare dataset name (coco8.yaml) is Ultralytics' to resolve; anything with a folder is a path."""
+    return "/" in text or "\\" in text or text.startswith(("~", "."))

@@ -1,5 +1,5 @@
-"""The experiment directory ``<storage>/<name>/``: naming, the saved config, resume lookup, and
-turning a composed config (fresh, or saved by an earlier run) into the typed ExperimentConfig."""
+"""An experiment's life in its directory ``<storage>/<name>/``: its name, the saved config and
+provenance that make it re-runnable, and finding the experiment that ``resume=true`` continues."""
 
 from __future__ import annotations
 
@@ -8,40 +8,19 @@ import secrets
 import shlex
 import subprocess
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from yolotune.config import SCHEMAS, DataConfig, ExperimentConfig, ShapesDataConfig
 from yolotune.errors import ConfigError
-from yolotune.layout import PROVENANCE, SAVED_CONFIG, is_finished, storage_dir, write_atomic
+from yolotune.config import NAME
+from yolotune.layout import (PROVENANCE, SAVED_CONFIG, TUNER_STATE, first_line, is_finished, storage_dir,
+                             write_atomic)
 
 # What a resume may change: how trials run, not what they search.
 RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "hydra")
-
-
-def to_experiment(cfg: DictConfig) -> ExperimentConfig:
-    """Typed experiment from a composed or saved config; each group gets its option's schema."""
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.pop("hydra", None)
-    scheduler, search, data = raw.pop("scheduler"), raw.pop("search"), raw.pop("data")
-    train, space = raw.pop("train"), raw.pop("space")  # as given: merging would bring back removed keys
-    exp = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw))
-    exp.train, exp.space = train, space
-    exp.scheduler = _typed("scheduler", scheduler, SCHEMAS["scheduler"].get(scheduler.get("type")))
-    exp.search = _typed("search", search, SCHEMAS["search"].get(search.get("type")))
-    exp.data = _typed("data", data, ShapesDataConfig if data.get("yaml") == "shapes" else DataConfig)
-    return exp
-
-
-def _typed(group: str, node: dict, schema):
-    if schema is None:
-        allowed = ", ".join(SCHEMAS[group])
-        raise ConfigError(f"{group}.type", node.get("type"), f"one of {allowed}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 def new_name() -> str:
@@ -92,13 +71,21 @@ def _git_state(cwd: Path) -> Optional[dict]:
         return None  # not a git checkout, or no git
 
 
+def started(exp_dir: Path) -> bool:
+    """Whether Ray Tune started the experiment (and saved what a resume restores)."""
+    return (exp_dir / SAVED_CONFIG).is_file() and (exp_dir / TUNER_STATE).is_file()
+
+
 def find_resumable(storage: Path, name: Optional[str]) -> Path:
     if name:
+        if not NAME.match(name):
+            raise ConfigError("name", name, "one folder name under storage (letters, digits, _ . = + -)")
         exp_dir = storage / name
-        if not (exp_dir / SAVED_CONFIG).is_file():
-            raise ConfigError("name", name, f"no yolotune experiment at {exp_dir}")
+        if not started(exp_dir):
+            raise ConfigError("name", name, f"no started yolotune experiment at {exp_dir}")
         return exp_dir
-    candidates = [p.parent.parent for p in storage.glob(f"*/{SAVED_CONFIG}") if not is_finished(p.parent.parent)]
+    candidates = [p.parent.parent for p in storage.glob(f"*/{SAVED_CONFIG}")
+                  if started(p.parent.parent) and not is_finished(p.parent.parent)]
     if not candidates:
         raise ConfigError("resume", True, f"no unfinished experiment under {storage}; start one without resume=true")
     return max(candidates, key=lambda p: (p / SAVED_CONFIG).stat().st_mtime)
@@ -121,7 +108,14 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[DictConfig
 
 
 def load_saved_config(exp_dir: Path) -> DictConfig:
-    saved = OmegaConf.load(exp_dir / SAVED_CONFIG)
+    """The config an experiment saved; ConfigError when it is damaged."""
+    try:
+        saved = OmegaConf.load(exp_dir / SAVED_CONFIG)
+    except Exception as e:  # noqa: BLE001 - unreadable YAML, or not a mapping
+        raise ConfigError("name", exp_dir.name, f"its saved config {SAVED_CONFIG} is unreadable: "
+                                                f"{first_line(str(e))}") from None
+    if not isinstance(saved, DictConfig):
+        raise ConfigError("name", exp_dir.name, f"its saved config {SAVED_CONFIG} is not a mapping")
     saved.pop("defaults", None)
     saved.pop("hydra", None)
     return saved

@@ -31,6 +31,7 @@ PROVENANCE = "provenance.yaml"
 HISTORY = "history.jsonl"
 TRIAL_RECORD = "trials.jsonl"
 DONE_MARKER = ".finished"
+TUNER_STATE = "tuner.pkl"  # Ray Tune's: written once the Tuner starts; what a resume restores
 TRIALS_CSV = "trials.csv"
 BEST_HYPERPARAMETERS = "best_hyperparameters.yaml"
 BEST_WEIGHTS = "best.pt"

@@ -1,7 +1,8 @@
 """Multirun: each Hydra job is one tuning experiment; a summary compares them.
 
 Every job appends its row to ``<sweep dir>/multirun_summary.csv`` as it ends (so the file is
-right even if the multirun is killed), and the callback prints the table when all have run.
+right even if the multirun is killed), and the callback prints the table when all have run. A job
+that fails, even one whose config does not compose, is a failed row: the other jobs still run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from yolotune.layout import write_atomic
+from yolotune.layout import first_line, write_atomic
 
 SUMMARY = "multirun_summary.csv"
 
@@ -23,18 +24,30 @@ SUMMARY = "multirun_summary.csv"
 def run_job(sweep_dir: Path, job_num: int, overrides, run) -> None:
     """Run one job with ``run() -> experiment dir``; record its row whatever happens."""
     start = time.time()
-    row = {"job": job_num, "overrides": " ".join(overrides), "status": "ok", "experiment": None,
-           "best_metric": None, "best_config": None, "trials_finished": 0, "trials_errored": 0, "wall_time_s": None,
-           "error": None}
+    row = new_row(job_num, overrides)
     try:
         exp_dir, finished = run()
         row.update(experiment=str(exp_dir), status="ok" if finished else "interrupted", **_best(exp_dir))
     except Exception as e:  # noqa: BLE001 - one failed job must not stop the others
-        row.update(status="failed", error=(str(e).strip().splitlines() or [type(e).__name__])[0])
-        print(f"yolotune: job {job_num} ({row['overrides']}) failed: {row['error']}", file=sys.stderr)
+        mark_failed(row, e)
         if not getattr(e, "key", None):  # a bug, not a user mistake: keep the traceback
             traceback.print_exc()
     row["wall_time_s"] = round(time.time() - start, 1)
+    append_row(sweep_dir, row)
+
+
+def new_row(job_num: int, overrides) -> dict:
+    return {"job": job_num, "overrides": " ".join(overrides), "status": "ok", "experiment": None,
+            "best_metric": None, "best_config": None, "trials_finished": 0, "trials_errored": 0, "wall_time_s": None,
+            "error": None}
+
+
+def mark_failed(row: dict, error: Exception) -> None:
+    row.update(status="failed", error=first_line(str(error)) or type(error).__name__)
+    print(f"yolotune: job {row['job']} ({row['overrides']}) failed: yolotune: error: {row['error']}", file=sys.stderr)
+
+
+def append_row(sweep_dir: Path, row: dict) -> None:
     path = sweep_dir / SUMMARY
     rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
     write_atomic(path, pd.DataFrame([*rows, row]).to_csv(index=False))

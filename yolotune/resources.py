@@ -5,9 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from yolotune.errors import ConfigError
+from yolotune.errors import ConfigError, check_range
 
 TRIALS_PER_GPU = 4  # small YOLO trials leave most of a GPU idle; four side by side fill it (ANCHORS.md)
+
+
+@dataclass
+class ResourcesConfig:
+    cpu_per_trial: Optional[float] = None  # null: chosen for the machine (see plan)
+    gpu_per_trial: Optional[float] = None  # fractions such as 0.25 pack trials on one GPU
+    max_concurrent_trials: Optional[int] = None  # null: as many as the resources allow
+
+    def check(self, exp) -> None:
+        for key in ("cpu_per_trial", "gpu_per_trial"):
+            value = getattr(self, key)
+            if value is not None:
+                check_range(f"resources.{key}", value, 0, None, "a number >= 0 (null: chosen for the machine)")
+        if self.cpu_per_trial == 0 and not self.gpu_per_trial:
+            raise ConfigError("resources.cpu_per_trial", 0, "a trial without a GPU needs at least 1 CPU")
+        if self.gpu_per_trial is not None and self.gpu_per_trial > 1 and not float(self.gpu_per_trial).is_integer():
+            raise ConfigError("resources.gpu_per_trial", self.gpu_per_trial,
+                              "a fraction <= 1 or a whole number of GPUs")
+        if self.max_concurrent_trials is not None:
+            check_range("resources.max_concurrent_trials", self.max_concurrent_trials, 1, None,
+                        "an integer >= 1 (null: no limit)", integer=True)
 
 
 @dataclass(frozen=True)

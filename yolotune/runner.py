@@ -7,13 +7,12 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from yolotune import layout
-from yolotune.layout import trial_dirname
+from yolotune import layout, train_args
 from yolotune.config import ExperimentConfig
-from yolotune.data import build_label_caches, check_readable_on_every_node, resolve_data
-from yolotune.model import resolve_weights
+from yolotune.data import build_label_caches, check_readable_on_every_node
+from yolotune.layout import trial_dirname
 from yolotune.resources import TrialResources, plan
-from yolotune.space import parse_space, to_ray_space
+from yolotune.space import to_ray_space
 
 
 # Ray's TensorBoard logger only warns about Ultralytics' metric names; W&B is the dashboard here.
@@ -34,13 +33,12 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.results import write_results
     from yolotune.trainable import train_trial
 
-    job = _job(exp, exp_dir)
+    job = preflight(exp, exp_dir)
     wandb_settings = None
     if exp.wandb.mode != "disabled":
         from yolotune.wandb_logging import trial_settings
 
         wandb_settings = trial_settings(exp, exp_dir, job["train"])
-    build_label_caches(job["data"])
     if exp.ray.address is None:  # checked before Ray starts: a GPU asked of a machine without one fails here
         resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
     started = not ray.is_initialized()
@@ -58,7 +56,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             save_config()
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
-        if exp.resume and (exp_dir / "tuner.pkl").exists():
+        if exp.resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
         else:
@@ -84,10 +82,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from yolotune.schedulers import build_scheduler
-    from yolotune.search import build_search
-
-    space = parse_space(exp.space)
+    space = exp.dists
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
@@ -98,8 +93,9 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
         param_space=to_ray_space(space),
         tune_config=tune.TuneConfig(
             metric=exp.metric, mode=exp.mode, num_samples=exp.iterations,
-            scheduler=build_scheduler(exp.scheduler, exp.search, exp.train.get("epochs", 100), space),
-            search_alg=build_search(exp.search, exp.seed),
+            scheduler=exp.search.build_scheduler(exp) if exp.search.replaces_scheduler
+            else exp.scheduler.build(exp, space),
+            search_alg=exp.search.build(exp),
             max_concurrent_trials=resources.max_concurrent_trials,
             reuse_actors=True,  # one warm worker runs trial after trial: no torch import per trial
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
@@ -108,7 +104,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             name=exp_dir.name, storage_path=str(exp_dir.parent),
             failure_config=tune.FailureConfig(max_failures=exp.failure.max_failures),
             # A trial needs only its newest checkpoint; under PBT others clone it, so keep a few more.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if exp.scheduler.type == "pbt" else 1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=exp.scheduler.checkpoints_to_keep),
             callbacks=callbacks,
             log_to_file=True, verbose=1,
         ),
@@ -131,13 +127,18 @@ def _trial_name(trial) -> str:
     return trial_dirname(trial.trial_id)
 
 
-def _job(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
-    """Everything a trial needs besides its sampled values: plain, resolved, absolute."""
+def preflight(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
+    """What only Ultralytics can check, before Ray starts: every value a trial may pass it, the weights
+    and the dataset. Returns everything a trial needs besides its sampled values: plain, resolved,
+    absolute."""
+    train_args.check_values(exp)
+    weights, data = exp.model.resolve(), exp.data.resolve()
+    build_label_caches(data)
     train = dict(exp.train)
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)
-    return {"weights": resolve_weights(exp.model.weights), "data": resolve_data(exp.data), "train": train,
+    return {"weights": weights, "data": data, "train": train,
             "experiment_dir": str(exp_dir), "threads": 1}
 
 

@@ -1,33 +1,145 @@
-"""The scheduler group: the Ray Tune trial scheduler. Time is counted in epochs."""
+"""The scheduler group: when trials stop early. Time is counted in epochs.
+
+One dataclass per option (``conf/scheduler/<type>.yaml`` extends it); each checks its own values
+against the experiment and builds its Ray Tune scheduler. Adding a scheduler = one class here and
+one YAML file.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
+from omegaconf import MISSING
+
+from yolotune.errors import ConfigError, check_range
 from yolotune.space import RANGE_DISTS, Dist, to_ray_space
 
 
-def build_scheduler(sched, search, epochs: int, space: Dict[str, Dist]):
-    from ray.tune import schedulers
+@dataclass
+class SchedulerConfig:
+    type: str = MISSING
+    # Trials decide on validation metrics (val=true needed); FIFO only ranks them at the end.
+    stops_trials = True
+    # A trial resumes from its newest checkpoint; PBT also clones other trials' checkpoints.
+    checkpoints_to_keep = 1
 
-    max_t = getattr(sched, "max_t", None) or epochs
-    if search.type == "bohb":  # BOHB's searcher needs its own HyperBand variant
-        return schedulers.HyperBandForBOHB(time_attr="epoch", max_t=max_t,
-                                           reduction_factor=getattr(sched, "reduction_factor", 3))
-    if sched.type == "asha":
-        return schedulers.ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=sched.grace_period,
-                                        reduction_factor=sched.reduction_factor, brackets=sched.brackets)
-    if sched.type == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr="epoch", max_t=max_t, reduction_factor=sched.reduction_factor)
-    if sched.type == "median":
-        return schedulers.MedianStoppingRule(time_attr="epoch", grace_period=sched.grace_period,
-                                             min_samples_required=sched.min_samples_required)
-    if sched.type == "pbt":
-        return schedulers.PopulationBasedTraining(
-            time_attr="epoch", perturbation_interval=sched.perturbation_interval,
+    def check(self, exp) -> None:
+        """Raise ConfigError for values Ray would reject (or that make no sense for ``exp``)."""
+
+    def build(self, exp, space: Dict[str, Dist]):
+        raise NotImplementedError
+
+
+def _check_epochs(key: str, value: Optional[int], epochs: int) -> None:
+    if value is not None:
+        check_range(key, value, 1, epochs, f"between 1 and train.epochs ({epochs})", integer=True)
+
+
+def check_reduction_factor(key: str, value: float) -> None:
+    check_range(key, value, 1, None, "a number greater than 1")
+    if value == 1:
+        raise ConfigError(key, value, "a number greater than 1")
+
+
+@dataclass
+class AshaConfig(SchedulerConfig):
+    """Asynchronous successive halving: stops poor trials at rungs grace_period * reduction_factor^k."""
+    type: str = "asha"
+    grace_period: int = 10
+    reduction_factor: float = 3
+    max_t: Optional[int] = None  # null: train.epochs
+    brackets: int = 1
+
+    def check(self, exp) -> None:
+        _check_epochs("scheduler.grace_period", self.grace_period, exp.epochs)
+        _check_epochs("scheduler.max_t", self.max_t, exp.epochs)
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ConfigError("scheduler.grace_period", self.grace_period, f"at most scheduler.max_t ({self.max_t})")
+        check_reduction_factor("scheduler.reduction_factor", self.reduction_factor)
+        check_range("scheduler.brackets", self.brackets, 1, 10, "an integer from 1 to 10", integer=True)
+
+    def build(self, exp, space):
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="epoch", max_t=self.max_t or exp.epochs, grace_period=self.grace_period,
+                             reduction_factor=self.reduction_factor, brackets=self.brackets)
+
+
+@dataclass
+class FifoConfig(SchedulerConfig):
+    """No early stopping: every trial trains train.epochs."""
+    type: str = "fifo"
+    stops_trials = False
+
+    def build(self, exp, space):
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
+
+
+@dataclass
+class HyperbandConfig(SchedulerConfig):
+    """Synchronous HyperBand."""
+    type: str = "hyperband"
+    reduction_factor: float = 3
+    max_t: Optional[int] = None  # null: train.epochs
+
+    def check(self, exp) -> None:
+        _check_epochs("scheduler.max_t", self.max_t, exp.epochs)
+        check_reduction_factor("scheduler.reduction_factor", self.reduction_factor)
+
+    def build(self, exp, space):
+        from ray.tune.schedulers import HyperBandScheduler
+
+        return HyperBandScheduler(time_attr="epoch", max_t=self.max_t or exp.epochs,
+                                  reduction_factor=self.reduction_factor)
+
+
+@dataclass
+class MedianConfig(SchedulerConfig):
+    """Median stopping rule: stop a trial whose best result is below the median of the others'."""
+    type: str = "median"
+    grace_period: int = 10
+    min_samples_required: int = 3
+
+    def check(self, exp) -> None:
+        _check_epochs("scheduler.grace_period", self.grace_period, exp.epochs)
+        check_range("scheduler.min_samples_required", self.min_samples_required, 1, None, "an integer >= 1",
+                    integer=True)
+
+    def build(self, exp, space):
+        from ray.tune.schedulers import MedianStoppingRule
+
+        return MedianStoppingRule(time_attr="epoch", grace_period=self.grace_period,
+                                  min_samples_required=self.min_samples_required)
+
+
+@dataclass
+class PbtConfig(SchedulerConfig):
+    """Population based training: every perturbation_interval epochs, poor trials continue from a good
+    trial's checkpoint with mutated hyperparameters (mutations come from the space)."""
+    type: str = "pbt"
+    perturbation_interval: int = 5
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+    checkpoints_to_keep = 4
+
+    def check(self, exp) -> None:
+        _check_epochs("scheduler.perturbation_interval", self.perturbation_interval, exp.epochs)
+        check_range("scheduler.quantile_fraction", self.quantile_fraction, 0, 0.5, "between 0 and 0.5")
+        check_range("scheduler.resample_probability", self.resample_probability, 0, 1, "between 0 and 1")
+        grids = [name for name, d in exp.dists.items() if d.dist == "grid"]
+        if grids:
+            raise ConfigError(f"space.{grids[0]}.dist", "grid", "pbt mutates sampled values; use choice")
+
+    def build(self, exp, space):
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        return PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=self.perturbation_interval,
             hyperparam_mutations=to_ray_space(space), custom_explore_fn=ClipToSpace(space),
-            quantile_fraction=sched.quantile_fraction, resample_probability=sched.resample_probability)
-    return schedulers.FIFOScheduler()
+            quantile_fraction=self.quantile_fraction, resample_probability=self.resample_probability)
 
 
 class ClipToSpace:

@@ -1,24 +1,112 @@
-"""The search group: the Ray Tune search algorithm."""
+"""The search group: how trial configurations are chosen (Ray Tune search algorithms).
+
+One dataclass per option (``conf/search/<type>.yaml`` extends it); each checks its own values and
+builds its searcher.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from typing import Optional
 
+from omegaconf import MISSING
 
-def build_search(search, seed: Optional[int]):
-    if search.type == "optuna":
+from yolotune.errors import ConfigError, check_range
+from yolotune.schedulers import check_reduction_factor
+
+
+@dataclass
+class SearchConfig:
+    type: str = MISSING
+    extras = ()  # the modules the option needs: pip install 'yolotune[<type>]'
+    replaces_scheduler = False  # True: build_scheduler() replaces the scheduler group's
+
+    def check(self, exp) -> None:
+        for module in self.extras:
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError("search", self.type, f"needs {module}: pip install 'yolotune[{self.type}]'")
+        grids = [name for name, d in exp.dists.items() if d.dist == "grid"]
+        if grids and self.type != "random":
+            raise ConfigError(f"space.{grids[0]}.dist", "grid", f"search={self.type} cannot grid; use choice or "
+                                                                "search=random")
+
+    def build(self, exp):
+        raise NotImplementedError
+
+
+@dataclass
+class RandomSearchConfig(SearchConfig):
+    """Random sampling (and grid) from the space; reproducible with seed."""
+    type: str = "random"
+
+    def build(self, exp):
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=exp.seed)
+
+
+@dataclass
+class OptunaSearchConfig(SearchConfig):
+    """Optuna's TPE."""
+    type: str = "optuna"
+    n_startup_trials: int = 5  # random trials before TPE takes over
+
+    extras = ("optuna",)
+
+    def check(self, exp) -> None:
+        check_range("search.n_startup_trials", self.n_startup_trials, 0, None, "an integer >= 0", integer=True)
+        super().check(exp)
+
+    def build(self, exp):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=search.n_startup_trials))
-    if search.type == "hyperopt":
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=exp.seed, n_startup_trials=self.n_startup_trials))
+
+
+@dataclass
+class HyperoptSearchConfig(SearchConfig):
+    """HyperOpt's TPE."""
+    type: str = "hyperopt"
+    n_initial_points: int = 5  # random trials before TPE takes over
+
+    extras = ("hyperopt",)
+
+    def check(self, exp) -> None:
+        check_range("search.n_initial_points", self.n_initial_points, 0, None, "an integer >= 0", integer=True)
+        super().check(exp)
+
+    def build(self, exp):
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(n_initial_points=search.n_initial_points, random_state_seed=seed)
-    if search.type == "bohb":
+        return HyperOptSearch(n_initial_points=self.n_initial_points, random_state_seed=exp.seed)
+
+
+@dataclass
+class BohbSearchConfig(SearchConfig):
+    """BOHB: TuneBOHB with its own HyperBand scheduler, which replaces the scheduler group's."""
+    type: str = "bohb"
+    reduction_factor: float = 3
+    max_t: Optional[int] = None  # null: train.epochs
+
+    extras = ("hpbandster", "ConfigSpace")
+    replaces_scheduler = True
+
+    def check(self, exp) -> None:
+        if self.max_t is not None:
+            check_range("search.max_t", self.max_t, 1, exp.epochs, f"between 1 and train.epochs ({exp.epochs})",
+                        integer=True)
+        check_reduction_factor("search.reduction_factor", self.reduction_factor)
+        super().check(exp)
+
+    def build(self, exp):
         from ray.tune.search.bohb import TuneBOHB
 
-        return TuneBOHB(seed=seed)
-    from ray.tune.search import BasicVariantGenerator
+        return TuneBOHB(seed=exp.seed)
 
-    return BasicVariantGenerator(random_state=seed)
+    def build_scheduler(self, exp):
+        from ray.tune.schedulers import HyperBandForBOHB
+
+        return HyperBandForBOHB(time_attr="epoch", max_t=self.max_t or exp.epochs,
+                                reduction_factor=self.reduction_factor)

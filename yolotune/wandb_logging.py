@@ -18,11 +18,32 @@ import os
 import queue
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
 from yolotune.errors import ConfigError
+
+MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "yolotune"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # null: the experiment name
+    tags: List[str] = field(default_factory=list)
+    notes: Optional[str] = None
+
+    def check(self, exp) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("wandb.mode", self.mode, f"one of {', '.join(MODES)}")
+        if not self.project or "/" in self.project:
+            raise ConfigError("wandb.project", self.project, "a W&B project name (no '/')")
+        if self.mode != "disabled":
+            check_wandb(self)
 
 
 def check_wandb(cfg) -> None:
