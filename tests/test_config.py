@@ -122,7 +122,7 @@ def test_help_lists_real_groups_and_options_only():
 def test_group_key_typo_fails_at_composition():
     proc = run_cli("--cfg", "job", "scheduler.grace_periood=3")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("yolotune: error: scheduler.grace_periood=3: not a key of scheduler; "
+    assert proc.stderr.strip() == ("yolotune: error: scheduler.grace_periood=3: not a key of scheduler=asha; "
                                    "did you mean scheduler.grace_period?")
 
 

@@ -9,6 +9,7 @@ import nothing heavy: no torch, Ray or Ultralytics.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ REPORTED_METRIC = re.compile(
     r"^(fitness|epoch|metrics/(precision|recall|mAP50|mAP50-95)\([BMP]\)|metrics/accuracy_top[15]"
     r"|(train|val)/\w+_loss|lr/pg\d)$"
 )
+ADDRESS = re.compile(r"^(ray://)?[\w.-]+:\d{1,5}$")
 # A name is one safe path component under storage.
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
 
@@ -119,6 +121,7 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
         if not isinstance(value, dict):
             raise ConfigError(key, value, "a mapping")
     raw = literal(plain)
+    _refuse_unknown_keys(raw, ExperimentConfig, "")
     for group in GROUPS:
         raw[group] = _typed(group, raw.get(group))
     try:
@@ -134,10 +137,20 @@ def _typed(group: str, node: Any) -> DictConfig:
     kind = node.get("type") if isinstance(node, dict) else None
     if kind not in found:
         raise ConfigError(f"{group}.type", kind, f"one of {', '.join(found)}")
+    _refuse_unknown_keys(node, found[kind], f"{group}.")
     try:
         return OmegaConf.merge(OmegaConf.structured(found[kind]), node)
     except Exception as e:  # noqa: BLE001
         raise _omegaconf_error(e, prefix=f"{group}.") from None
+
+
+def _refuse_unknown_keys(node: dict, schema: type, prefix: str) -> None:
+    from yolotune.overrides import unknown_key_hint
+
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        if key not in known:
+            raise ConfigError(prefix + key, value, unknown_key_hint(prefix + key, f"not in '{schema.__name__}'"))
 
 
 def literal(value: Any) -> Any:
@@ -178,6 +191,10 @@ def validate(exp: ExperimentConfig) -> None:
         check_range("seed", exp.seed, 0, 2**32 - 1, "an integer from 0 to 2**32-1 (null: random)", integer=True)
     check_range("failure.max_failures", exp.failure.max_failures, 0, None, "an integer >= 0", integer=True)
     _check_storage(exp.storage)
+    address = exp.ray.address
+    if address is not None and address != "auto" and not ADDRESS.match(address):
+        raise ConfigError("ray.address", address, "null (a private local Ray), auto, or a cluster's host:port "
+                                                  "(ray://host:port for Ray Client)")
     _check_optimizer(exp)
 
     for group in (*GROUPS, *PLAIN_GROUPS):

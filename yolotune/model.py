@@ -3,6 +3,7 @@ missing download or a broken file fails before Ray starts, in one line."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +45,17 @@ class ModelConfig:
         return weights
 
     def _download(self) -> str:
+        from ultralytics.utils import LOGGER
         from ultralytics.utils.downloads import attempt_download_asset
 
+        level = LOGGER.level
+        LOGGER.setLevel(logging.ERROR)  # its offline warnings would bury the one line that says what to do
         try:
             path = Path(attempt_download_asset(self.weights))
         except Exception:  # noqa: BLE001 - offline or unknown asset
             path = None
+        finally:
+            LOGGER.setLevel(level)
         if path is None or not path.is_file():
             raise ConfigError("model.weights", self.weights, "not on disk and cannot be downloaded; use "
                                                              "model=yolo11n-scratch (no download) or a local .pt path")

@@ -1,7 +1,8 @@
 """The command line as a YOLO user types it, and Hydra's composition errors as one line.
 
 - ``epochs=50 imgsz=320`` (bare Ultralytics train arguments, as ``yolo train`` takes them) mean
-  ``train.epochs=50 train.imgsz=320``; ``train.KEY=VALUE`` adds KEY without Hydra's ``+``.
+  ``train.epochs=50 train.imgsz=320``; ``train.KEY=VALUE`` adds KEY without Hydra's ``+``, and
+  ``space.KEY=...`` adds an entry.
 - ``space.lr0={dist: choice, values: [...]}`` replaces the entry (Hydra would merge it into the
   old one, keeping fields of the old distribution).
 - A composition error (unknown key or option, wrong type, bad syntax) becomes a ConfigError that
@@ -64,8 +65,8 @@ def normalize(argv: Sequence[str]) -> List[str]:
             raise ConfigError(key, value, f"one of {', '.join(groups[key])}")
         if not prefix and key not in keys and key not in groups and "." not in key and key in ultralytics_args():
             arg = f"++train.{key}={value}"
-        elif prefix in ("", "+") and key.startswith("train.") and key.count(".") == 1:
-            arg = f"++{key}={value}"
+        elif prefix in ("", "+") and key.split(".")[0] in ("train", "space") and key.count(".") == 1:
+            arg = f"++{key}={value}"  # a new train argument, or a space entry that replace_space_entries replaces
         out.append(arg)
     return out
 
@@ -99,7 +100,7 @@ def composition_error(error: Exception, argv: Sequence[str]) -> Optional[ConfigE
     if missing is not None:
         return _missing_option(missing, overrides)
     if isinstance(error, OverrideParseException):
-        bad = next((o for o in overrides if o in str(error)), overrides[-1] if overrides else "")
+        bad = next((o for o in overrides if not _parses(o)), overrides[-1] if overrides else "")
         key, _, value = bad.partition("=")
         return ConfigError(key.lstrip("+~"), value, f"not a valid override value ({first_line(str(error))}); "
                                                     "quote values with special characters: key='a,b'")
@@ -107,10 +108,21 @@ def composition_error(error: Exception, argv: Sequence[str]) -> Optional[ConfigE
     key = _failed_key(causes, omega)
     value = _value_of(key, overrides)
     if omega is not None and "not in" in str(omega).split("\n")[0] or "is not in struct" in str(omega):
-        return ConfigError(key, value, _unknown_key_hint(key))
+        return ConfigError(key, value, unknown_key_hint(key, str(omega)))
     if omega is not None:
         return ConfigError(key, value, _type_hint(first_line(str(omega).split("\n")[0])))
     return ConfigError(key or "override", value, first_line(str(error)))
+
+
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return False
+    return True
 
 
 def _chain(error: BaseException) -> Iterable[BaseException]:
@@ -146,23 +158,48 @@ def _failed_key(causes, omega) -> str:
 
 
 def _value_of(key: str, overrides: Sequence[str]) -> str:
-    for override in overrides:
+    for override in reversed(overrides):  # the last one wins, as in Hydra
         name, _, value = override.partition("=")
         if name.lstrip("+~") == key:
             return value
     return ""
 
 
-def _unknown_key_hint(key: str) -> str:
-    """What the key could have been: the nearest key of its node."""
+def unknown_key_hint(key: str, message: str) -> str:
+    """What the key could have been: the nearest key of its node, or the options that have it."""
+    from yolotune import config
+
     head, _, last = key.rpartition(".")
+    group = head.split(".")[0]
+    option = re.search(r"not in '(\w+)'", message)
+    found = {cls.__name__: (name, cls) for name, cls in config.options(group).items()} if group in config.GROUPS \
+        else {}
+    if option and option.group(1) in found and head == group:
+        name, cls = found[option.group(1)]
+        keys = [f.name for f in dataclasses.fields(cls) if f.name != "type"]
+        owners = [option for kind, c in config.options(group).items() if last in {f.name for f in dataclasses.fields(c)}
+                  for option in options_of_type(group, kind)]
+        if owners:
+            return f"{group}={name} has no {last} (its keys: {', '.join(keys) or 'none'}); pick an option that " \
+                   f"has it first: {' or '.join(f'{group}={o}' for o in owners)}"
+        candidates = keys
+        close = difflib.get_close_matches(last, candidates, n=1)
+        return f"not a key of {group}={name}" + (f"; did you mean {group}.{close[0]}?" if close else
+                                                  f" (its keys: {', '.join(keys) or 'none'})")
     candidates = _keys_under(head)
     close = difflib.get_close_matches(last, candidates, n=1)
-    where = f"{head}" if head else "the experiment"
-    hint = f"; did you mean {head + '.' if head else ''}{close[0]}?" if close else ""
+    if close:
+        return f"not a key of {head or 'the experiment'}; did you mean {head + '.' if head else ''}{close[0]}?"
     if not head:
-        hint += " (Ultralytics train arguments go in train.KEY=VALUE)" if not close else ""
-    return f"not a key of {where}{hint}"
+        return "not a key of the experiment nor an Ultralytics train argument (README lists the keys)"
+    return f"not a key of {head} (its keys: {', '.join(candidates) or 'none'})"
+
+
+def options_of_type(group: str, kind: str) -> List[str]:
+    """The conf/<group>/ options whose schema is that group's option ``kind``."""
+    conf = resources.files("yolotune.conf") / group
+    return sorted(f.name.removesuffix(".yaml") for f in conf.iterdir()
+                  if f.name.endswith(".yaml") and f"/schema/{group}/{kind}@" in f.read_text())
 
 
 def _keys_under(head: str) -> List[str]:
@@ -191,4 +228,6 @@ def _type_hint(message: str) -> str:
         return "a value (not null)"
     if "is not a valid bool" in message:
         return "true or false"
+    if "is not a ListConfig" in message:
+        return "a list, e.g. [a, b]"
     return message

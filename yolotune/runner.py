@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from yolotune import layout, train_args
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
+from yolotune.errors import ConfigError
 from yolotune.layout import trial_dirname
 from yolotune.resources import TrialResources, plan
 from yolotune.space import to_ray_space
@@ -33,16 +36,16 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.results import write_results
     from yolotune.trainable import train_trial
 
-    job = preflight(exp, exp_dir)
+    job, resources = preflight(exp, exp_dir)
     wandb_settings = None
     if exp.wandb.mode != "disabled":
         from yolotune.wandb_logging import trial_settings
 
         wandb_settings = trial_settings(exp, exp_dir, job["train"])
-    if exp.ray.address is None:  # checked before Ray starts: a GPU asked of a machine without one fails here
-        resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
     started = not ray.is_initialized()
     if started:
+        if exp.ray.address is not None:
+            check_reachable(exp.ray.address)
         ray.init(**_ray_init_args(exp))
     try:
         if exp.ray.address is not None:
@@ -123,14 +126,32 @@ def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
     return {**args, "address": exp.ray.address}
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A cluster that does not answer fails here, in one line, instead of in a long retry loop in ray.init."""
+    if address == "auto":
+        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
+        if not address:
+            raise ConfigError("ray.address", "auto", "no running Ray cluster found on this machine; start one with "
+                                                     "`ray start --head` or give host:port")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError("ray.address", address, f"no Ray cluster answers there ({e}); start one with `ray start "
+                                                   "--head` or give the head node's host:port") from None
+
+
 def _trial_name(trial) -> str:
     return trial_dirname(trial.trial_id)
 
 
-def preflight(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
-    """What only Ultralytics can check, before Ray starts: every value a trial may pass it, the weights
-    and the dataset. Returns everything a trial needs besides its sampled values: plain, resolved,
-    absolute."""
+def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Optional[TrialResources]]:
+    """What only Ultralytics and the machine can check, before Ray starts: every value a trial may pass
+    Ultralytics, the weights, the dataset, and the resources of this machine (a cluster's are known
+    once Ray connects: None). Returns everything a trial needs besides its sampled values (plain,
+    resolved, absolute) and the planned resources."""
+    resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus()) if exp.ray.address is None else None
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
     build_label_caches(data)
@@ -138,8 +159,8 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Dict[str, Any]:
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)
-    return {"weights": weights, "data": data, "train": train,
-            "experiment_dir": str(exp_dir), "threads": 1}
+    job = {"weights": weights, "data": data, "train": train, "experiment_dir": str(exp_dir), "threads": 1}
+    return job, resources
 
 
 def _local_gpus() -> int:

@@ -13,6 +13,7 @@ Bounds, as the README states them:
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -25,6 +26,7 @@ DISTS = RANGE_DISTS + VALUE_DISTS
 _Q_DISTS = ("quniform", "qrandint")
 _FIELDS = {"dist", "low", "high", "q", "values"}
 _SUGAR = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$", re.S)
+_PYTHON_LITERALS = re.compile(r"\b(true|false|null)\b")  # YAML's spellings, as users write them in YAML files
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,13 @@ def parse_dist(key: str, spec: Any) -> Dist:
     q = None
     if dist in _Q_DISTS:
         q = _number(key, "q", spec.get("q"))
-        if q <= 0:
-            raise ConfigError(f"{key}.q", q, "must be > 0")
+        if q <= 0 or (dist == "qrandint" and not float(q).is_integer()):
+            raise ConfigError(f"{key}.q", q, "an integer > 0" if dist == "qrandint" else "a number > 0")
+        for field in ("low", "high"):  # Ray rounds samples to multiples of q: off-grid bounds would be left
+            bound = spec[field]
+            if abs(round(bound / q) * q - bound) > 1e-9 * max(1.0, abs(bound)):
+                raise ConfigError(f"{key}.{field}", bound, f"a multiple of q ({q}), so that samples stay in "
+                                                           "[low, high]")
     if dist in ("randint", "qrandint"):
         low, high = int(low), int(high)
         q = int(q) if q is not None else None
@@ -77,8 +84,11 @@ def parse_space(space: Dict[str, Any], prefix: str = "space") -> Dict[str, Dist]
 
 
 def _number(key: str, field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}.{field}", value, "must be a number")
+    if value is None:
+        raise ConfigError(f"{key}.{field}", None, "missing: the distribution needs low and high (and q for "
+                                                  "quniform and qrandint)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}.{field}", value, "a finite number")
     return value
 
 
@@ -88,6 +98,7 @@ def _parse_sugar(key: str, text: str) -> Dict[str, Any]:
     if not match:
         raise ConfigError(key, text, f"expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {', '.join(DISTS)}")
     dist, args_text = match.groups()
+    args_text = _PYTHON_LITERALS.sub(lambda m: {"true": "True", "false": "False", "null": "None"}[m.group(0)], args_text)
     try:
         args = ast.literal_eval(f"({args_text},)") if args_text.strip() else ()
     except (ValueError, SyntaxError):

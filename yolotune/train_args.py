@@ -51,22 +51,22 @@ def ultralytics_args() -> Set[str]:
     return set(ultralytics_defaults())
 
 
-def _check_name(key: str, name: str) -> None:
+def _check_name(key: str, name: str, value: Any) -> None:
     args = ultralytics_args()
     if name not in args:
         close = difflib.get_close_matches(name, sorted(args), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "see Ultralytics' cfg/default.yaml"
-        raise ConfigError(key, name, f"not an Ultralytics train argument; {hint}")
+        hint = f"did you mean {key.rpartition('.')[0]}.{close[0]}?" if close else "see Ultralytics' cfg/default.yaml"
+        raise ConfigError(key, value, f"not an Ultralytics train argument; {hint}")
 
 
 def check_names(exp) -> None:
     """Every fixed and tuned key is a train argument that the user may set, and none is both."""
-    for name, dist in exp.dists.items():
-        _check_name(f"space.{name}", name)
+    for name in exp.dists:
+        _check_name(f"space.{name}", name, _shown(exp.space[name]))
         if name in OWNED or name in NOT_TUNABLE:
             raise ConfigError(f"space.{name}", _shown(exp.space[name]), {**OWNED, **NOT_TUNABLE}[name])
     for name, value in exp.train.items():
-        _check_name(f"train.{name}", name)
+        _check_name(f"train.{name}", name, value)
         if name in OWNED:
             raise ConfigError(f"train.{name}", value, OWNED[name])
         if name in exp.space:
