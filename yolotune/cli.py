@@ -69,7 +69,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["results"]:  # `yolotune results PATH`
-        from yolotune.results import main as results_main
+        from yolotune.results_cli import main as results_main
 
         sys.exit(results_main(sys.argv[2:]))
     _main()
