@@ -22,6 +22,7 @@ from matplotlib.image import imread
 from PIL import Image
 
 from conftest import REPO, run_cli, small_sweep_overrides
+from yolotune import layout
 from yolotune.results import load
 
 pytestmark = pytest.mark.slow
@@ -163,19 +164,9 @@ def test_storage_dir_lists_its_experiments(experiment):
     assert row["best"] == pytest.approx(trials[f"best_{METRIC}"].min())
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "empty_dir", "unknown_metric"])
-def test_bad_path_or_metric_is_one_line_and_exit_2(experiment, tmp_path, case):
-    args = {"missing": [tmp_path / "nope"], "file": [experiment / ".hydra" / "config.yaml"], "empty_dir": [tmp_path],
-            "unknown_metric": [experiment, "--metric", "no/such_metric"]}[case]
-    proc = run_cli("results", *map(str, args), timeout=300)
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
-
-
 def test_import_stays_light():
-    """`import yolotune.results` must not pull in Ray, torch, Ultralytics or matplotlib."""
-    code = ("import sys, yolotune.results; "
+    """Importing the results modules must not pull in Ray, torch, Ultralytics or matplotlib."""
+    code = ("import sys, yolotune.results, yolotune.records, yolotune.report, yolotune.results_cli; "
             "print([m for m in ('ray', 'torch', 'ultralytics', 'matplotlib') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
@@ -197,14 +188,15 @@ def test_load_works_on_an_experiment_whose_driver_was_killed(tmp_path, shapes_ca
     results = load(storage / name)
     assert not results.finished
     frame = results.dataframe()
-    assert set(frame["status"]) - {"TERMINATED", "ERROR"}  # Ray's last saved state: trials still running
+    assert "RUNNING" in set(frame["status"])  # the trial record: trials the kill left running
     history = results.history()
-    reported = {d.name.removeprefix("trial_"): len((d / "result.json").read_text().splitlines())
-                for d in (storage / name).glob("trial_*") if (d / "result.json").is_file()}
+    reported = {d.name.removeprefix("trial_"): len(layout.read_jsonl(d / "history.jsonl")[0])
+                for d in (storage / name).glob("trial_*")}
     assert len(history) == sum(reported.values()) > 0
     assert set(frame["trial_id"]) >= {t for t, n in reported.items() if n}
     assert results.best() is not None
-    assert len(results.result_grid) == len(frame)  # Ray's own view, with no Ray running
+    # Ray's own view, with no Ray running, holds the trials not started yet too: here PENDING
+    assert len(results.result_grid) == sum(results.status_counts().values()) == len(frame) + results.unstarted
     assert set(results.plot()) == set(PLOTS)
     cli = run_cli("results", str(storage / name), timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli, small_sweep_overrides
+from yolotune import layout
 from yolotune.layout import HISTORY
 
 pytestmark = pytest.mark.slow
@@ -95,6 +96,10 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
         assert [r["epoch"] for r in after[name]][-1] == EPOCHS
     trials = pd.read_csv(exp_dir / "trials.csv")
     assert len(trials) == 3 and (trials["epochs"] == EPOCHS).all() and (trials["status"] == "TERMINATED").all()
+    events = [(e["trial_id"], e["event"]) for e in layout.read_jsonl(exp_dir / layout.TRIAL_RECORD)[0]]
+    for name in midway:  # the restored recorder goes on with the same record
+        trial_id = name.removeprefix("trial_")
+        assert events.count((trial_id, "started")) == 1 and (trial_id, "resumed") in events, events
 
 
 def _last_checkpoint_epoch(trial_dir: Path) -> int:

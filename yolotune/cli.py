@@ -79,7 +79,7 @@ def fail(error: ConfigError) -> None:
 def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["results"]:  # `yolotune results PATH`
-        from yolotune.results import main as results_main
+        from yolotune.results_cli import main as results_main
 
         sys.exit(results_main(argv[1:]))
     if "--help" in argv or "-h" in argv:

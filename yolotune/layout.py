@@ -30,6 +30,7 @@ PROVENANCE = "provenance.yaml"
 # can drop epochs under PBT and HyperBand.)
 HISTORY = "history.jsonl"
 TRIAL_RECORD = "trials.jsonl"
+ERROR_FILE = "error.txt"  # Ray writes a failed trial's traceback there
 DONE_MARKER = ".finished"
 TUNER_STATE = "tuner.pkl"  # Ray Tune's: written once the Tuner starts; what a resume restores
 TRIALS_CSV = "trials.csv"
@@ -107,12 +108,25 @@ def read_jsonl(path: Path) -> Tuple[List[dict], int]:
             record = json.loads(line)
         except json.JSONDecodeError:
             skipped += 1
-            continue
+            record = _glued_record(line)
         if isinstance(record, dict):
             records.append(record)
-        else:
+        elif record is not None:
             skipped += 1
     return records, skipped
+
+
+def _glued_record(line: str) -> Optional[dict]:
+    """The whole record that a writer without append_jsonl's repair glued onto a line cut short by
+    a kill (``{"epoch": 2, "lo{"epoch": 3, ...}``), or None."""
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            record = json.loads(line[start:])
+            return record if isinstance(record, dict) else None
+        except json.JSONDecodeError:
+            start = line.find("{", start + 1)
+    return None
 
 
 def _lines(path: Path) -> Iterator[str]:

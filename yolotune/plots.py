@@ -15,6 +15,7 @@ from typing import Dict, Iterable
 import pandas as pd
 
 from yolotune.layout import write_atomic
+from yolotune.results import better, lower_is_better
 
 KINDS = ("history", "params", "progress")
 DPI = 110
@@ -187,7 +188,7 @@ def _progress(results, metric: str, mode: str):
     fig.suptitle(title)
 
     done = _completions(history, metric, mode)
-    best_so_far = done["value"].cummin() if mode == "min" else done["value"].cummax()
+    best_so_far = done["value"].cummin() if lower_is_better(mode) else done["value"].cummax()
     improved = best_so_far.ne(best_so_far.shift())
     scale, unit = _time_unit(done["elapsed"].max())
     for ax, x, xlabel in (
@@ -212,7 +213,7 @@ def _completions(history: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     reported = history.dropna(subset=[metric])
     started = (reported["timestamp"] - reported["time_this_iter_s"]).min()
     per_trial = reported.groupby("trial_id").agg(
-        value=(metric, "min" if mode == "min" else "max"), last=("timestamp", "max"))
+        value=(metric, "min" if lower_is_better(mode) else "max"), last=("timestamp", "max"))
     per_trial["elapsed"] = per_trial["last"] - started
     return per_trial.sort_values(["last", "trial_id"]).reset_index()
 
@@ -244,8 +245,3 @@ def _empty(title: str, message: str):
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def better(mode: str) -> str:
-    """How to read a metric ranked by ``mode``."""
-    return "lower is better" if mode == "min" else "higher is better"

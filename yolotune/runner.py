@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import yaml
+
 from yolotune import layout, train_args
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
@@ -33,7 +35,8 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     import ray
     from ray import tune
 
-    from yolotune.results import write_results
+    from yolotune import report
+    from yolotune.results import load
     from yolotune.trainable import train_trial
 
     job, resources = preflight(exp, exp_dir)
@@ -65,8 +68,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         else:
             tuner = _new_tuner(exp, exp_dir, trainable, resources, wandb_settings)
         grid = tuner.fit()
-        results = write_results(exp_dir)
-        print("\n" + results.summary())
+        results = load(exp_dir)
+        export_best(results)
+        report.write_all(results)
+        print("\n" + report.summary(results))
         if wandb_settings:
             from yolotune.wandb_logging import log_experiment_summary
 
@@ -85,8 +90,10 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from yolotune.records import trial_recorder
+
     space = exp.dists
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder()]  # trial_recorder: trials.jsonl
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -112,6 +119,21 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             log_to_file=True, verbose=1,
         ),
     )
+
+
+def export_best(results) -> None:
+    """(Re)write best_hyperparameters.yaml and best.pt (the best trial's weights), each atomically."""
+    best_hp = results.best_hyperparameters()
+    if best_hp is None:
+        return
+    layout.write_atomic(results.path / layout.BEST_HYPERPARAMETERS, yaml.safe_dump(best_hp, sort_keys=False))
+    weights = results.trial_dir(results.best()["trial_id"]) / "train" / "weights" / "best.pt"
+    if weights.is_file():
+        from ultralytics.utils.torch_utils import strip_optimizer
+
+        tmp = results.path / f".{layout.BEST_WEIGHTS}.tmp"
+        strip_optimizer(weights, s=str(tmp))  # inference weights: no optimizer state, fp16
+        tmp.replace(results.path / layout.BEST_WEIGHTS)
 
 
 def resume_command(exp_dir: Path) -> str:

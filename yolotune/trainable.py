@@ -8,7 +8,6 @@ one trial to the next except the caches Ultralytics itself keeps.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ from typing import Any, Dict
 import ray
 from ray import tune
 
-from yolotune.layout import HISTORY, trial_dirname
+from yolotune.layout import HISTORY, append_jsonl, trial_dirname
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
@@ -78,8 +77,7 @@ class _EpochReporter:
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(fitness=float(trainer.fitness or 0.0), epoch=trainer.epoch + 1, **self.node)
         now = time.time()
-        with open(self.history, "a") as f:
-            f.write(json.dumps({**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report}) + "\n")
+        append_jsonl(self.history, {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
         self.last_report = now
         with tempfile.TemporaryDirectory(prefix="yolotune-ckpt-") as tmp:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")

@@ -1,0 +1,450 @@
+"""Results on experiment directories built by hand: no Ray cluster, no training, seconds.
+
+Every expected value is computed here from the raw rows the fixture wrote, never by yolotune.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from yolotune import layout, records, report
+from yolotune.results import UnreadableExperiment, load
+from yolotune.results_cli import main as results_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+LOSS, FITNESS = "val/box_loss", "fitness"  # the experiment's metric (min), and a max metric
+EPOCHS = 5
+# Non-monotonic curves: neither the first, the last nor the worst epoch is the best.
+TRIALS = {
+    "t_done": dict(events=["started", "completed"], lr0=0.01, momentum=0.90,
+                   loss=[1.50, 1.20, 1.35, 1.10, 1.30], fitness=[0.10, 0.30, 0.20, 0.25, 0.15]),
+    "t_early": dict(events=["started", "completed"], lr0=0.001, momentum=0.80,
+                    loss=[1.40, 1.15], fitness=[0.22, 0.35]),
+    "t_paused": dict(events=["started", "paused"], lr0=0.05, momentum=0.70,
+                     loss=[1.60, 1.05, 1.25], fitness=[0.05, 0.12, 0.40]),
+    "t_error": dict(events=["started", "errored"], lr0=0.002, momentum=0.95,
+                    loss=[1.45, 1.12], fitness=[0.20, 0.18]),
+    "t_running": dict(events=["started"], lr0=0.0005, momentum=0.60,
+                      loss=[1.70, 1.55, 1.60], fitness=[0.02, 0.08, 0.07]),
+}
+ITERATIONS = 6  # one trial not started yet
+STATUS = {"started": "RUNNING", "completed": "TERMINATED", "paused": "PAUSED", "errored": "ERROR"}
+ERROR = "ValueError: NotAnOptimizer is not an optimizer"
+
+
+def saved_config(iterations=ITERATIONS) -> dict:
+    """.hydra/config.yaml as the runner writes it (see experiment.save_config)."""
+    return {
+        "defaults": [{"hydra": "yolotune"}, "_self_"], "hydra": {"searchpath": ["pkg://yolotune.conf"]},
+        "name": "exp", "storage": "runs/tune", "iterations": iterations, "seed": 0, "metric": LOSS, "mode": "min",
+        "resume": False, "resume_errored": False,
+        "space": {"lr0": {"dist": "loguniform", "low": 1e-4, "high": 0.1}, "momentum": "uniform(0.6, 0.98)"},
+        "train": {"epochs": EPOCHS, "imgsz": 64, "batch": 16},
+        "model": {"weights": "yolo11n.yaml"},
+        "scheduler": {"type": "asha", "grace_period": 1}, "search": {"type": "random"},
+        "data": {"yaml": "/data/shapes.yaml"},
+    }
+
+
+def history_rows(trial_id: str) -> list:
+    spec = TRIALS[trial_id]
+    return [{"epoch": i + 1, LOSS: loss, FITNESS: fit, "train/box_loss": 2.0 - i / 10,
+             "timestamp": 1000.0 + 100 * list(TRIALS).index(trial_id) + 10 * i, "time_this_iter_s": 10.0,
+             "hostname": "node-a", "node_id": "abc123", "pid": 42}
+            for i, (loss, fit) in enumerate(zip(spec["loss"], spec["fitness"]))]
+
+
+def write_lines(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def build(exp_dir: Path, trials=TRIALS, iterations=ITERATIONS) -> Path:
+    (exp_dir / ".hydra").mkdir(parents=True)
+    (exp_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved_config(iterations), sort_keys=False))
+    events = []
+    for n, (trial_id, spec) in enumerate(trials.items()):
+        trial_dir = exp_dir / f"trial_{trial_id}"
+        for event in spec["events"]:
+            line = {"trial_id": trial_id, "event": event, "status": STATUS[event], "time": 1000.0 + n}
+            if event == "started":
+                line["config"] = {"lr0": spec["lr0"], "momentum": spec["momentum"]}
+            if event == "errored":
+                line.update(error=ERROR, error_file=str(trial_dir / "error.txt"))
+            events.append(line)
+        write_lines(trial_dir / "history.jsonl", history_rows(trial_id))
+        (trial_dir / "train").mkdir()
+        (trial_dir / "train" / "args.yaml").write_text(yaml.safe_dump({"data": "/abs/shapes/data.yaml"}))
+        if "errored" in spec["events"]:
+            (trial_dir / "error.txt").write_text(f"Failure # 1 (occurred at 2025-01-01)\nTraceback\n  x\n{ERROR}\n")
+    write_lines(exp_dir / "trials.jsonl", events)
+    return exp_dir
+
+
+@pytest.fixture
+def exp(tmp_path) -> Path:
+    return build(tmp_path / "storage" / "exp")
+
+
+def expected(metric: str, mode: str) -> pd.DataFrame:
+    """Per trial, from the raw rows: epochs, best value and its epoch, last value."""
+    rows = []
+    for trial_id in TRIALS:
+        values = [row[metric] for row in history_rows(trial_id)]
+        best = min(values) if mode == "min" else max(values)
+        rows.append({"trial_id": trial_id, "epochs": len(values), "best": best, "best_epoch": values.index(best) + 1,
+                     "last": values[-1], "status": STATUS[TRIALS[trial_id]["events"][-1]]})
+    return pd.DataFrame(rows).set_index("trial_id")
+
+
+def ranked_ids(metric: str, mode: str) -> list:
+    return expected(metric, mode)["best"].sort_values(ascending=mode == "min").index.tolist()
+
+
+def run_results(capsys, *args) -> tuple:
+    code = results_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- reading and ranking ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric, mode", [(LOSS, "min"), (FITNESS, "max")])
+def test_dataframe_holds_each_trials_best_epoch_and_last_value(exp, metric, mode):
+    frame = load(exp).dataframe(metric).set_index("trial_id")
+    want = expected(metric, mode)
+    assert frame["epochs"].to_dict() == want["epochs"].to_dict()
+    assert frame[f"best_{metric}"].to_dict() == pytest.approx(want["best"].to_dict())
+    assert frame["best_epoch"].astype(int).to_dict() == want["best_epoch"].to_dict()
+    assert frame[f"last_{metric}"].to_dict() == pytest.approx(want["last"].to_dict())
+    assert frame["status"].to_dict() == want["status"].to_dict()
+    assert frame["lr0"].to_dict() == {t: spec["lr0"] for t, spec in TRIALS.items()}
+
+
+def test_ranking_uses_the_mode_lower_for_losses_higher_for_the_rest(exp):
+    results = load(exp)
+    assert (results.metric, results.mode) == (LOSS, "min")
+    assert results.ranked()["trial_id"].tolist() == ranked_ids(LOSS, "min")
+    by_fitness = load(exp, metric=FITNESS)
+    assert by_fitness.mode == "max"
+    assert by_fitness.ranked()["trial_id"].tolist() == ranked_ids(FITNESS, "max")
+    assert load(exp, metric=FITNESS, mode="min").ranked()["trial_id"].tolist() == ranked_ids(FITNESS, "min")
+    assert results.ranked(metric="train/box_loss")["trial_id"].tolist() == ranked_ids("train/box_loss", "min")
+    assert results.ranked()["rank"].tolist() == list(range(1, len(TRIALS) + 1))
+
+
+def test_best_trial_and_best_hyperparameters(exp):
+    results = load(exp)
+    winner = ranked_ids(LOSS, "min")[0]
+    best = results.best()
+    assert best["trial_id"] == winner
+    assert best[f"best_{LOSS}"] == pytest.approx(expected(LOSS, "min").at[winner, "best"])
+    assert results.best(FITNESS)["trial_id"] == ranked_ids(FITNESS, "max")[0]
+    spec = TRIALS[winner]
+    assert results.best_hyperparameters() == {"model": "yolo11n.yaml", "data": "/abs/shapes/data.yaml",
+                                              **saved_config()["train"], "lr0": spec["lr0"],
+                                              "momentum": spec["momentum"]}
+
+
+def test_statuses_errors_and_unstarted_trials(exp):
+    results = load(exp)
+    assert results.status_counts() == {"ERROR": 1, "PAUSED": 1, "PENDING": 1, "RUNNING": 1, "TERMINATED": 2}
+    assert results.errors == {"t_error": ERROR}
+    assert results.trial_count == len(TRIALS) and results.unstarted == 1
+    assert not results.finished
+    assert results.problems == []
+
+
+def test_a_trial_left_paused_by_its_scheduler_has_ended(tmp_path):
+    ended = {t: s for t, s in TRIALS.items() if t != "t_running"}
+    results = load(build(tmp_path / "e", ended, iterations=len(ended)))
+    assert results.finished and results.unstarted == 0
+    assert not load(build(tmp_path / "more", ended, iterations=len(ended) + 1)).finished
+
+
+def test_history_is_every_row_the_trials_wrote(exp):
+    history = load(exp).history()
+    for trial_id in TRIALS:
+        rows = history[history.trial_id == trial_id]
+        raw = history_rows(trial_id)
+        assert rows["epoch"].tolist() == [r["epoch"] for r in raw]
+        assert rows[LOSS].tolist() == [r[LOSS] for r in raw]
+
+
+# --- files: trials.csv, plots, report ---------------------------------------------------------
+
+def test_write_all_writes_trials_csv_plots_and_report(exp):
+    written = report.write_all(exp)
+    assert set(written) == {"trials_csv", "history", "params", "progress", "report"}
+    assert all(Path(p).is_file() for p in written.values())
+    trials = pd.read_csv(exp / "trials.csv").set_index("trial_id")
+    want = expected(LOSS, "min")
+    assert trials["epochs"].to_dict() == want["epochs"].to_dict()
+    assert trials[f"best_{LOSS}"].to_dict() == pytest.approx(want["best"].to_dict())
+    assert trials["best_epoch"].to_dict() == want["best_epoch"].to_dict()
+    page = (exp / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert all(f"<td>{t}</td>" in page for t in TRIALS) and ERROR in page
+
+
+def test_trials_csv_keeps_the_experiments_metric_when_ranking_by_another(exp):
+    report.write_all(load(exp, metric=FITNESS))
+    assert f"best_{LOSS}" in pd.read_csv(exp / "trials.csv")
+
+
+def test_history_plot_draws_every_trials_raw_values_and_stars_the_best(exp):
+    fig = load(exp).figure("history")
+    ax = fig.axes[0]
+    lines = {line.get_label().split()[0]: line for line in ax.get_lines() if line.get_label().startswith("t_")}
+    assert set(lines) == set(TRIALS)
+    for trial_id, line in lines.items():
+        assert list(line.get_xdata()) == [r["epoch"] for r in history_rows(trial_id)]
+        assert list(line.get_ydata()) == pytest.approx([r[LOSS] for r in history_rows(trial_id)])
+    want = expected(LOSS, "min").loc[ranked_ids(LOSS, "min")[0]]
+    (star,) = [c for c in ax.collections if c.get_label().startswith("best:")]
+    assert star.get_offsets().tolist() == [[want["best_epoch"], pytest.approx(want["best"])]]
+
+
+def test_params_plot_places_each_trial_at_its_sampled_value_and_best_metric(exp):
+    fig = load(exp, metric=FITNESS).figure("params")
+    lr0_ax = next(ax for ax in fig.axes if ax.get_xlabel().startswith("lr0"))
+    assert lr0_ax.get_xscale() == "log"
+    points = sorted(map(tuple, lr0_ax.collections[0].get_offsets().tolist()))
+    want = expected(FITNESS, "max")
+    assert points == pytest.approx(sorted((TRIALS[t]["lr0"], want.at[t, "best"]) for t in TRIALS))
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def test_cli_table(exp, capsys):
+    code, out, err = run_results(capsys, exp, "--top", "3")
+    assert code == 0 and err == ""
+    assert "Trials: 6 (1 ERROR, 1 PAUSED, 1 PENDING, 1 RUNNING, 2 TERMINATED)" in out
+    assert f"ERROR t_error: {ERROR}" in out and "(unfinished)" in out
+    ranked = ranked_ids(LOSS, "min")
+    assert "lower is better), top 3 of 5" in out
+    positions = [out.index(f" {t} ") for t in ranked[:3]]
+    assert positions == sorted(positions) and f" {ranked[3]} " not in out
+    want = expected(LOSS, "min").loc[ranked[0]]
+    assert f"Best trial: {ranked[0]}: {LOSS} {want['best']:.6g} at epoch {want['best_epoch']}," in out
+    assert f"Wrote {exp.resolve() / 'report.html'}" in out
+
+
+def test_cli_json_ranks_by_another_metric_with_its_mode(exp, capsys):
+    code, out, _ = run_results(capsys, exp, "--format", "json", "--metric", FITNESS, "--top", "2")
+    assert code == 0
+    data = json.loads(out)
+    assert (data["metric"], data["mode"]) == (FITNESS, "max")
+    want = expected(FITNESS, "max")
+    ranked = ranked_ids(FITNESS, "max")
+    assert [row["trial_id"] for row in data["ranked"]] == ranked[:2]
+    assert [row[f"best_{FITNESS}"] for row in data["ranked"]] == [want.at[t, "best"] for t in ranked[:2]]
+    assert data["best"]["trial_id"] == ranked[0] and data["best"]["epoch"] == want.at[ranked[0], "best_epoch"]
+    assert data["trials"] == ITERATIONS and data["status"]["PENDING"] == 1
+    assert set(data["files"]) == {"trials_csv", "history", "params", "progress", "report"}
+
+
+def test_cli_mode_overrides_and_csv_format(exp, capsys):
+    code, out, _ = run_results(capsys, exp, "--format", "csv", "--metric", FITNESS, "--mode", "min")
+    assert code == 0
+    table = pd.read_csv(pd.io.common.StringIO(out))
+    assert table["trial_id"].tolist() == ranked_ids(FITNESS, "min")
+    assert table["epochs"].tolist() == [expected(FITNESS, "min").at[t, "epochs"] for t in table["trial_id"]]
+
+
+def test_cli_lists_a_storage_dirs_experiments_even_with_a_broken_one(tmp_path, capsys):
+    storage = tmp_path / "storage"
+    build(storage / "a")
+    ended = {t: s for t, s in TRIALS.items() if t != "t_running"}
+    build(storage / "b", ended, iterations=len(ended))
+    (storage / "c" / ".hydra").mkdir(parents=True)
+    (storage / "c" / ".hydra" / "config.yaml").write_text("- just\n- a list\n")
+    code, out, err = run_results(capsys, storage, "--format", "json")
+    assert code == 0 and err == ""
+    rows = {row["experiment"]: row for row in json.loads(out)}
+    assert rows["a"]["status"] == "unfinished" and rows["b"]["status"] == "finished"
+    assert rows["a"]["trials"] == ITERATIONS and rows["a"]["pending"] == 1 and rows["b"]["paused"] == 1
+    assert rows["b"]["best"] == pytest.approx(min(expected(LOSS, "min").loc[list(ended), "best"]))
+    assert rows["c"]["status"].startswith("unreadable: ") and "\n" not in rows["c"]["status"]
+    code, out, _ = run_results(capsys, storage)
+    assert code == 0 and "3 experiments in" in out
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty_dir", "unknown_metric"])
+def test_bad_path_or_metric_is_one_line_and_exit_2(exp, tmp_path, capsys, case):
+    args = {"missing": [tmp_path / "nope"], "file": [exp / ".hydra" / "config.yaml"], "empty_dir": [exp / "trial_t_done" / "train"],
+            "unknown_metric": [exp, "--metric", "no/such_metric"]}[case]
+    code, out, err = run_results(capsys, *args)
+    assert (code, out) == (2, "")
+    assert err.startswith("yolotune results: error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["-m", "yolotune", "results"], ["-m", "yolotune.results"]])
+def test_the_command_forms(exp, tmp_path, command):
+    proc = subprocess.run([sys.executable, *command, str(exp), "--format", "json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["best"]["trial_id"] == ranked_ids(LOSS, "min")[0]
+    proc = subprocess.run([sys.executable, *command, str(tmp_path / "nope")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"yolotune results: error: {tmp_path / 'nope'}: no such directory\n"
+
+
+# --- damaged experiment directories --------------------------------------------------------------
+
+def one_warning(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("yolotune results: warning: "), err
+    return lines[0]
+
+
+def test_history_cut_short_by_a_kill(exp, capsys):
+    history = exp / "trial_t_done" / "history.jsonl"
+    with open(history, "a") as f:
+        f.write('{"epoch": 6, "val/box_lo')  # the kill came mid-line
+    results = load(exp)
+    assert results.problems == ["trial_t_done/history.jsonl: skipped 1 damaged line"]
+    assert results.dataframe().set_index("trial_id").at["t_done", "epochs"] == EPOCHS
+    code, _, err = run_results(capsys, exp)
+    assert code == 0 and "trial_t_done/history.jsonl: skipped 1 damaged line" in one_warning(err)
+    assert pd.read_csv(exp / "trials.csv").set_index("trial_id").at["t_done", "epochs"] == EPOCHS
+
+
+def test_a_resumed_writer_repairs_the_cut_line_before_appending(exp):
+    history = exp / "trial_t_early" / "history.jsonl"
+    with open(history, "a") as f:
+        f.write('{"epoch": 3, "val/box_lo')
+    layout.append_jsonl(history, {"epoch": 3, LOSS: 1.0, FITNESS: 0.5, "timestamp": 2000.0, "time_this_iter_s": 1.0})
+    results = load(exp)
+    assert results.problems == []
+    row = results.dataframe().set_index("trial_id").loc["t_early"]
+    assert row["epochs"] == 3 and row[f"best_{LOSS}"] == 1.0 and row["best_epoch"] == 3
+
+
+def test_a_record_glued_onto_a_cut_line_is_still_counted(exp):
+    """An earlier writer appended without repairing: the next epoch sits at the end of the cut line."""
+    history = exp / "trial_t_early" / "history.jsonl"
+    with open(history, "a") as f:
+        f.write('{"epoch": 3, "val/bo' + json.dumps({"epoch": 3, LOSS: 1.0, FITNESS: 0.5}) + "\n")
+    results = load(exp)
+    assert results.problems == ["trial_t_early/history.jsonl: skipped 1 damaged line"]
+    assert results.dataframe().set_index("trial_id").at["t_early", "epochs"] == 3  # not under-counted
+    report.write_all(results)
+    assert pd.read_csv(exp / "trials.csv").set_index("trial_id").at["t_early", "epochs"] == 3
+
+
+def test_malformed_line_in_the_middle_of_a_history(exp, capsys):
+    history = exp / "trial_t_paused" / "history.jsonl"
+    lines = history.read_text().splitlines()
+    history.write_text("\n".join([lines[0], "not json at all", '{"no_epoch": 1}', *lines[1:]]) + "\n")
+    frame = load(exp).dataframe().set_index("trial_id")
+    assert frame.at["t_paused", "epochs"] == 3
+    assert frame.at["t_paused", f"best_{LOSS}"] == min(TRIALS["t_paused"]["loss"])
+    code, _, err = run_results(capsys, exp)
+    assert code == 0 and "trial_t_paused/history.jsonl: skipped 2 damaged lines" in one_warning(err)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_trial_record(exp, capsys, damage):
+    record = exp / "trials.jsonl"
+    if damage == "truncated":
+        record.write_text(record.read_text() + '{"trial_id": "t_new", "ev')
+    else:
+        record.write_bytes(b"\x00\xff garbage\n" + record.read_bytes() + b"[1, 2]\n{}\n")
+    results = load(exp)
+    assert len(results.problems) == 1 and results.problems[0].startswith("trials.jsonl: skipped")
+    assert set(results.dataframe()["trial_id"]) == set(TRIALS)
+    code, _, err = run_results(capsys, exp)
+    assert code == 0 and "trials.jsonl: skipped" in one_warning(err)
+
+
+def test_missing_trial_dir(exp, capsys):
+    import shutil
+
+    shutil.rmtree(exp / "trial_t_early")
+    results = load(exp)
+    assert results.dataframe().set_index("trial_id").at["t_early", "epochs"] == 0
+    assert results.best()["trial_id"] == ranked_ids(LOSS, "min")[0]
+    code, _, err = run_results(capsys, exp)
+    assert code == 0 and "trial_t_early: missing" in one_warning(err)
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- list\n", "metric: [unclosed\n", "metric: fitness\nmode: min\n",
+                                  "space: {lr0: {dist: nope}}\nmetric: x\nmode: min\ntrain: {}\nmodel: {}\n"])
+def test_unreadable_saved_config_is_one_error_line_and_exit_2(exp, capsys, text):
+    (exp / ".hydra" / "config.yaml").write_text(text)
+    with pytest.raises(UnreadableExperiment):
+        load(exp)
+    code, out, err = run_results(capsys, exp)
+    assert (code, out) == (2, "")
+    assert err.startswith("yolotune results: error: ") and len(err.strip().splitlines()) == 1
+
+
+# --- the trial record: experiments of an earlier yolotune, and the callback -------------------------
+
+def test_an_experiment_without_trial_record_says_how_to_convert_and_converts(exp, capsys):
+    (exp / "trials.jsonl").unlink()
+    statuses = {"t_done": "TERMINATED", "t_early": "TERMINATED", "t_paused": "PAUSED", "t_error": "ERROR",
+                "t_running": "RUNNING"}
+    trial_data = [[json.dumps({"trial_id": t, "status": s, "config": {"lr0": TRIALS[t]["lr0"],
+                                                                        "momentum": TRIALS[t]["momentum"],
+                                                                        "__trial_index__": 0}}), "{}"]
+                  for t, s in statuses.items()]
+    (exp / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    with pytest.raises(UnreadableExperiment, match="--convert"):
+        load(exp)
+    code, out, err = run_results(capsys, exp)
+    assert (code, out) == (2, "") and "yolotune results --convert" in err and len(err.strip().splitlines()) == 1
+
+    code, out, err = run_results(capsys, "--convert", exp, "--format", "json")
+    assert code == 0, err
+    results = load(exp)
+    assert results.dataframe().set_index("trial_id")["status"].to_dict() == statuses
+    assert results.errors == {"t_error": ERROR}
+    assert results.dataframe().set_index("trial_id")["lr0"].to_dict() == {t: s["lr0"] for t, s in TRIALS.items()}
+
+
+def test_the_recorder_appends_each_status_change_and_goes_on_after_a_resume(tmp_path):
+    exp_dir = tmp_path / "exp"
+    (exp_dir / "trial_a").mkdir(parents=True)
+    error_file = tmp_path / "staging" / "error.txt"
+    error_file.parent.mkdir()
+    error_file.write_text(f"Failure # 1 (occurred at now)\nray::ImplicitFunc.train()\n  File x\n{ERROR}\n")
+    a = SimpleNamespace(trial_id="a", path=str(exp_dir / "trial_a"), status="PENDING", error_file=str(error_file),
+                        config={"lr0": 0.1, "__trial_index__": 0})
+    b = SimpleNamespace(trial_id="b", path=str(exp_dir / "trial_b"), status="PENDING", error_file=None,
+                        config={"lr0": 0.2})
+    recorder = records.trial_recorder()
+    recorder.on_trial_start(iteration=1, trials=[a, b], trial=a)
+    a.status = "RUNNING"
+    recorder.on_trial_start(iteration=1, trials=[a, b], trial=b)
+    a.status = "PAUSED"
+    recorder.on_step_end(iteration=2, trials=[a, b])
+    recorder.on_step_end(iteration=3, trials=[a, b])  # still paused: recorded once
+    recorder = pickle.loads(pickle.dumps(recorder))  # as Tuner.restore brings it back from tuner.pkl
+    recorder.on_trial_start(iteration=4, trials=[a, b], trial=a)
+    recorder.on_trial_complete(iteration=5, trials=[a, b], trial=a)
+    recorder.on_trial_error(iteration=6, trials=[a, b], trial=b)
+
+    events, skipped = layout.read_jsonl(exp_dir / "trials.jsonl")
+    assert skipped == 0
+    assert [(e["trial_id"], e["event"]) for e in events] == [
+        ("a", "started"), ("b", "started"), ("a", "paused"), ("a", "resumed"), ("a", "completed"), ("b", "errored")]
+    assert events[0]["config"] == {"lr0": 0.1}
+    assert events[-1]["error_file"] == str(exp_dir / "trial_b" / "error.txt") and events[-1]["error"] is None
+    trials, _ = records.read_trials(exp_dir)
+    assert [(t.trial_id, t.status) for t in trials] == [("a", "TERMINATED"), ("b", "ERROR")]
+
+    b.error_file = str(error_file)
+    recorder.on_trial_error(iteration=7, trials=[a, b], trial=b)
+    assert records.read_trials(exp_dir)[0][1].error == ERROR

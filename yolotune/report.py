@@ -1,0 +1,137 @@
+"""What an experiment's results look like: the text summary, trials.csv and the HTML report.
+
+``write_all`` (re)writes trials.csv, plots/*.png and report.html together; the runner calls it
+when a sweep ends, and anything that wants the files fresh (the live view, as trials end) calls
+it with the experiment dir or a loaded ``ExperimentResults``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import pandas as pd
+import yaml
+
+from yolotune import layout
+from yolotune.results import ExperimentResults, better, load
+
+
+def write_all(experiment: Union[str, Path, ExperimentResults], top: Optional[int] = None) -> Dict[str, Path]:
+    """(Re)write trials.csv, plots/{history,params,progress}.png and report.html, each atomically;
+    returns name -> path (``trials_csv``, ``history``, ``params``, ``progress``, ``report``).
+
+    Plots and report rank by the results' metric; trials.csv keeps the experiment's own metric
+    whatever another ranking says: other tools read its columns. Raises OSError if the directory
+    is read-only.
+    """
+    results = experiment if isinstance(experiment, ExperimentResults) else load(experiment)
+    own = results if results.metric == results.config.metric else load(results.path)
+    csv_path = write_trials_csv(own)
+    pngs = results.plot()
+    return {"trials_csv": csv_path, **pngs, "report": write_report(results, pngs, top)}
+
+
+def write_trials_csv(results: ExperimentResults) -> Path:
+    """trials.csv: ``results.dataframe()`` in trial order, written atomically."""
+    target = results.path / layout.TRIALS_CSV
+    layout.write_atomic(target, results.dataframe().to_csv(index=False))
+    return target
+
+
+def write_report(results: ExperimentResults, pngs: Dict[str, Path], top: Optional[int] = None) -> Path:
+    """report.html: status, errors, the ranked table, the best config and the plots ``pngs``, embedded
+    so that the page is one self-contained file."""
+    target = results.path / layout.REPORT
+    layout.write_atomic(target, report_html(results, pngs, top))
+    return target
+
+
+def summary(results: ExperimentResults, top: int = 5) -> str:
+    """What the runner prints when a sweep ends: status, the best ``top`` trials and where the files are."""
+    lines = [*overview(results), *ranking(results, top)]
+    path = results.path
+    if results.best() is not None:
+        lines.append(f"Best hyperparameters: {path / layout.BEST_HYPERPARAMETERS}")
+        lines.append(f"Best weights:         {path / layout.BEST_WEIGHTS}")
+    lines.append(f"Trials table:         {path / layout.TRIALS_CSV}")
+    lines.append(f"Plots and report:     {path / layout.PLOTS_DIR}, {path / layout.REPORT}")
+    return "\n".join(lines)
+
+
+def details(results: ExperimentResults, top: Optional[int], written: Dict[str, Path]) -> str:
+    """``yolotune results EXP``'s table output: overview, ranking, the best config, the files written."""
+    lines = [*overview(results), "", *ranking(results, top), ""]
+    best = results.best()
+    if best is not None:
+        metric = results.metric
+        lines += [f"Best trial: {best['trial_id']}: {metric} {best[f'best_{metric}']:.6g} "
+                  f"at epoch {best['best_epoch']}, in {results.trial_dir(best['trial_id'])}",
+                  "Best config (Ultralytics train arguments):",
+                  _indent(yaml.safe_dump(results.best_hyperparameters(), sort_keys=False))]
+    lines += [f"Wrote {p}" for p in written.values()]
+    return "\n".join(lines)
+
+
+def overview(results: ExperimentResults) -> List[str]:
+    counts = results.status_counts()
+    lines = [f"Experiment {results.path}  ({'finished' if results.finished else 'unfinished'})",
+             f"Trials: {sum(counts.values())}" + (f" ({counts_text(counts)})" if counts else "")]
+    return lines + [f"  ERROR {trial_id}: {error}" for trial_id, error in results.errors.items()]
+
+
+def ranking(results: ExperimentResults, top: Optional[int]) -> List[str]:
+    table = results.table(top)
+    shown = f", top {len(table)} of {results.trial_count}" if len(table) < results.trial_count else ""
+    return [f"Trials ranked by best {results.metric} ({better(results.mode)}){shown}:",
+            format_table(table) if len(table) else "  (no trials yet)"]
+
+
+def counts_text(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    frame = frame.copy()
+    for col in frame.columns[frame.dtypes == "Int64"]:  # to_string's na_rep skips nullable ints' <NA>
+        frame[col] = frame[col].map(lambda v: "-" if pd.isna(v) else str(v))
+    return frame.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
+
+
+def report_html(results: ExperimentResults, pngs: Dict[str, Path], top: Optional[int]) -> str:
+    esc = html.escape
+    counts = counts_text(results.status_counts()) or "no trials yet"
+    errors = "".join(f"<li><code>{esc(t)}</code>: {esc(e)}</li>" for t, e in results.errors.items())
+    best_hp = results.best_hyperparameters()
+    table = results.table(top).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+    images = "".join(
+        f'<figure><img alt="{esc(kind)} plot" src="data:image/png;base64,'
+        f'{base64.b64encode(Path(png).read_bytes()).decode()}"><figcaption>{esc(Path(png).name)}</figcaption></figure>'
+        for kind, png in pngs.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>yolotune results: {esc(results.path.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; }}
+pre {{ background: #f6f6f6; padding: 1em; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Experiment {esc(results.path.name)}</h1>
+<p><code>{esc(str(results.path))}</code><br>
+{'finished' if results.finished else 'unfinished (running or interrupted)'}; trials: {esc(counts)}<br>
+ranked by best <b>{esc(results.metric)}</b> ({better(results.mode)}); report written {datetime.now():%Y-%m-%d %H:%M}</p>
+<h2>Errors</h2>{f'<ul>{errors}</ul>' if errors else '<p>none</p>'}
+<h2>Trials</h2>{table}
+<h2>Best config</h2>
+<pre>{esc(yaml.safe_dump(best_hp, sort_keys=False)) if best_hp else 'no trial has reported yet'}</pre>
+<h2>Plots</h2>{images}
+</body></html>
+"""
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines())

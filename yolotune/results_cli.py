@@ -1,0 +1,160 @@
+"""``yolotune results PATH ...``: an experiment's ranked trials, or a storage dir's experiments.
+
+Mistakes and unreadable experiments are one line on stderr and exit code 2; what a kill left
+damaged is skipped and said in one warning line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pandas as pd
+
+from yolotune import layout, records, report
+from yolotune.results import STATUSES, ExperimentResults, load, python_scalar
+
+PROG = "yolotune results"
+
+
+class UsageError(Exception):
+    """A user's mistake on the command line: reported as one line, exit code 2."""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Analyse a yolotune experiment (finished, running or interrupted): print its trials ranked "
+                    "by metric and the best config, and (re)write trials.csv, plots/*.png and report.html in "
+                    "it. Given a storage dir, list the experiments in it.")
+    parser.add_argument("path", help="an experiment dir (<storage>/<name>) or a storage dir")
+    parser.add_argument("--metric", help="rank and plot by this reported metric (default: the experiment's; "
+                                         "trials.csv keeps the experiment's)")
+    parser.add_argument("--mode", choices=("min", "max"),
+                        help="default: the experiment's for its metric; otherwise min for losses, max for the rest")
+    parser.add_argument("--top", type=_positive_int, metavar="N", help="show the best N trials only")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    parser.add_argument("--convert", action="store_true",
+                        help=f"first write the {layout.TRIAL_RECORD} of an experiment from an earlier yolotune "
+                             "(from Ray's experiment state)")
+    args = parser.parse_args(argv)
+
+    path = Path(args.path).expanduser()
+    try:
+        if layout.is_experiment(path):
+            if args.convert:
+                print(f"Wrote {records.convert(path)}", file=sys.stderr)
+            return _show_experiment(load(path, args.metric, args.mode), args)
+        experiments = layout.experiments_in(path) if path.is_dir() else []
+        if experiments:
+            return _list_experiments(experiments, args)
+    except (UsageError, ValueError, OSError) as e:  # ValueError: UnreadableExperiment, a bad Ray state
+        return _fail(str(e))
+    if not path.exists():
+        return _fail(f"{path}: no such directory")
+    return _fail(f"{path}: not a yolotune experiment (no {layout.SAVED_CONFIG}) nor a storage dir holding experiments")
+
+
+def _show_experiment(results: ExperimentResults, args) -> int:
+    reported = results.reported_metrics()
+    if reported and results.metric not in reported:
+        raise UsageError(f"--metric {results.metric}: not reported by this experiment; reported: "
+                         + ", ".join(reported))
+    if results.problems:
+        _warn("; ".join(results.problems))
+    written = _write_outputs(results, args.top)
+    if args.format == "json":
+        print(json.dumps(_as_json(results, args.top, written), indent=2))
+    elif args.format == "csv":
+        print(results.table(args.top).to_csv(index=False), end="")
+    else:
+        print(report.details(results, args.top, written))
+    return 0
+
+
+def _write_outputs(results: ExperimentResults, top: Optional[int]) -> Dict[str, Path]:
+    """A read-only experiment dir is reported, not fatal."""
+    try:
+        return report.write_all(results, top)
+    except OSError as e:
+        _warn(f"could not write into {results.path}: {e}")
+        return {}
+
+
+def _as_json(results: ExperimentResults, top: Optional[int], written: Dict[str, Path]) -> dict:
+    best = results.best()
+    return {
+        "experiment": str(results.path), "finished": results.finished,
+        "metric": results.metric, "mode": results.mode,
+        "trials": sum(results.status_counts().values()), "status": results.status_counts(),
+        "errors": results.errors,
+        "ranked": _records(results.table(top)),
+        "best": None if best is None else {
+            "trial_id": best["trial_id"], "value": float(best[f"best_{results.metric}"]),
+            "epoch": int(best["best_epoch"]), "config": results.best_hyperparameters()},
+        "files": {name: str(p) for name, p in written.items()},
+    }
+
+
+def _list_experiments(experiments: List[Path], args) -> int:
+    rows = []
+    for exp_dir in experiments:
+        try:
+            results = load(exp_dir, args.metric, args.mode)
+        except (OSError, ValueError) as e:  # one broken experiment must not hide the others
+            rows.append({"experiment": exp_dir.name, "status": f"unreadable: {e}"})
+            continue
+        if results.problems:
+            _warn(f"{exp_dir.name}: " + "; ".join(results.problems))
+        best, counts = results.best(), results.status_counts()
+        rows.append({
+            "experiment": exp_dir.name, "status": "finished" if results.finished else "unfinished",
+            "trials": sum(counts.values()), **{s.lower(): n for s, n in counts.items()},
+            "metric": results.metric, "mode": results.mode,
+            "best": None if best is None else float(best[f"best_{results.metric}"]),
+            "best_trial": None if best is None else best["trial_id"],
+        })
+    frame = pd.DataFrame(rows)
+    order = ["experiment", "status", "trials", *[s.lower() for s in STATUSES], "metric", "mode", "best",
+             "best_trial"]
+    counted = [c for c in frame.columns if c.upper() in STATUSES]
+    frame[counted] = frame[counted].fillna(0).astype(int)
+    frame = frame[[c for c in order if c in frame] + [c for c in frame if c not in order]]
+    if args.format == "json":
+        print(json.dumps(_records(frame), indent=2))
+    elif args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    else:
+        print(f"{len(frame)} experiments in {Path(args.path).expanduser().resolve()}")
+        print(report.format_table(frame))
+    return 0
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return value
+
+
+def _records(frame: pd.DataFrame) -> List[dict]:
+    """JSON-ready rows: Python scalars at full precision, None for missing values."""
+    return [{k: None if _missing(v) else python_scalar(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
