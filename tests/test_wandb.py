@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli, small_sweep_overrides
-from yolotune.wandb_logging import WandbConfig
 from yolotune.errors import ConfigError
-from yolotune.wandb_logging import check_wandb, run_id
+from yolotune.wandb_logging import WandbConfig, check_wandb, run_id
 
 # Well-formed (wandb refuses a malformed key even offline), so it is read and could leak.
 FAKE_KEY = "yolotuneFakeKey" + "0123456789" * 4
@@ -251,7 +250,12 @@ def test_pbt_changed_hyperparameters_update_the_trial_runs_config(tmp_path):
     runs.log("t1", "trial_t1", {"lr0": 0.01}, {"epoch": 1, "fitness": 0.2}, 0.2)
     runs.log("t1", "trial_t1", {"lr0": 0.02}, {"epoch": 2, "fitness": 0.1}, 0.2)  # exploited and perturbed
     runs.close()
-    [run] = [read_run(d) for d in (tmp_path / "wandb").glob("offline-run-*")]
+    [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
+    for _ in range(50):  # W&B's service process writes the exit record: give it a moment under load
+        run = read_run(run_dir)
+        if run["exit_code"] is not None:
+            break
+        time.sleep(0.2)
     assert run["id"] == run_id("pbt", "t1") and run["exit_code"] == 0
     assert run["config"]["lr0"] == 0.02 and run["config"]["epochs"] == 4
     assert [row["epoch"] for row in run["history"]] == [1, 2] and run["summary"]["best_fitness"] == 0.2

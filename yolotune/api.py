@@ -13,6 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from yolotune.config import literal, register_configs
 from yolotune.errors import ConfigError
+from yolotune.layout import first_line
 from yolotune.overrides import composition_error, normalize
 from yolotune.space import from_ray
 
@@ -69,7 +70,7 @@ def tune(model: str = "yolo11n.pt", data: str = "coco8.yaml", space: Optional[Di
             try:
                 OmegaConf.update(cfg, key, literal(value), merge=False, force_add=True)
             except Exception as e:  # noqa: BLE001 - OmegaConf's type errors
-                raise ConfigError(key, value, f"wrong type ({str(e).splitlines()[0]})") from None
+                raise ConfigError(key, value, f"wrong type ({first_line(str(e))})") from None
             set_keys.append(f"{key}={value}")
     return run_experiment(cfg, [*overrides, *set_keys])[1]
 

@@ -1,8 +1,9 @@
 """The typed experiment: assembles the config groups, each defined in its own module.
 
 Each group has a base dataclass; each option of a group is a subclass (or, for groups with one
-shape, the class itself), stored in Hydra's ConfigStore as ``schema/<group>/<option>`` for the
-YAML files in ``conf/<group>/`` to extend. ``ExperimentConfig`` types each group by its base
+shape, the class itself). The subclasses are stored in Hydra's ConfigStore as
+``schema_<group>_<type>`` (outside any group, so that --help and shell completion do not offer
+them) for the YAML files in ``conf/<group>/`` to extend. ``ExperimentConfig`` types each group by its base
 class, so OmegaConf rejects unknown keys and wrong types at composition. Composing and validating
 import nothing heavy: no torch, Ray or Ultralytics.
 """
@@ -102,7 +103,7 @@ def register_configs() -> None:
     cs.store(name="yolotune_schema", node=ExperimentConfig)
     for group in GROUPS:
         for name, cls in options(group).items():
-            cs.store(group=f"schema/{group}", name=name, node=cls)
+            cs.store(name=f"schema_{group}_{name}", node=cls)
 
 
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:

@@ -43,7 +43,7 @@ def top_level_keys() -> List[str]:
 
 
 def normalize(argv: Sequence[str]) -> List[str]:
-    """Rewrite YOLO-style train arguments into Hydra overrides; refuse yolotune's internal schemas."""
+    """Rewrite YOLO-style train arguments and space entries into Hydra overrides."""
     from yolotune.train_args import ultralytics_args
 
     out, skip = [], False
@@ -58,11 +58,6 @@ def normalize(argv: Sequence[str]) -> List[str]:
             out.append(arg)
             continue
         prefix, key, value = match.group(1), match.group(2), match.group(4)
-        if key.startswith("schema/") or key == "schema":
-            raise ConfigError(key, value, f"yolotune's internal schemas are not options; choose one of the groups "
-                                          f"{', '.join(groups)}")
-        if key in groups and value.startswith("schema"):
-            raise ConfigError(key, value, f"one of {', '.join(groups[key])}")
         if not prefix and key not in keys and key not in groups and "." not in key and key in ultralytics_args():
             arg = f"++train.{key}={value}"
         elif prefix in ("", "+") and key.split(".")[0] in ("train", "space") and key.count(".") == 1:
@@ -199,7 +194,7 @@ def options_of_type(group: str, kind: str) -> List[str]:
     """The conf/<group>/ options whose schema is that group's option ``kind``."""
     conf = resources.files("yolotune.conf") / group
     return sorted(f.name.removesuffix(".yaml") for f in conf.iterdir()
-                  if f.name.endswith(".yaml") and f"/schema/{group}/{kind}@" in f.read_text())
+                  if f.name.endswith(".yaml") and f"/schema_{group}_{kind}@" in f.read_text())
 
 
 def _keys_under(head: str) -> List[str]:

@@ -177,7 +177,7 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
     build_label_caches(data)
-    train = dict(exp.train)
+    train = {**exp.train, "epochs": exp.epochs}  # explicit: trials and resumes compare against it
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)

@@ -101,7 +101,7 @@ def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
         except Exception:  # noqa: BLE001 - missing, or cut short by a kill: use another
             continue
     ckpt = max(loaded, key=lambda c: c.get("epoch", -1))
-    if ckpt.get("epoch", -1) + 1 >= args.get("epochs", ckpt["train_args"].get("epochs", 100)):
+    if ckpt.get("epoch", -1) + 1 >= args["epochs"]:
         return None
     ckpt["train_args"] = {**ckpt["train_args"], **args, "save_dir": str(save_dir)}
     save_dir.joinpath("weights").mkdir(parents=True, exist_ok=True)
