@@ -56,9 +56,9 @@ def small_sweep_overrides(storage: Path, shapes_cache: Path, name: str, iteratio
     return [
         f"storage={storage}", f"name={name}", f"iterations={iterations}", "seed=0",
         "data=shapes", "data.train_images=32", "data.val_images=16", "data.imgsz=64", f"data.cache_dir={shapes_cache}",
-        "model=yolo11n-scratch", "space=minimal", "~space.warmup_epochs", "+train.warmup_epochs=0",
+        "model=yolo11n-scratch", "space=minimal", "~space.warmup_epochs", "warmup_epochs=0",
         "space.lr0.low=1e-5", "space.lr0.high=0.2",
-        f"train.epochs={epochs}", "train.imgsz=64", "train.batch=16", "+train.nbs=16",
+        f"epochs={epochs}", "imgsz=64", "batch=16", "nbs=16",  # bare, as `yolo train` takes them
         "metric=val/box_loss", "mode=min",
         "scheduler=asha", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
     ]

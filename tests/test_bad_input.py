@@ -389,3 +389,36 @@ def test_multirun_runs_the_valid_jobs_and_lists_the_bad_one(tmp_path, shapes_cac
     assert "resources.cpu_per_trial=512" in summary[2]
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
+
+
+# The Python API: the same ConfigError, before Ray starts.
+@pytest.mark.parametrize("kwargs,key", [
+    ({"space": "lr0"}, "space"),
+    ({"overrides": "scheduler=fifo"}, "overrides"),
+    ({"overrides": ["iterations=ten"]}, "iterations"),
+    ({"use_ray": False}, "use_ray"),
+    ({"iterations": "ten"}, "iterations"),
+    ({"iterations": 0}, "iterations"),
+    ({"momentun": 0.9}, "train.momentun"),
+    ({"space": {"lr0": "uniform(0.5, 0.1)"}}, "space.lr0.low"),
+    ({"data": "/no/such/data.yaml"}, "data.yaml"),
+    ({"name": "../x"}, "name"),
+], ids=lambda v: str(v)[:30])
+def test_python_api_raises_config_error(kwargs, key, tmp_path):
+    import yolotune
+
+    args = {"model": "yolo11n.yaml", "data": "shapes", "storage": str(tmp_path / "runs"), "epochs": 10, **kwargs}
+    with pytest.raises(ConfigError) as err:
+        yolotune.tune(**args)
+    assert err.value.key == key, str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_python_api_takes_paths_literally(tmp_path):
+    """A data path with a comma, brackets and ${...} reaches the data check as typed."""
+    import yolotune
+
+    path = str(tmp_path / "a,b [x] ${y}.yaml")
+    with pytest.raises(ConfigError) as err:
+        yolotune.tune(model="yolo11n.yaml", data=path, storage=str(tmp_path / "runs"), epochs=10)
+    assert (err.value.key, err.value.value) == ("data.yaml", path)

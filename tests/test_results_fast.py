@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from yolotune import layout, records, report
+from yolotune.errors import ConfigError
 from yolotune.results import UnreadableExperiment, load
 from yolotune.results_cli import main as results_main
 
@@ -448,3 +449,9 @@ def test_the_recorder_appends_each_status_change_and_goes_on_after_a_resume(tmp_
     b.error_file = str(error_file)
     recorder.on_trial_error(iteration=7, trials=[a, b], trial=b)
     assert records.read_trials(exp_dir)[0][1].error == ERROR
+
+
+def test_load_with_a_metric_that_was_never_reported_says_so(exp):
+    with pytest.raises(ConfigError) as err:
+        load(exp, metric="bogus").best()
+    assert err.value.key == "metric" and "fitness" in err.value.allowed

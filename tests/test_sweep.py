@@ -47,6 +47,13 @@ def test_best_hyperparameters_are_train_args_of_the_best_trial(small_sweep):
     assert best["epochs"] == 3 and best["imgsz"] == 64 and best["warmup_epochs"] == 0
 
 
+def test_bare_train_arguments_land_in_the_saved_configs_train(small_sweep):
+    """small_sweep_overrides gives epochs=3 imgsz=64 batch=16 nbs=16 warmup_epochs=0 bare."""
+    train = yaml.safe_load((small_sweep / ".hydra" / "config.yaml").read_text())["train"]
+    assert {k: train[k] for k in ("epochs", "imgsz", "batch", "nbs", "warmup_epochs")} == \
+        {"epochs": 3, "imgsz": 64, "batch": 16, "nbs": 16, "warmup_epochs": 0}
+
+
 def test_best_weights_load(small_sweep):
     from ultralytics import YOLO
 

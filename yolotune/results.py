@@ -138,6 +138,9 @@ class ExperimentResults:
         """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` and the
         epoch of the best, node, error. Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
+        reported = self.reported_metrics()
+        if len(self._history) and metric not in reported:
+            raise ConfigError("metric", metric, f"not reported by this experiment; reported: {', '.join(reported)}")
         if (metric, mode) not in self._frames:
             self._frames[metric, mode] = self._trial_frame(metric, mode)
         return self._frames[metric, mode].copy()
