@@ -147,6 +147,7 @@ class ExperimentConfig:
     metric: str = "fitness"
     mode: str = "max"
     seed: Optional[int] = None
+    verbose: str = "yolotune"  # yolotune: a live view | ray: Ray Tune's tables | quiet: the final summary only
     train: Dict[str, Any] = field(
         default_factory=lambda: {"epochs": 100, "imgsz": 640, "batch": 16, "optimizer": "SGD"})
 

@@ -20,7 +20,8 @@ from yolotune.errors import ConfigError
 from yolotune.layout import PROVENANCE, SAVED_CONFIG, is_finished, storage_dir, write_atomic
 
 # What a resume may change: how trials run, not what they search.
-RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "hydra")
+RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "verbose",
+                  "hydra")
 
 
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:

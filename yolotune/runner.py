@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shlex
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from yolotune import layout
+from yolotune import console, layout
 from yolotune.layout import trial_dirname
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node, resolve_data
+from yolotune.errors import ConfigError
 from yolotune.model import resolve_weights
 from yolotune.resources import TrialResources, plan
 from yolotune.space import parse_space, to_ray_space
@@ -34,18 +37,21 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.results import write_results
     from yolotune.trainable import train_trial
 
+    _prepare_console(exp)
     job = _job(exp, exp_dir)
     wandb_settings = None
     if exp.wandb.mode != "disabled":
         from yolotune.wandb_logging import trial_settings
 
         wandb_settings = trial_settings(exp, exp_dir, job["train"])
-    build_label_caches(job["data"])
+    with _ultralytics_quiet(exp):
+        build_label_caches(job["data"])
     if exp.ray.address is None:  # checked before Ray starts: a GPU asked of a machine without one fails here
         resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus())
     started = not ray.is_initialized()
     if started:
         ray.init(**_ray_init_args(exp))
+    log = contextlib.ExitStack()
     try:
         if exp.ray.address is not None:
             total = ray.cluster_resources()
@@ -56,15 +62,21 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         job["train"].setdefault("workers", resources.threads)  # data loader processes: the trial's CPUs (GPU only)
         if not exp.resume:
             save_config()
+        log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
+        if exp.verbose != "ray":
+            log.enter_context(console.ray_logs_filtered())
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume and (exp_dir / "tuner.pkl").exists():
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
+            _use_this_runs_console(tuner, exp, exp_dir)
         else:
             tuner = _new_tuner(exp, exp_dir, trainable, resources, wandb_settings)
         grid = tuner.fit()
-        results = write_results(exp_dir)
+        with _ultralytics_quiet(exp):
+            results = write_results(exp_dir)
+        _refresh_report(exp_dir)
         print("\n" + results.summary())
         if wandb_settings:
             from yolotune.wandb_logging import log_experiment_summary
@@ -76,6 +88,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
         return grid
     finally:
+        log.close()
         if started:
             ray.shutdown()
 
@@ -88,7 +101,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     from yolotune.search import build_search
 
     space = parse_space(exp.space)
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), _live_view(exp, exp_dir)]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -110,9 +123,60 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             # A trial needs only its newest checkpoint; under PBT others clone it, so keep a few more.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if exp.scheduler.type == "pbt" else 1),
             callbacks=callbacks,
-            log_to_file=True, verbose=1,
+            log_to_file=True, verbose=_ray_verbosity(exp),
         ),
     )
+
+
+def _prepare_console(exp: ExperimentConfig) -> None:
+    if exp.verbose not in console.VERBOSE:
+        raise ConfigError("verbose", exp.verbose, f"one of {', '.join(console.VERBOSE)}")
+    if exp.verbose != "ray":  # Ray's new output engine prints tables even at verbose=0; the legacy one is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
+def _ray_verbosity(exp: ExperimentConfig) -> int:
+    return 1 if exp.verbose == "ray" else 0
+
+
+@contextlib.contextmanager
+def _ultralytics_quiet(exp: ExperimentConfig):
+    """Ultralytics' info lines and progress bars in the driver (label scans, weight stripping) stay off
+    the console; its warnings still show."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    if exp.verbose != "ray":
+        LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _live_view(exp: ExperimentConfig, exp_dir: Path):
+    epochs = getattr(exp.scheduler, "max_t", None) or exp.train.get("epochs", 100)
+    prunes = exp.scheduler.type not in ("fifo", "pbt") or exp.search.type == "bohb"
+    return console.live_view(exp_dir, exp.metric, exp.mode, epochs, prunes, exp.verbose, _refresh_report)
+
+
+def _use_this_runs_console(tuner, exp: ExperimentConfig, exp_dir: Path) -> None:
+    """tuner.pkl holds the first run's callbacks and verbosity: give the resumed run this run's (and
+    an experiment from before the live view its live view). Ray has no public way to do this."""
+    run_config = tuner._local_tuner.get_run_config()
+    kept = [c for c in run_config.callbacks or [] if not isinstance(c, console.LiveView)]
+    run_config.callbacks = kept + [_live_view(exp, exp_dir)]
+    run_config.verbose = _ray_verbosity(exp)
+
+
+def _refresh_report(exp_dir: Path) -> None:
+    """trials.csv, plots/ and report.html, from the experiment directory as it is now; called by the
+    live view's background thread as trials end, and once when the experiment ends."""
+    from yolotune.results import ExperimentResults
+
+    results = ExperimentResults(exp_dir)
+    results.write_trials_csv()
+    results.report(results.plot())
 
 
 def resume_command(exp_dir: Path) -> str:
@@ -120,7 +184,8 @@ def resume_command(exp_dir: Path) -> str:
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
-    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None}
+    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None,
+            "logging_level": logging.INFO if exp.verbose == "ray" else logging.WARNING}
     if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
         return {**args, "address": "local", "num_cpus": os.cpu_count(), "num_gpus": _local_gpus(),
                 "include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # this machine only
