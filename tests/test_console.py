@@ -37,7 +37,7 @@ def test_durations_and_values_are_short():
 def test_trial_event_lines():
     assert console.started_line("a_00001", {"lr0": 0.0066912, "optimizer": "SGD"}) == \
         "trial a_00001 started: lr0=0.00669 optimizer=SGD"
-    assert "resumed after epoch 3" in console.started_line("a_00001", {}, resumed_after=3)
+    assert "a_00001 resumed from its checkpoint" in console.started_line("a_00001", {}, resumed=True)
     assert console.ended_line("a_00002", 4, 10, "fitness", 0.5, 0.61234) == \
         "trial a_00002 stopped early by the scheduler at epoch 4: fitness 0.5 (best 0.6123)"
     assert console.ended_line("a_00002", 10, 10, "fitness", 0.5, 0.6).startswith("trial a_00002 finished 10 epochs")
@@ -52,27 +52,25 @@ def test_progress_line_counts_best_and_remaining_time():
     progress = Progress("val/box_loss", "min", total=4, epochs=10, prunes=True, now=0)
     trials = [_trial("t0"), _trial("t1")]
     assert progress.line(trials, now=5) == \
-        "0/4 trials | 0 trial-epochs | best val/box_loss - | 5s elapsed | time left: after the first epoch"
-    # 10 trial-epochs in 100 s; to go: t1 8 epochs, and 10 for the trial not created yet
-    trials = [_trial("t0", epoch=2, best=1.5), _trial("t1", epoch=2, best=1.2), _trial("t2", "ERROR", epoch=6, best=1.1),
-              _trial("t3", epoch=0)]
+        "0/4 trials | 0 trial-epochs | best val/box_loss - | 5s elapsed | time left: estimating"
+    for trial_id, seconds in [("t0", 40), ("t1", 41), ("t0", 4), ("t1", 6)]:  # first epochs: start-up, not timed
+        progress.result(trial_id, seconds)
+    trials = [_trial("t0", epoch=2, best=1.5), _trial("t1", epoch=2, best=1.2), _trial("t2", "ERROR", epoch=6, best=1.1)]
     progress.end("t0", errored=False)  # Ray calls back before it sets the status
-    assert progress.line(trials[:3], now=100) == \
-        "2/4 trials (1 errored) | 10 trial-epochs | best val/box_loss 1.1 (t2) | 1m40s elapsed | up to 3m00s left"
+    # 5 s an epoch, 1 trial running; to go: t1 8 epochs, and 10 for the trial not created yet
+    assert progress.line(trials, now=100) == \
+        "2/4 trials (1 errored) | 10 trial-epochs | best val/box_loss 1.1 (t2) | 1m40s elapsed | up to 1m30s left"
     assert progress.done(trials) == 2
     maximise = Progress("val/box_loss", "max", total=4, epochs=10, prunes=False, now=0)
-    maximise.epochs_before = 0
-    assert "best val/box_loss 1.5 (t0)" in maximise.line(trials, now=100)
-    assert "~" in maximise.line(trials, now=100)  # no early stopping: an estimate, not an upper one
+    maximise.result("t0", 40)
+    maximise.result("t0", 5)
+    # two running (t0, t1), to go: 8 + 8 + 10 (not created yet) epochs of 5 s
+    assert maximise.line(trials, now=100).endswith("best val/box_loss 1.5 (t0) | 1m40s elapsed | ~1m05s left")
+    trials[1].status = "TERMINATED"  # an interrupt stops running trials without announcing an end
+    assert progress.line(trials, now=101).startswith("2/4 trials")
+    resumed = Progress("val/box_loss", "min", total=4, epochs=10, prunes=True, now=0)
     every = [_trial(f"t{i}", "TERMINATED", epoch=10, best=1.0) for i in range(4)]
-    assert progress.line(every, now=200).endswith("3m20s elapsed")  # done: no time left shown
-
-
-def test_remaining_time_counts_only_this_runs_epochs():
-    """After a resume, the epochs run before it do not make this run look faster."""
-    progress = Progress("fitness", "max", total=2, epochs=10, prunes=False, now=0)
-    progress.line([_trial("t0", epoch=5), _trial("t1", epoch=5)], now=0)
-    assert progress.line([_trial("t0", epoch=6), _trial("t1", epoch=6)], now=10).endswith("~40s left")
+    assert resumed.line(every, now=200).endswith("3m20s elapsed")  # done: no time left shown
 
 
 def test_throttle():

@@ -70,9 +70,8 @@ def sampled(config: Dict, width: int = 100) -> str:
     return " ".join(parts)
 
 
-def started_line(trial_id: str, config: Dict, resumed_after: int = 0) -> str:
-    verb = f"resumed after epoch {resumed_after}" if resumed_after else "started"
-    return f"trial {trial_id} {verb}: {sampled(config)}"
+def started_line(trial_id: str, config: Dict, resumed: bool = False) -> str:
+    return f"trial {trial_id} {'resumed from its checkpoint' if resumed else 'started'}: {sampled(config)}"
 
 
 def ended_line(trial_id: str, epochs: int, max_epochs: int, metric: str, last, best) -> str:
@@ -103,43 +102,59 @@ def _epoch(trial) -> int:
 
 
 class Progress:
-    """The experiment's progress line, computed from Ray's trial list (plus the trials whose end
-    was just announced: Ray calls back before it sets their status).
+    """The experiment's progress line, computed from Ray's trial list.
+
+    A trial has ended when its end was announced (``end``), or when it had already ended the first
+    time it was seen (a resumed experiment's). Ray's statuses alone would not do: it announces an
+    end before it sets the status, and an interrupt sets the running trials TERMINATED unannounced.
 
     Remaining time: every unfinished trial (and every trial not yet started) is assumed to run
-    all ``epochs``, at the trial-epochs per second of this run so far. With a scheduler that stops
-    trials early (``prunes``) that is an upper estimate, shown as "up to".
+    all ``epochs``, each epoch as long as the mean epoch so far, as many at once as are running
+    now. A trial's first epoch in this run is left out of the mean: it includes starting the
+    worker and the data loaders. With a scheduler that stops trials early (``prunes``) this is an
+    upper estimate, shown as "up to".
     """
 
     def __init__(self, metric: str, mode: str, total: int, epochs: int, prunes: bool, now: Optional[float] = None):
         self.metric, self.mode, self.total, self.epochs, self.prunes = metric, mode, total, epochs, prunes
         self.start = time.time() if now is None else now
-        self.epochs_before: Optional[int] = None  # run before this session (resume): not in the rate
         self.ended: Dict[str, bool] = {}  # trial id -> errored
+        self.seen: set = set()
+        self.reported: set = set()  # trials that reported an epoch in this run
+        self.epoch_s, self.timed_epochs = 0.0, 0
 
     def end(self, trial_id: str, errored: bool) -> None:
         self.ended[trial_id] = errored
+
+    def result(self, trial_id: str, seconds: float) -> None:
+        """An epoch reported by a trial, ``seconds`` after its previous report (or its start)."""
+        if trial_id in self.reported:
+            self.epoch_s += seconds
+            self.timed_epochs += 1
+        self.reported.add(trial_id)
 
     def done(self, trials: Iterable) -> int:
         return len(self._ended(trials))
 
     def _ended(self, trials: Iterable) -> Dict[str, bool]:
-        ended = {t.trial_id: t.status == "ERROR" for t in trials if t.status in ENDED}
-        return {**ended, **self.ended}
+        for trial in trials:
+            if trial.trial_id not in self.seen:
+                self.seen.add(trial.trial_id)
+                if trial.status in ENDED:
+                    self.ended.setdefault(trial.trial_id, trial.status == "ERROR")
+        return self.ended
 
     def line(self, trials, now: Optional[float] = None) -> str:
         trials = list(trials)
         now = time.time() if now is None else now
         ended = self._ended(trials)
         epochs_run = sum(_epoch(t) for t in trials)
-        if self.epochs_before is None:
-            self.epochs_before = epochs_run
         errored = sum(ended.values())
         parts = [f"{len(ended)}/{self.total} trials" + (f" ({errored} errored)" if errored else ""),
                  f"{epochs_run} trial-epochs", self._best(trials),
                  f"{duration(now - self.start)} elapsed"]
         if len(ended) < self.total:
-            parts.append(self._left(trials, ended, epochs_run, now))
+            parts.append(self._left(trials, ended))
         return " | ".join(parts)
 
     def _best(self, trials) -> str:
@@ -150,13 +165,14 @@ class Progress:
         value, trial_id = (max if self.mode == "max" else min)(values)
         return f"best {self.metric} {value:.4g} ({trial_id})"
 
-    def _left(self, trials, ended, epochs_run: int, now: float) -> str:
-        rate = (epochs_run - self.epochs_before) / max(now - self.start, 1e-9)
-        if rate <= 0:
-            return "time left: after the first epoch"
+    def _left(self, trials, ended) -> str:
+        if not self.timed_epochs:
+            return "time left: estimating"
+        running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
         remaining = sum(max(self.epochs - _epoch(t), 0) for t in trials if t.trial_id not in ended)
         remaining += max(self.total - len(trials), 0) * self.epochs
-        return f"{'up to ' if self.prunes else '~'}{duration(remaining / rate)} left"
+        seconds = remaining * self.epoch_s / self.timed_epochs / max(running, 1)
+        return f"{'up to ' if self.prunes else '~'}{duration(seconds)} left"
 
 
 class Throttle:
@@ -360,7 +376,7 @@ def _build_live_view():
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._last_ended = False
-            self._screen.event(started_line(trial.trial_id, trial.config, _epoch(trial)))
+            self._screen.event(started_line(trial.trial_id, trial.config, resumed=_epoch(trial) > 0))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             analysis = (trial.metric_analysis or {}).get(self.metric, {})
@@ -379,6 +395,7 @@ def _build_live_view():
                                "last checkpoint")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._progress.result(trial.trial_id, result.get("time_this_iter_s", 0.0))
             self._last_ended = False
 
         def on_step_end(self, iteration, trials, **info):
