@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import re
@@ -57,20 +58,28 @@ def test_progress_line_counts_best_and_remaining_time():
         progress.result(trial_id, seconds)
     trials = [_trial("t0", epoch=2, best=1.5), _trial("t1", epoch=2, best=1.2), _trial("t2", "ERROR", epoch=6, best=1.1)]
     progress.end("t0", errored=False)  # Ray calls back before it sets the status
-    # 5 s an epoch, 1 trial running; to go: t1 8 epochs, and 10 for the trial not created yet
+    # 5 s an epoch, 2 trials at once; to go: t1 8 epochs and the trial not created yet 10: 10 epochs
     assert progress.line(trials, now=100) == \
-        "2/4 trials (1 errored) | 10 trial-epochs | best val/box_loss 1.1 (t2) | 1m40s elapsed | up to 1m30s left"
+        "2/4 trials (1 errored) | 10 trial-epochs | best val/box_loss 1.1 (t2) | 1m40s elapsed | up to 50s left"
     assert progress.done(trials) == 2
     maximise = Progress("val/box_loss", "max", total=4, epochs=10, prunes=False, now=0)
     maximise.result("t0", 40)
     maximise.result("t0", 5)
-    # two running (t0, t1), to go: 8 + 8 + 10 (not created yet) epochs of 5 s
+    # two at once, to go: 8 + 8 + 10 (not created yet) epochs of 5 s
     assert maximise.line(trials, now=100).endswith("best val/box_loss 1.5 (t0) | 1m40s elapsed | ~1m05s left")
     trials[1].status = "TERMINATED"  # an interrupt stops running trials without announcing an end
     assert progress.line(trials, now=101).startswith("2/4 trials")
     resumed = Progress("val/box_loss", "min", total=4, epochs=10, prunes=True, now=0)
     every = [_trial(f"t{i}", "TERMINATED", epoch=10, best=1.0) for i in range(4)]
     assert resumed.line(every, now=200).endswith("3m20s elapsed")  # done: no time left shown
+
+
+def test_remaining_time_of_the_last_trials_is_that_of_the_longest():
+    tail = Progress("fitness", "max", total=2, epochs=10, prunes=False, now=0)
+    trials = [_trial("a", epoch=9), _trial("b", epoch=4)]
+    tail.result("a", 30)
+    tail.result("a", 10)
+    assert tail.line(trials, now=50).endswith("~1m00s left")  # b's 6 epochs of 10 s, not (1 + 6) / 2 of them
 
 
 def test_throttle():
@@ -86,10 +95,32 @@ def test_plain_screen_prints_plain_lines_at_a_bounded_rate(capsys):
         screen.progress(f"progress at {second}", done=0, now=second)
     screen.event("trial t0 finished")
     screen.progress("progress after a trial ended", done=1, force=True, now=101)
-    screen.close("final", shown=True)
+    screen.close("final", shown=True)  # already printed after the last trial ended
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["progress at 0", "progress at 30", "progress at 60", "progress at 90", "trial t0 finished",
                      "progress after a trial ended"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_terminal_screen_redraws_one_line_and_logs_plain_lines(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with console.log_to(tmp_path / "yolotune.log"):
+        screen = Screen(echo=True, total=2)
+        screen.progress("1 of 2 trials", done=1, now=0)
+        screen.progress("still 1 of 2 trials", done=1, now=1)  # redrawn, not logged: within 30 s
+        screen.event("trial t0 finished")
+        screen.progress("2 of 2 trials", done=2, force=True, now=2)
+        screen.close("2 of 2 trials", shown=True)
+    out = terminal.getvalue()
+    assert "\r" in out and "still 1 of 2 trials" in out and "trial t0 finished\n" in out
+    assert out.rstrip().endswith("2 of 2 trials") and out.count("2 of 2 trials\n") == 1
+    log = (tmp_path / "yolotune.log").read_text().splitlines()[1:]
+    assert log == ["1 of 2 trials", "trial t0 finished", "2 of 2 trials"]
 
 
 def test_console_log_copies_the_output_and_appends(tmp_path, capsys):

@@ -109,10 +109,10 @@ class Progress:
     end before it sets the status, and an interrupt sets the running trials TERMINATED unannounced.
 
     Remaining time: every unfinished trial (and every trial not yet started) is assumed to run
-    all ``epochs``, each epoch as long as the mean epoch so far, as many at once as are running
-    now. A trial's first epoch in this run is left out of the mean: it includes starting the
-    worker and the data loaders. With a scheduler that stops trials early (``prunes``) this is an
-    upper estimate, shown as "up to".
+    all ``epochs``, each epoch as long as the mean epoch so far, as many trials at once as have
+    run at once (no fewer than the longest trial's remaining epochs take). A trial's first epoch
+    in this run is left out of the mean: it includes starting the worker and the data loaders.
+    With a scheduler that stops trials early (``prunes``) this is an upper estimate, shown as "up to".
     """
 
     def __init__(self, metric: str, mode: str, total: int, epochs: int, prunes: bool, now: Optional[float] = None):
@@ -122,6 +122,7 @@ class Progress:
         self.seen: set = set()
         self.reported: set = set()  # trials that reported an epoch in this run
         self.epoch_s, self.timed_epochs = 0.0, 0
+        self.at_once = 1  # the most trials seen running at once
 
     def end(self, trial_id: str, errored: bool) -> None:
         self.ended[trial_id] = errored
@@ -166,13 +167,14 @@ class Progress:
         return f"best {self.metric} {value:.4g} ({trial_id})"
 
     def _left(self, trials, ended) -> str:
+        unfinished = [t for t in trials if t.trial_id not in ended]
+        self.at_once = max(self.at_once, sum(t.status == "RUNNING" for t in unfinished))
         if not self.timed_epochs:
             return "time left: estimating"
-        running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
-        remaining = sum(max(self.epochs - _epoch(t), 0) for t in trials if t.trial_id not in ended)
-        remaining += max(self.total - len(trials), 0) * self.epochs
-        seconds = remaining * self.epoch_s / self.timed_epochs / max(running, 1)
-        return f"{'up to ' if self.prunes else '~'}{duration(seconds)} left"
+        to_go = [max(self.epochs - _epoch(t), 0) for t in unfinished]
+        to_go += [self.epochs] * max(self.total - len(trials), 0)
+        epochs = max(sum(to_go) / min(self.at_once, len(to_go)), max(to_go))
+        return f"{'up to ' if self.prunes else '~'}{duration(epochs * self.epoch_s / self.timed_epochs)} left"
 
 
 class Throttle:
@@ -197,13 +199,13 @@ class Screen:
 
     def __init__(self, echo: bool, total: int):
         self.echo, self.stream = echo, sys.stdout
-        terminal = getattr(self.stream, "terminal", self.stream)
+        self.terminal = terminal = getattr(self.stream, "terminal", self.stream)
         self.bar = None
         if echo and terminal.isatty():
             from tqdm import tqdm
 
             # Written to the terminal only: yolotune.log gets plain progress lines instead.
-            self.bar = tqdm(total=total, file=terminal, bar_format="|{bar:12}| {desc}", dynamic_ncols=True,
+            self.bar = tqdm(total=total, file=terminal, bar_format="{bar:8} {desc}", dynamic_ncols=True,
                             leave=False)
         self.plain_due = Throttle(PLAIN_EVERY_S)
 
@@ -228,13 +230,16 @@ class Screen:
                 print(line, file=self.stream, flush=True)
 
     def close(self, line: str, shown: bool) -> None:
-        """Leave the final progress line on the screen; ``shown``: it was just printed as a plain line."""
+        """Leave the final progress line on the screen and in the log, once each; ``shown``: it was
+        just printed as a plain line (to the log alone, on a terminal)."""
         if self.bar:
             self.bar.close()
             self.bar = None
-        elif shown:
-            return
-        self.event(line)
+            if shown:
+                print(line, file=self.terminal, flush=True)
+                return
+        if not shown:
+            self.event(line)
 
 
 class Refresher:
