@@ -143,15 +143,18 @@ def test_ray_records_the_live_view_reports_stay_off_the_console(tmp_path, capsys
     logger, handler = logging.getLogger("ray.tune.test"), logging.StreamHandler(sys.stderr)
     logging.getLogger("ray").addHandler(handler)
     try:
-        with console.log_to(tmp_path / "yolotune.log"), console.ray_logs_filtered():
+        with console.log_to(tmp_path / "yolotune.log"), console.ray_logs("yolotune"):
             logger.error("Trial task failed for trial trial_x")
             logger.warning("No trial is running and no new trial has been started")
         logger.error("Trial task failed for trial trial_y")  # filter removed
+        with console.log_to(tmp_path / "yolotune.log"), console.ray_logs("ray"):
+            logger.error("Trial task failed for trial trial_z")  # Ray's console as Ray has it
     finally:
         logging.getLogger("ray").removeHandler(handler)
     err = capsys.readouterr().err
-    assert "trial_x" not in err and "No trial is running" in err and "trial_y" in err
-    assert "Trial task failed for trial trial_x" in (tmp_path / "yolotune.log").read_text()
+    assert "trial_x" not in err and "No trial is running" in err and "trial_y" in err and "trial_z" in err
+    log = (tmp_path / "yolotune.log").read_text()
+    assert "Trial task failed for trial trial_x" in log and "trial_z" in log and "trial_y" not in log
 
 
 def test_refresher_coalesces_requests_and_never_runs_twice_at_once(capsys):

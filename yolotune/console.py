@@ -317,22 +317,27 @@ def _log_only(line: str) -> None:
 
 
 class _RayConsoleFilter(logging.Filter):
-    """On Ray's console handler: copies Ray's records to yolotune.log (its handler writes to the
-    stderr of import time, which the tee does not see), and keeps the ones the live view reports
-    itself off the console: trial failures with their tracebacks (one line each here, the traceback
-    in the trial's train.log), the list of failed trials, Ray's own resume hint."""
+    """On Ray's console handler: copies Ray's records to yolotune.log (the handler writes to the
+    stderr of import time, which the tee does not see), and with ``live_view`` keeps the ones the
+    live view reports itself off the console: trial failures with their tracebacks (one line each
+    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint."""
 
     REPORTED = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted")
+
+    def __init__(self, live_view: bool):
+        super().__init__()
+        self.live_view = live_view
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         _log_only(f"{record.levelname} {record.name}: {message}")
-        return not message.startswith(self.REPORTED)
+        return not (self.live_view and message.startswith(self.REPORTED))
 
 
 @contextmanager
-def ray_logs_filtered():
-    handlers, keep = logging.getLogger("ray").handlers, _RayConsoleFilter()
+def ray_logs(verbose: str):
+    """Ray's log records meanwhile: into yolotune.log too, and filtered unless ``verbose`` is ray."""
+    handlers, keep = logging.getLogger("ray").handlers, _RayConsoleFilter(verbose != "ray")
     for handler in handlers:
         handler.addFilter(keep)
     try:

@@ -63,8 +63,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         if not exp.resume:
             save_config()
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
-        if exp.verbose != "ray":
-            log.enter_context(console.ray_logs_filtered())
+        log.enter_context(console.ray_logs(exp.verbose))
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume and (exp_dir / "tuner.pkl").exists():
