@@ -56,7 +56,8 @@ def test_progress_line_counts_best_and_remaining_time():
         "0/4 trials | 0 trial-epochs | best val/box_loss - | 5s elapsed | time left: estimating"
     for trial_id, seconds in [("t0", 40), ("t1", 41), ("t0", 4), ("t1", 6)]:  # first epochs: start-up, not timed
         progress.result(trial_id, seconds)
-    trials = [_trial("t0", epoch=2, best=1.5), _trial("t1", epoch=2, best=1.2), _trial("t2", "ERROR", epoch=6, best=1.1)]
+    trials = [_trial("t0", epoch=2, best=1.5), _trial("t1", epoch=2, best=1.2),
+              _trial("t2", "ERROR", epoch=6, best=1.1)]
     progress.end("t0", errored=False)  # Ray calls back before it sets the status
     # 5 s an epoch, 2 trials at once; to go: t1 8 epochs and the trial not created yet 10: 10 epochs
     assert progress.line(trials, now=100) == \
