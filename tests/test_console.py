@@ -42,6 +42,7 @@ def test_trial_event_lines():
     assert console.ended_line("a_00002", 4, 10, "fitness", 0.5, 0.61234) == \
         "trial a_00002 stopped early by the scheduler at epoch 4: fitness 0.5 (best 0.6123)"
     assert console.ended_line("a_00002", 10, 10, "fitness", 0.5, 0.6).startswith("trial a_00002 finished 10 epochs")
+    assert console.ended_line("a_00002", 1, 1, "fitness", 0.5, 0.6).startswith("trial a_00002 finished 1 epoch:")
     traceback_text = "Failure # 1\nTraceback (most recent call last):\n  File x\nValueError: bad lr0\n\n"
     assert console.error_of(traceback_text) == "ValueError: bad lr0"
     assert len(console.error_of("E: " + "x" * 500)) == 160

@@ -75,12 +75,12 @@ def started_line(trial_id: str, config: Dict, resumed: bool = False) -> str:
 
 
 def ended_line(trial_id: str, epochs: int, max_epochs: int, metric: str, last, best) -> str:
-    how = f"stopped early by the scheduler at epoch {epochs}" if epochs < max_epochs else f"finished {epochs} epochs"
+    how = f"stopped early by the scheduler at epoch {epochs}" if epochs < max_epochs else f"finished {n_epochs(epochs)}"
     return f"trial {trial_id} {how}: {metric} {_number(last)} (best {_number(best)})"
 
 
 def errored_line(trial_id: str, epochs: int, error: str, log: Path) -> str:
-    return f"trial {trial_id} errored after {epochs} epochs: {error}  (log: {log})"
+    return f"trial {trial_id} errored after {n_epochs(epochs)}: {error}  (log: {log})"
 
 
 def error_of(text: str, width: int = 160) -> str:
@@ -88,6 +88,10 @@ def error_of(text: str, width: int = 160) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     line = lines[-1] if lines else "unknown error"
     return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def n_epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
 def _number(value) -> str:
@@ -401,8 +405,8 @@ def _build_live_view():
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             self._last_ended = False
-            self._screen.event(f"trial {trial.trial_id} failed after {_epoch(trial)} epochs; retrying from its "
-                               "last checkpoint")
+            self._screen.event(f"trial {trial.trial_id} failed after {n_epochs(_epoch(trial))}; retrying from "
+                               "its last checkpoint")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self._progress.result(trial.trial_id, result.get("time_this_iter_s", 0.0))
