@@ -9,8 +9,9 @@ experiment's ``yolotune.log``.
 
 On a terminal the progress line is redrawn in place by tqdm: it clears and redraws its line
 around our event lines and trims it to the terminal's width, even as the window is resized.
-(tqdm rather than rich: it is small, has no dependencies and is already what optuna and
-hyperopt install.) Elsewhere (CI, nohup, a pipe) every line is plain text with no control
+(Neither rich nor tqdm comes with Ultralytics 8.4 or Ray, so yolotune depends on one: tqdm,
+which is small, has no dependencies of its own and is what optuna and hyperopt install anyway;
+rich would bring markdown-it and pygments along for one line.) Elsewhere (CI, nohup, a pipe) every line is plain text with no control
 characters, and progress lines come at most every ``PLAIN_EVERY_S`` seconds, plus one after
 each trial that ends.
 
@@ -271,14 +272,15 @@ class Refresher:
             if self.closing:
                 return
             self.wanted.clear()
-            for retry in (True, False):
+            for attempt in (1, 2):
                 try:
                     self.refresh()
                     break
                 except Exception as e:  # noqa: BLE001 - the report is a convenience; trials go on
-                    if not retry:  # the first failure may be a file Ray was rewriting as it was read
+                    if attempt == 2:
                         print(f"yolotune: warning: could not refresh the report: {e}", file=sys.stderr)
-                    time.sleep(RETRY_S)
+                    else:  # the first failure may be a file Ray was rewriting as it was read
+                        time.sleep(RETRY_S)
 
 
 # --- the console log
