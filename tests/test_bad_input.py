@@ -154,6 +154,7 @@ CASES = [
     ("metric-unknown", ["metric=mAP"], "metric"),
     ("metric-empty", ["metric=''"], "metric"),
     ("mode-word", ["mode=maximum"], "mode"),
+    ("verbose-word", ["verbose=loud"], "verbose"),
     ("seed-negative", ["seed=-1"], "seed"),
     ("seed-huge", ["seed=99999999999"], "seed"),
     ("wandb-mode", ["wandb.mode=sometimes"], "wandb.mode"),
@@ -327,7 +328,7 @@ VALID = [
     ["space.lr0={dist:choice,values:[0.001,0.01]}"], ["space.lr0='loguniform(1e-4, 1e-2)'"],
     ["train.imgsz=32"], ["train.batch=1"], ["+train.fraction=1.0"], ["+train.fraction=0.5"],
     ["+train.patience=0"], ["name=my-exp_1.2"], ["data.train_images=1", "data.val_images=1"], ["data.classes=1"],
-    ["epochs=12"], ["imgsz=64"], ["train.cos_lr=true"], ["+train.cos_lr=true"],
+    ["epochs=12"], ["imgsz=64"], ["verbose=quiet"], ["verbose=ray"], ["train.cos_lr=true"], ["+train.cos_lr=true"],
 ]
 
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from yolotune.console import VERBOSE
 from yolotune.data import DataConfig
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import storage_dir
@@ -71,6 +72,7 @@ class ExperimentConfig:
     metric: str = "fitness"
     mode: str = "max"
     seed: Optional[int] = None
+    verbose: str = "yolotune"  # yolotune: a live view | ray: Ray Tune's tables | quiet: the final summary only
     train: Dict[str, Any] = field(
         default_factory=lambda: {"epochs": DEFAULT_EPOCHS, "imgsz": 640, "batch": 16, "optimizer": "SGD"})
 
@@ -197,10 +199,12 @@ def validate(exp: ExperimentConfig) -> None:
         raise ConfigError("ray.address", address, "null (a private local Ray), auto, or a cluster's host:port "
                                                   "(ray://host:port for Ray Client)")
     _check_optimizer(exp)
+    if exp.verbose not in VERBOSE:
+        raise ConfigError("verbose", exp.verbose, f"one of {', '.join(VERBOSE)}")
 
     for group in (*GROUPS, *PLAIN_GROUPS):
         getattr(exp, group).check(exp)
-    pruning = exp.scheduler.stops_trials or exp.search.replaces_scheduler
+    pruning = exp.scheduler.needs_validation or exp.search.replaces_scheduler
     if pruning and exp.train.get("val", True) is False:
         raise ConfigError("train.val", False, f"scheduler={exp.scheduler.type} stops trials on per-epoch validation "
                                               "metrics; keep val=true or use scheduler=fifo")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -11,7 +13,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import yaml
 
-from yolotune import layout, train_args
+from yolotune import console, layout, train_args
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError
@@ -39,7 +41,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.results import load
     from yolotune.trainable import train_trial
 
-    job, resources = preflight(exp, exp_dir)
+    if exp.verbose != "ray":  # Ray's new output engine prints tables even at verbose=0; the legacy one is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    with _ultralytics_quiet(exp):
+        job, resources = preflight(exp, exp_dir)
     wandb_settings = None
     if exp.wandb.mode != "disabled":
         from yolotune.wandb_logging import trial_settings
@@ -50,6 +55,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         if exp.ray.address is not None:
             check_reachable(exp.ray.address)
         ray.init(**_ray_init_args(exp))
+    log = contextlib.ExitStack()
     try:
         if exp.ray.address is not None:
             total = ray.cluster_resources()
@@ -60,16 +66,20 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         job["train"].setdefault("workers", resources.threads)  # data loader processes: the trial's CPUs (GPU only)
         if not exp.resume:
             save_config()
+        log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
+        log.enter_context(console.ray_logs(exp.verbose))
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
+            _use_this_runs_console(tuner, exp, exp_dir)
         else:
             tuner = _new_tuner(exp, exp_dir, trainable, resources, wandb_settings)
         grid = tuner.fit()
-        results = load(exp_dir)
-        export_best(results)
+        with _ultralytics_quiet(exp):
+            results = load(exp_dir)
+            export_best(results)
         report.write_all(results)
         print("\n" + report.summary(results))
         if wandb_settings:
@@ -82,6 +92,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
         return grid
     finally:
+        log.close()
         if started:
             ray.shutdown()
 
@@ -93,7 +104,8 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     from yolotune.records import trial_recorder
 
     space = exp.dists
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder()]  # trial_recorder: trials.jsonl
+    # trial_recorder: trials.jsonl; the live view: the console
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, exp_dir)]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -116,7 +128,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             # A trial needs only its newest checkpoint; under PBT others clone it, so keep a few more.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=exp.scheduler.checkpoints_to_keep),
             callbacks=callbacks,
-            log_to_file=True, verbose=1,
+            log_to_file=True, verbose=_ray_verbosity(exp),
         ),
     )
 
@@ -136,12 +148,50 @@ def export_best(results) -> None:
         tmp.replace(results.path / layout.BEST_WEIGHTS)
 
 
+def _ray_verbosity(exp: ExperimentConfig) -> int:
+    return 1 if exp.verbose == "ray" else 0
+
+
+@contextlib.contextmanager
+def _ultralytics_quiet(exp: ExperimentConfig):
+    """Ultralytics' info lines and progress bars in the driver (label scans, weight stripping) stay off
+    the console; its warnings still show."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    if exp.verbose != "ray":
+        LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _live_view(exp: ExperimentConfig, exp_dir: Path):
+    from yolotune import report
+
+    prunes = exp.scheduler.stops_early or exp.search.replaces_scheduler
+    epochs = exp.scheduler.trial_epochs(exp)
+    return console.live_view(exp_dir, exp.metric, exp.mode, epochs, prunes, exp.verbose, report.write_all)
+
+
+def _use_this_runs_console(tuner, exp: ExperimentConfig, exp_dir: Path) -> None:
+    """tuner.pkl holds the first run's callbacks and verbosity: give the resumed run this run's (and
+    an experiment from before the live view its live view). Ray has no public way to do this."""
+    run_config = tuner._local_tuner.get_run_config()
+    kept = [c for c in run_config.callbacks or [] if not isinstance(c, console.LiveView)]
+    run_config.callbacks = kept + [_live_view(exp, exp_dir)]
+    run_config.verbose = _ray_verbosity(exp)
+
+
+
 def resume_command(exp_dir: Path) -> str:
     return f"python -m yolotune resume=true name={shlex.quote(exp_dir.name)} storage={shlex.quote(str(exp_dir.parent))}"
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
-    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None}
+    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None,
+            "logging_level": logging.INFO if exp.verbose == "ray" else logging.WARNING}
     if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
         return {**args, "address": "local", "num_cpus": os.cpu_count(), "num_gpus": _local_gpus(),
                 "include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # this machine only

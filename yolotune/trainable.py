@@ -8,28 +8,36 @@ one trial to the next except the caches Ultralytics itself keeps.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
+import traceback
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Dict
 
 import ray
 from ray import tune
 
-from yolotune.layout import HISTORY, append_jsonl, trial_dirname
+from yolotune.layout import HISTORY, TRAIN_LOG, append_jsonl, trial_dirname
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
+    trial_dir = Path(job["experiment_dir"]) / trial_dirname(tune.get_context().get_trial_id())
+    with _trial_log(trial_dir / TRAIN_LOG):
+        _train(config, job, trial_dir)
+
+
+def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path) -> None:
     import torch
     from ultralytics import YOLO
 
     _disable_ultralytics_reporting()
     torch.set_num_threads(job["threads"])
-    ctx = tune.get_context()
-    trial_dir = Path(job["experiment_dir"]) / trial_dirname(ctx.get_trial_id())
     save_dir = trial_dir / "train"
     args = {**job["train"], **config, "data": job["data"], "project": str(trial_dir), "name": "train",
             "exist_ok": True}
@@ -83,6 +91,65 @@ class _EpochReporter:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")
             # Ray copies the checkpoint into the trial directory before report returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+@contextmanager
+def _trial_log(path: Path):
+    """Send everything the trial prints to its train.log (appended on resume): stdout, stderr (so
+    warnings too), Ultralytics' LOGGER, and the traceback if it raises. The worker process runs
+    trial after trial, so all of it is undone when the trial ends, however it ends (a trial stopped
+    by the scheduler ends with SystemExit inside ``tune.report``)."""
+    from ultralytics.utils import LOGGER
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1, encoding="utf-8") as raw:
+        log = _FinishedLines(raw)
+        # LOGGER's handler holds the sys.stdout of import time: point it at the log for this trial.
+        handlers = [h for h in LOGGER.handlers if type(h) is logging.StreamHandler]
+        streams = [h.setStream(log) for h in handlers]
+        try:
+            with redirect_stdout(log), redirect_stderr(log):
+                yield
+        except Exception:
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
+            log.close()
+
+
+class _FinishedLines:
+    """Writes whole lines only: a progress bar redrawn in place (``\\r``) leaves its final state, and
+    terminal control sequences are dropped, so train.log reads as plain text."""
+
+    def __init__(self, file):
+        self.file, self.line = file, ""
+
+    def write(self, text: str) -> int:
+        for part in re.split(r"(\r|\n)", _ANSI.sub("", text)):
+            if part == "\n":
+                self.file.write(self.line + "\n")
+                self.line = ""
+            elif part == "\r":
+                self.line = ""
+            else:
+                self.line += part
+        return len(text)
+
+    def flush(self) -> None:  # a line in progress waits for its end
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.line:
+            self.file.write(self.line + "\n")
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
