@@ -45,6 +45,13 @@ def test_every_search_option_builds(option):
         assert search.set_search_properties("fitness", "max", to_ray_space(exp.dists))
 
 
+@pytest.mark.parametrize("limit,expected", [(None, 0), (1, 1), (3, 3)])
+def test_random_search_keeps_the_concurrency_limit(limit, expected):
+    """Ray applies TuneConfig.max_concurrent_trials to Searchers only: the generator must carry it."""
+    exp = experiment("search=random", *SPACE)
+    assert exp.search.build(exp, limit).max_concurrent == expected
+
+
 def test_asha_gets_its_values_in_the_right_places():
     exp = experiment("scheduler=asha", "scheduler.grace_period=2", "scheduler.reduction_factor=3",
                      "scheduler.brackets=2", *SPACE)

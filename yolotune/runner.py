@@ -117,7 +117,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             metric=exp.metric, mode=exp.mode, num_samples=exp.iterations,
             scheduler=exp.search.build_scheduler(exp) if exp.search.replaces_scheduler
             else exp.scheduler.build(exp, space),
-            search_alg=exp.search.build(exp),
+            search_alg=exp.search.build(exp, resources.max_concurrent_trials),
             max_concurrent_trials=resources.max_concurrent_trials,
             reuse_actors=True,  # one warm worker runs trial after trial: no torch import per trial
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
