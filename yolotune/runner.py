@@ -24,6 +24,9 @@ from yolotune.space import to_ray_space
 # A forced state snapshot per checkpoint is what keeps a SIGKILL from losing finished epochs.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# How long a reused worker may take to end its trial (trainable._release); Ray's 2 s can be too short
+# for data loader processes to exit on a busy machine, and the next trial then fails to start.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
 AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads from its weights dir
 
 

@@ -8,6 +8,7 @@ one trial to the next except the caches Ultralytics itself keeps.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import shutil
@@ -84,7 +85,7 @@ def _release(model) -> None:
 
     When a scheduler stops a trial (from inside the epoch callback) or training fails, Ultralytics'
     clean-up never runs: its data loader processes, pinned batches, model, EMA and optimizer would
-    live on. This must finish within Ray's reset timeout (TUNE_FUNCTION_THREAD_TIMEOUT_S, 2 s).
+    live on. Ray waits for this before reusing the worker (TUNE_FUNCTION_THREAD_TIMEOUT_S, see runner.py).
     """
     import torch
 
@@ -96,8 +97,18 @@ def _release(model) -> None:
         trainer.__dict__.clear()  # its model, EMA, optimizer, loaders and metrics go with it
     model.trainer = None
     gc.collect()
+    _trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # return the freed memory to the GPU, for the next trial on the card
+
+
+def _trim_heap() -> None:
+    """Hand the freed heap back to the system: glibc keeps it otherwise, and the worker's memory would
+    grow trial after trial even with nothing of the old trials left."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _use_amp_check_weights(weights_dir) -> None:
