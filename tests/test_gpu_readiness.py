@@ -75,3 +75,20 @@ def test_checkpoints_every_two_epochs_and_at_the_end(one_worker_sweep):
         assert with_checkpoint == {1: [], 2: [2], 3: [2, 3]}[epochs]
         assert len(checkpoints) == min(len(with_checkpoint), 1)  # the newest is kept
         assert not list(trial_dir.glob(".ckpt-*"))  # the temp dirs in the trial dir are gone
+
+
+def test_amp_check_uses_the_drivers_weights_dir(tmp_path, monkeypatch):
+    """check_amp loads WEIGHTS_DIR/yolo26n.pt, read at each call: a trial points it at the driver's
+    absolute copy instead of a relative `weights` dir in its own working dir. Offline, the driver
+    has none to give (the check is then skipped with AMP on, as Ultralytics does)."""
+    import ultralytics.utils
+
+    from yolotune.runner import amp_check_weights
+    from yolotune.trainable import _use_amp_check_weights
+
+    monkeypatch.setattr(ultralytics.utils, "WEIGHTS_DIR", ultralytics.utils.WEIGHTS_DIR)  # restored afterwards
+    monkeypatch.chdir(tmp_path)
+    assert amp_check_weights() is None  # YOLO_OFFLINE: nothing fetched
+    _use_amp_check_weights(str(tmp_path / "amp"))
+    assert ultralytics.utils.WEIGHTS_DIR == tmp_path / "amp"
+    assert not (tmp_path / "weights").exists()
