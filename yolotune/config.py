@@ -48,6 +48,11 @@ class FailureConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 1  # epochs between a trial's checkpoints (its last epoch always has one)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # null: a private local Ray; "auto" or host:port: an existing cluster
     runtime_env: Dict[str, Any] = field(default_factory=dict)
@@ -63,6 +68,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     iterations: int = 10
     name: Optional[str] = None  # null: a new unique name
@@ -193,6 +199,8 @@ def validate(exp: ExperimentConfig) -> None:
     if exp.seed is not None:
         check_range("seed", exp.seed, 0, 2**32 - 1, "an integer from 0 to 2**32-1 (null: random)", integer=True)
     check_range("failure.max_failures", exp.failure.max_failures, 0, None, "an integer >= 0", integer=True)
+    check_range("checkpoint.every", exp.checkpoint.every, 1, exp.epochs,
+                f"an integer from 1 to train.epochs ({exp.epochs}): epochs between checkpoints", integer=True)
     _check_storage(exp.storage)
     address = exp.ray.address
     if address is not None and address != "auto" and not ADDRESS.match(address):

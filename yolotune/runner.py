@@ -18,7 +18,7 @@ from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError
 from yolotune.layout import trial_dirname
-from yolotune.resources import TrialResources, plan
+from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
 
 
@@ -26,6 +26,10 @@ from yolotune.space import to_ray_space
 # A forced state snapshot per checkpoint is what keeps a SIGKILL from losing finished epochs.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# How long a reused worker may take to end its trial (trainable._release); Ray's 2 s can be too short
+# for data loader processes to exit on a busy machine, and the next trial then fails to start.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads from its weights dir
 
 
 def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
@@ -59,11 +63,14 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     try:
         if exp.ray.address is not None:
             total = ray.cluster_resources()
-            resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0))
+            resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0), exp.iterations)
+            check_autobatch(exp, resources.gpu)
             local_files = [job["data"]] + ([job["weights"]] if os.path.isabs(job["weights"]) else [])
             check_readable_on_every_node(local_files)
         job["threads"] = resources.threads
-        job["train"].setdefault("workers", resources.threads)  # data loader processes: the trial's CPUs (GPU only)
+        job["train"].setdefault("workers", resources.loader_workers)  # within the trial's CPUs (GPU only)
+        if resources.gpu and job["train"].get("amp", True) not in (False, "fp32", "bf16"):
+            job["amp_weights_dir"] = amp_check_weights()
         if not exp.resume:
             save_config()
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
@@ -193,7 +200,7 @@ def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
     args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None,
             "logging_level": logging.INFO if exp.verbose == "ray" else logging.WARNING}
     if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
-        return {**args, "address": "local", "num_cpus": os.cpu_count(), "num_gpus": _local_gpus(),
+        return {**args, "address": "local", "num_cpus": local_cpus(), "num_gpus": _local_gpus(),
                 "include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # this machine only
     return {**args, "address": exp.ray.address}
 
@@ -223,7 +230,10 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     Ultralytics, the weights, the dataset, and the resources of this machine (a cluster's are known
     once Ray connects: None). Returns everything a trial needs besides its sampled values (plain,
     resolved, absolute) and the planned resources."""
-    resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus()) if exp.ray.address is None else None
+    resources = None
+    if exp.ray.address is None:
+        resources = plan(exp.resources, local_cpus(), _local_gpus(), exp.iterations)
+        check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
     build_label_caches(data)
@@ -231,8 +241,26 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)
-    job = {"weights": weights, "data": data, "train": train, "experiment_dir": str(exp_dir), "threads": 1}
+    if "seed" not in train:  # deterministic algorithms slow GPU training: only for a reproducible run
+        train.setdefault("deterministic", False)
+    job = {"weights": weights, "data": data, "train": train, "experiment_dir": str(exp_dir), "threads": 1,
+           "checkpoint_every": exp.checkpoint.every}
     return job, resources
+
+
+def amp_check_weights() -> Optional[str]:
+    """The absolute folder holding the model of Ultralytics' AMP check, fetched here once for all
+    trials (each would fetch it into its own working dir); None if it cannot be had (offline): each
+    trial's check is then skipped with AMP on, as in Ultralytics."""
+    from ultralytics.utils import WEIGHTS_DIR
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    path = WEIGHTS_DIR.resolve() / AMP_CHECK_MODEL
+    try:
+        attempt_download_asset(path)
+    except Exception:  # noqa: BLE001 - offline, or the download failed
+        pass
+    return str(path.parent) if path.is_file() else None
 
 
 def _local_gpus() -> int:

@@ -135,6 +135,10 @@ class PbtConfig(SchedulerConfig):
 
     def check(self, exp) -> None:
         _check_epochs("scheduler.perturbation_interval", self.perturbation_interval, exp.epochs)
+        if self.perturbation_interval % exp.checkpoint.every:  # a perturbation clones the newest checkpoint
+            raise ConfigError("scheduler.perturbation_interval", self.perturbation_interval,
+                              f"a multiple of checkpoint.every ({exp.checkpoint.every}), so each perturbation "
+                              "finds a checkpoint of that epoch")
         check_range("scheduler.quantile_fraction", self.quantile_fraction, 0, 0.5, "between 0 and 0.5")
         check_range("scheduler.resample_probability", self.resample_probability, 0, 1, "between 0 and 1")
         grids = [name for name, d in exp.dists.items() if d.dist == "grid"]
