@@ -5,6 +5,7 @@ preflight): fast, nothing trains. A few cases also run as a user types them, in 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -300,14 +301,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides,key", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_naming_the_key(overrides, key, tmp_path, shapes_cache):
+# What each case's error says, as users read it (temp paths as <tmp>). After changing a message on
+# purpose: YOLOTUNE_UPDATE_MESSAGES=1 python -m pytest tests/test_bad_input.py -k naming_the_key
+# Messages that quote Ultralytics' text change with its version: update them the same way.
+MESSAGES = Path(__file__).with_name("bad_input_messages.json")
+MACHINE_DEPENDENT = {"cpu-beyond-machine", "gpu-none-here"}  # the machine's CPU and GPU counts
+
+
+def _check_message(case: str, message: str) -> None:
+    if case in MACHINE_DEPENDENT:
+        return
+    known = json.loads(MESSAGES.read_text()) if MESSAGES.is_file() else {}
+    if os.environ.get("YOLOTUNE_UPDATE_MESSAGES"):
+        MESSAGES.write_text(json.dumps({**known, case: message}, indent=1, sort_keys=True) + "\n")
+    else:
+        assert message == known.get(case), f"{case}: the message changed; if on purpose, YOLOTUNE_UPDATE_MESSAGES=1"
+
+
+@pytest.mark.parametrize("case,overrides,key", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_error_naming_the_key(case, overrides, key, tmp_path, shapes_cache):
     storage = tmp_path / "runs"
     with pytest.raises(ConfigError) as err:
         attempt(storage, shapes_cache, *BASE, *overrides)
     assert err.value.key == key, str(err.value)
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{key}=")
     assert not storage.exists()  # nothing written
+    _check_message(case, str(err.value).replace(str(tmp_path), "<tmp>").replace(str(shapes_cache), "<cache>"))
 
 
 @pytest.mark.parametrize("name,key", [
