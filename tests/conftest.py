@@ -1,11 +1,19 @@
-"""Shared fixtures: offline environment, datasets copied to temp dirs, and real small sweeps."""
+"""Shared fixtures: offline environment, datasets copied to temp dirs, and real small sweeps.
+
+Every Ray a test starts lives in a temp dir of its own (RAY_TMPDIR): the test ends the processes that
+hold files there, and only those, so tests never touch another Ray running on the machine.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +36,9 @@ def _isolated_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def coco8(tmp_path_factory) -> Path:
     """coco8 copied from ../shared (read-only in CI) to a writable temp dir; returns its data YAML."""
+    if not (SHARED_DATASETS / "coco8" / "coco8.yaml").is_file():
+        pytest.skip(f"needs the coco8 dataset at {SHARED_DATASETS / 'coco8'} (or set YOLOTUNE_SHARED to the folder "
+                    "that holds datasets/)")
     target = tmp_path_factory.mktemp("datasets") / "coco8"
     shutil.copytree(SHARED_DATASETS / "coco8", target)
     for path in [target, *target.rglob("*")]:
@@ -40,10 +51,52 @@ def shapes_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shapes-cache")
 
 
+def processes_under(root: Path) -> set:
+    """The processes (not this one) whose working directory or an open file is under ``root``: a Ray
+    started with RAY_TMPDIR=root (raylet, GCS, agents, and workers, which log to files there)."""
+    root = str(root)
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(proc / "cwd")] + [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:  # ended meanwhile
+            continue
+        if any(link == root or link.startswith(root + "/") for link in links):
+            found.add(int(proc.name))
+    return found
+
+
+def kill_processes_under(root: Path, timeout: float = 30) -> None:
+    """SIGKILL what :func:`processes_under` finds (leftover workers too) until nothing is left."""
+    deadline = time.time() + timeout
+    while pids := processes_under(root):
+        assert time.time() < deadline, f"processes under {root} survive SIGKILL: {sorted(pids)}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def ray_temp_dir():
+    """A Ray temp dir of the test's own (short: Ray's socket paths must fit 107 bytes); on exit, every
+    process that still uses it is killed and it is removed."""
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        kill_processes_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_cli(*overrides: str, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
-    """``python -m yolotune OVERRIDES`` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "yolotune", *overrides], cwd=cwd or REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    """``python -m yolotune OVERRIDES`` in a subprocess, as a user runs it, with a Ray of its own
+    (unless ``env`` names a RAY_TMPDIR) that ends with it."""
+    with ray_temp_dir() as ray_tmp:
+        return subprocess.run([sys.executable, "-m", "yolotune", *overrides], cwd=cwd or REPO, capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "RAY_TMPDIR": str(ray_tmp), **(env or {})})
 
 
 def small_sweep_overrides(storage: Path, shapes_cache: Path, name: str, iterations: int = 6,

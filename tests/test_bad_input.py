@@ -5,6 +5,7 @@ preflight): fast, nothing trains. A few cases also run as a user types them, in 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from conftest import run_cli
+from yolotune import train_args
 from yolotune.cli import prepare
 from yolotune.config import register_configs
 from yolotune.errors import ConfigError
@@ -51,6 +53,7 @@ def data_files(tmp_path_factory):
     """Data YAMLs broken in each way, and model files that do not load."""
     root = tmp_path_factory.mktemp("bad-data")
     (root / "images").mkdir()
+    (root / "images.pt").mkdir()  # weights named like a file, but a directory
     files = {
         "empty.yaml": "",
         "list.yaml": "- a\n- b\n",
@@ -123,29 +126,40 @@ CASES = [
     ("rf-nan", ["scheduler.reduction_factor=nan"], "scheduler.reduction_factor"),
     ("rf-inf", ["scheduler.reduction_factor=inf"], "scheduler.reduction_factor"),
     ("brackets-zero", ["scheduler.brackets=0"], "scheduler.brackets"),
+    ("brackets-eleven", ["scheduler.brackets=11"], "scheduler.brackets"),
     ("hyperband-rf", ["scheduler=hyperband", "scheduler.reduction_factor=1"], "scheduler.reduction_factor"),
     ("hyperband-max-t", ["scheduler=hyperband", "scheduler.max_t=11"], "scheduler.max_t"),
     ("median-grace", ["scheduler=median", "scheduler.grace_period=0"], "scheduler.grace_period"),
+    ("median-grace-past-epochs", ["scheduler=median", "scheduler.grace_period=11"], "scheduler.grace_period"),
+    ("median-val-false", ["scheduler=median", "scheduler.grace_period=1", "+train.val=false"], "train.val"),
     ("median-samples", ["scheduler=median", "scheduler.grace_period=1", "scheduler.min_samples_required=0"],
      "scheduler.min_samples_required"),
     ("pbt-interval-zero", ["scheduler=pbt", "scheduler.perturbation_interval=0"], "scheduler.perturbation_interval"),
     ("pbt-interval-past", ["scheduler=pbt", "scheduler.perturbation_interval=11"], "scheduler.perturbation_interval"),
-    ("pbt-quantile", ["scheduler=pbt", "scheduler.perturbation_interval=1", "scheduler.quantile_fraction=0.6"],
+    ("pbt-quantile", ["scheduler=pbt", "scheduler.perturbation_interval=1", "scheduler.quantile_fraction=0.51"],
      "scheduler.quantile_fraction"),
     ("pbt-quantile-negative", ["scheduler=pbt", "scheduler.perturbation_interval=1",
                                "scheduler.quantile_fraction=-0.1"], "scheduler.quantile_fraction"),
-    ("pbt-resample", ["scheduler=pbt", "scheduler.perturbation_interval=1", "scheduler.resample_probability=1.5"],
+    ("pbt-resample", ["scheduler=pbt", "scheduler.perturbation_interval=1", "scheduler.resample_probability=1.01"],
      "scheduler.resample_probability"),
+    ("pbt-resample-negative", ["scheduler=pbt", "scheduler.perturbation_interval=1",
+                               "scheduler.resample_probability=-0.01"], "scheduler.resample_probability"),
     ("pbt-grid", ["scheduler=pbt", "scheduler.perturbation_interval=1", "space.lr0='grid([0.01, 0.1])'"],
      "space.lr0.dist"),
     ("optuna-startup", ["search=optuna", "search.n_startup_trials=-1"], "search.n_startup_trials"),
     ("optuna-grid", ["search=optuna", "space.lr0='grid([0.01, 0.1])'"], "space.lr0.dist"),
     ("hyperopt-points", ["search=hyperopt", "search.n_initial_points=-2"], "search.n_initial_points"),
+    ("hyperopt-grid", ["search=hyperopt", "space.lr0='grid([0.01, 0.1])'"], "space.lr0.dist"),
     ("bohb-rf", ["search=bohb", "search.reduction_factor=1"], "search.reduction_factor"),
+    ("bohb-max-t-zero", ["search=bohb", "search.max_t=0"], "search.max_t"),
+    ("bohb-max-t-past-epochs", ["search=bohb", "search.max_t=11"], "search.max_t"),
+    ("bohb-grid", ["search=bohb", "space.lr0='grid([0.01, 0.1])'"], "space.lr0.dist"),
+    ("bohb-val-false", ["search=bohb", "scheduler=fifo", "+train.val=false"], "train.val"),
     ("cpu-negative", ["resources.cpu_per_trial=-1"], "resources.cpu_per_trial"),
     ("cpu-zero-no-gpu", ["resources.cpu_per_trial=0", "resources.gpu_per_trial=0"], "resources.cpu_per_trial"),
     ("cpu-nan", ["resources.cpu_per_trial=nan"], "resources.cpu_per_trial"),
     ("gpu-negative", ["resources.gpu_per_trial=-0.5"], "resources.gpu_per_trial"),
+    ("gpu-nan", ["resources.gpu_per_trial=nan"], "resources.gpu_per_trial"),
     ("gpu-odd-fraction", ["resources.gpu_per_trial=1.5"], "resources.gpu_per_trial"),
     ("gpu-none-here", ["resources=gpu"], "resources.gpu_per_trial"),
     ("gpu-ddp", ["resources.gpu_per_trial=2"], "resources.gpu_per_trial"),
@@ -163,12 +177,18 @@ CASES = [
     ("max-failures-negative", ["failure.max_failures=-1"], "failure.max_failures"),
     ("metric-unknown", ["metric=mAP"], "metric"),
     ("metric-empty", ["metric=''"], "metric"),
+    ("metric-prefixed", ["metric=my_fitness"], "metric"),
+    ("metric-suffixed", ["metric=fitness2"], "metric"),
+    ("metric-loss-suffixed", ["metric=val/box_loss2"], "metric"),
+    ("metric-unknown-task", ["metric='metrics/mAP50(X)'"], "metric"),
     ("mode-word", ["mode=maximum"], "mode"),
     ("verbose-word", ["verbose=loud"], "verbose"),
     ("seed-negative", ["seed=-1"], "seed"),
     ("seed-huge", ["seed=99999999999"], "seed"),
+    ("seed-2-to-the-32", ["seed=4294967296"], "seed"),
     ("wandb-mode", ["wandb.mode=sometimes"], "wandb.mode"),
     ("wandb-project-slash", ["wandb=offline", "wandb.project=a/b"], "wandb.project"),
+    ("wandb-project-empty", ["wandb.project=''"], "wandb.project"),
     ("momentum-negative", ["~space.momentum", "+train.momentum=-0.1"], "train.momentum"),
     ("momentum-above-one", ["~space.momentum", "+train.momentum=1.5"], "train.momentum"),
     ("space-momentum-high", ["space.momentum.high=1.5"], "space.momentum.high"),
@@ -182,9 +202,16 @@ CASES = [
     ("imgsz-zero", ["train.imgsz=0"], "train.imgsz"),
     ("imgsz-float", ["train.imgsz=64.5"], "train.imgsz"),
     ("imgsz-huge", ["train.imgsz=100000"], "train.imgsz"),
+    ("imgsz-31", ["train.imgsz=31"], "train.imgsz"),
+    ("imgsz-8193", ["train.imgsz=8193"], "train.imgsz"),
+    ("imgsz-three-sizes", ["train.imgsz=[64,64,64]"], "train.imgsz"),
+    ("imgsz-empty-list", ["train.imgsz=[]"], "train.imgsz"),
+    ("space-imgsz-low", ["+space.imgsz='choice([16, 64])'", "~train.imgsz"], "space.imgsz.values[0]"),
     ("batch-word", ["train.batch=abc"], "train.batch"),
     ("batch-zero", ["train.batch=0"], "train.batch"),
     ("batch-negative", ["train.batch=-2"], "train.batch"),
+    ("batch-one-as-float", ["train.batch=1.0"], "train.batch"),
+    ("batch-fraction-zero", ["train.batch=0.0"], "train.batch"),
     ("fraction-big", ["+train.fraction=3.5"], "train.fraction"),
     ("fraction-zero", ["+train.fraction=0"], "train.fraction"),
     ("patience-negative", ["+train.patience=-1"], "train.patience"),
@@ -198,6 +225,8 @@ CASES = [
     ("box-nan", ["+train.box=nan"], "train.box"),
     ("degrees-inf", ["+train.degrees=inf"], "train.degrees"),
     ("optimizer-auto-tuning-lr0", ["train.optimizer=auto"], "train.optimizer"),
+    ("optimizer-auto-tuning-momentum", ["~space.lr0", "train.optimizer=auto"], "train.optimizer"),
+    ("optimizer-unset-is-auto", ["~train.optimizer"], "train.optimizer"),
     ("train-unknown", ["+train.epoch=3"], "train.epoch"),
     ("train-unknown-no-plus", ["train.momentun=0.9"], "train.momentun"),
     ("bare-unknown", ["momentun=0.9"], "momentun"),
@@ -214,17 +243,25 @@ CASES = [
     ("train-save-false", ["+train.save=false"], "train.save"),
     ("train-and-space", ["+train.lr0=0.01"], "train.lr0"),
     ("model-no-suffix", ["model.weights=yolo11n"], "model.weights"),
+    ("model-other-suffix", ["model.weights=yolo11n.onnx"], "model.weights"),
+    ("model-newline", ["model.weights='a\nb.pt'"], "model.weights"),
     ("model-missing-pt", ["model.weights=/no/such/model.pt"], "model.weights"),
     ("model-unknown-yaml", ["model.weights=nosuchmodel.yaml"], "model.weights"),
     ("model-offline-pt", ["model.weights=yolo11n.pt"], "model.weights"),
     # 5. data
     ("data-missing-file", ["data=coco8", "data.yaml=/no/such/data.yaml"], "data.yaml"),
+    ("data-yaml-empty", ["data=coco8", "data.yaml=''"], "data.yaml"),
+    ("data-yaml-newline", ["data=coco8", "data.yaml='a\nb.yaml'"], "data.yaml"),
     ("data-relative-missing", ["data=coco8", "data.yaml=./nothing.yaml"], "data.yaml"),
     ("data-unknown-name", ["data=coco8", "data.yaml=nosuchdataset.yaml"], "data.yaml"),
     ("shapes-zero-images", ["data.train_images=0"], "data.train_images"),
     ("shapes-zero-val", ["data.val_images=0"], "data.val_images"),
+    ("shapes-too-many-images", ["data.train_images=100001"], "data.train_images"),
+    ("shapes-too-many-val", ["data.val_images=100001"], "data.val_images"),
     ("shapes-classes", ["data.classes=4"], "data.classes"),
-    ("shapes-imgsz", ["data.imgsz=8"], "data.imgsz"),
+    ("shapes-classes-zero", ["data.classes=0"], "data.classes"),
+    ("shapes-imgsz", ["data.imgsz=31"], "data.imgsz"),
+    ("shapes-imgsz-huge", ["data.imgsz=4097"], "data.imgsz"),
     ("shapes-seed", ["data.seed=-1"], "data.seed"),
     # 6. storage and names
     ("name-parent", ["name=../../x"], "name"),
@@ -236,10 +273,16 @@ CASES = [
     ("name-newline", ["name='a\nb'"], "name"),
     ("name-space", ["name='a b'"], "name"),
     ("name-empty", ["name=''"], "name"),
+    ("name-leading-dash", ["name=-x"], "name"),
+    ("name-129-chars", ["name=" + "a" * 129], "name"),
     ("storage-cloud", ["storage=s3://bucket/x"], "storage"),
+    ("storage-gcs", ["storage=gs://bucket/x"], "storage"),
+    ("storage-newline", ["storage='runs\nx'"], "storage"),
     ("storage-empty", ["storage=''"], "storage"),
     ("ray-address-garbage", ["ray.address=not an address"], "ray.address"),
     ("ray-address-no-port", ["ray.address=somehost"], "ray.address"),
+    ("ray-address-long-port", ["ray.address=somehost:123456"], "ray.address"),
+    ("ray-address-other-scheme", ["ray.address=http://somehost:6379"], "ray.address"),
     # 7. keys yolotune owns or forbids, in the space too
     ("space-val", ["+space.val='choice([true, false])'"], "space.val"),
     ("space-save", ["+space.save='choice([true, false])'"], "space.save"),
@@ -271,14 +314,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides,key", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_naming_the_key(overrides, key, tmp_path, shapes_cache):
+# What each case's error says, as users read it (temp paths as <tmp>). After changing a message on
+# purpose: YOLOTUNE_UPDATE_MESSAGES=1 python -m pytest tests/test_bad_input.py -k naming_the_key
+# Messages that quote Ultralytics' text change with its version: update them the same way.
+MESSAGES = Path(__file__).with_name("bad_input_messages.json")
+MACHINE_DEPENDENT = {"cpu-beyond-machine", "gpu-none-here"}  # the machine's CPU and GPU counts
+
+
+def _check_message(case: str, message: str) -> None:
+    if case in MACHINE_DEPENDENT:
+        return
+    known = json.loads(MESSAGES.read_text()) if MESSAGES.is_file() else {}
+    if os.environ.get("YOLOTUNE_UPDATE_MESSAGES"):
+        MESSAGES.write_text(json.dumps({**known, case: message}, indent=1, sort_keys=True) + "\n")
+    else:
+        assert message == known.get(case), f"{case}: the message changed; if on purpose, YOLOTUNE_UPDATE_MESSAGES=1"
+
+
+@pytest.mark.parametrize("case,overrides,key", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_error_naming_the_key(case, overrides, key, tmp_path, shapes_cache):
     storage = tmp_path / "runs"
     with pytest.raises(ConfigError) as err:
         attempt(storage, shapes_cache, *BASE, *overrides)
     assert err.value.key == key, str(err.value)
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{key}=")
     assert not storage.exists()  # nothing written
+    _check_message(case, str(err.value).replace(str(tmp_path), "<tmp>").replace(str(shapes_cache), "<cache>"))
 
 
 @pytest.mark.parametrize("name,key", [
@@ -344,14 +405,53 @@ VALID = [
     ["resources.gpu_per_trial=1"], ["resources.gpu_per_trial=1", "train.batch=-1"],
     ["resources.gpu_per_trial=0.25", "train.batch=1"], ["checkpoint.every=1"], ["checkpoint.every=10"],
     ["scheduler=pbt", "scheduler.perturbation_interval=4", "checkpoint.every=2"], ["+train.deterministic=true"],
+    # each rule's last valid value
+    ["train.epochs=1", "scheduler.grace_period=1"], ["scheduler.max_t=10"], ["scheduler.brackets=10"],
+    ["scheduler=hyperband", "scheduler.max_t=10", "scheduler.reduction_factor=1.01"],
+    ["scheduler=median", "scheduler.grace_period=10"], ["scheduler=pbt", "scheduler.perturbation_interval=10"],
+    ["search=bohb", "search.max_t=10", "search.reduction_factor=1.01"], ["search=bohb", "search.max_t=1"],
+    ["space.lr0='grid([0.01, 0.1])'"],  # random search grids
+    ["resources.cpu_per_trial=0", "resources.gpu_per_trial=1"],  # the machine's GPUs are preflight's to check
+    ["resources.gpu_per_trial=0.25"], ["resources.gpu_per_trial=1.0"],
+    ["resources.cpu_per_trial=0.5", "resources.gpu_per_trial=0"],
+    ["name=" + "a" * 128], ["name=_x"], ["name='a=b+c'"],
+    ["ray.address=auto"], ["ray.address=127.0.0.1:6379"], ["ray.address=ray://head-1.example.org:10001"],
+    ["metric=epoch"], ["metric=lr/pg0"], ["metric=metrics/accuracy_top5"], ["metric='metrics/mAP50(M)'"],
+    ["metric=train/cls_loss", "mode=min"], ["failure.max_failures=3"],
+    ["data.train_images=100000", "data.val_images=100000"], ["data.imgsz=32"], ["data.imgsz=4096"],
+    ["data.classes=3"], ["model.weights=yolo11n.yml"], ["wandb=offline"], ["+train.save=true"], ["+train.val=true"],
+    ["~space.lr0", "~space.momentum", "~train.optimizer"],  # auto with nothing it ignores tuned
+    # Ultralytics' value rules (check_values)
+    ["train.imgsz=8192"], ["train.imgsz=[64,96]"], ["train.batch=-1"], ["train.batch=0.5"],
+    ["+space.imgsz='choice([32, 64])'", "~train.imgsz"], ["~space.momentum", "+train.momentum=0.0"],
 ]
 
 
 @pytest.mark.parametrize("overrides", VALID, ids=[" ".join(v) for v in VALID])
 def test_valid_boundaries_are_accepted(overrides, tmp_path, shapes_cache):
+    """validate() and Ultralytics' value rules pass; preflight's machine and file checks are not run."""
     exp = attempt(tmp_path / "runs", shapes_cache, *BASE, *overrides, preflight=False)
-    assert exp.iterations >= 1
+    train_args.check_values(exp)
     assert not (tmp_path / "runs").exists()
+
+
+def test_file_uri_storage_is_accepted(tmp_path, shapes_cache):
+    exp = attempt(tmp_path, shapes_cache, *BASE, f"storage=file://{tmp_path}/runs", preflight=False)
+    assert exp.storage == f"file://{tmp_path}/runs"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shapes_cache_dir_that_is_a_file(data_files, tmp_path, shapes_cache):
+    with pytest.raises(ConfigError) as err:
+        attempt(tmp_path / "runs", shapes_cache, *BASE, f"data.cache_dir={data_files / 'a_file'}", preflight=False)
+    assert err.value.key == "data.cache_dir"
+
+
+def test_model_weights_that_is_a_directory(data_files, tmp_path, shapes_cache):
+    """check() refuses it before preflight tries to load it."""
+    with pytest.raises(ConfigError) as err:
+        attempt(tmp_path / "runs", shapes_cache, *BASE, f"model.weights={data_files}/images.pt", preflight=False)
+    assert err.value.key == "model.weights" and "directory" in err.value.allowed
 
 
 def test_replacing_a_space_entry_replaces_it(tmp_path, shapes_cache):

@@ -14,6 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from compose import experiment, options
 from yolotune.config import validate
+from yolotune.schedulers import ClipToSpace
 from yolotune.space import to_ray_space
 
 SPACE = ["space=minimal", "+space.dropout='choice([0.0, 0.1])'", "+space.close_mosaic='randint(0, 10)'", "train.epochs=30"]
@@ -63,14 +64,61 @@ def test_bohb_replaces_the_scheduler_with_its_own_hyperband():
     exp = experiment("search=bohb", "search.reduction_factor=4", *SPACE)
     scheduler = exp.search.build_scheduler(exp)
     assert type(scheduler) is schedulers.HyperBandForBOHB and scheduler._eta == 4 and scheduler._max_t_attr == 30
+    assert scheduler._time_attr == "epoch"
 
 
 def test_pbt_mutates_the_space_and_clips_to_it():
     exp = experiment("scheduler=pbt", *SPACE, "space.lr0.low=1e-4", "space.lr0.high=0.1")
     scheduler = exp.scheduler.build(exp, exp.dists)
-    assert set(scheduler._hyperparam_mutations) == set(exp.dists)
+    assert {name: type(d) for name, d in scheduler._hyperparam_mutations.items()} == {
+        name: type(d) for name, d in to_ray_space(exp.dists).items()}
     clip = scheduler._custom_explore_fn
+    assert isinstance(clip, ClipToSpace) and set(clip.bounds) == {n for n, d in exp.dists.items() if d.dist != "choice"}
     assert clip({"lr0": 0.12, "dropout": 0.1, "close_mosaic": 11.6}) == {"lr0": 0.1, "dropout": 0.1, "close_mosaic": 10}
     assert clip({"lr0": 5e-5, "close_mosaic": -1.2}) == {"lr0": 1e-4, "close_mosaic": 0}
     assert clip({"lr0": 0.05, "close_mosaic": 4}) == {"lr0": 0.05, "close_mosaic": 4}  # inside: untouched
     assert exp.scheduler.checkpoints_to_keep > 1  # donors' checkpoints must outlive their clones
+
+
+def _scheduler(*overrides):
+    exp = experiment(*overrides, *SPACE)
+    return exp.scheduler.build(exp, exp.dists)
+
+
+def test_hyperband_median_and_pbt_get_their_values():
+    hyperband = _scheduler("scheduler=hyperband", "scheduler.max_t=20", "scheduler.reduction_factor=4")
+    assert (hyperband._time_attr, hyperband._max_t_attr, hyperband._eta) == ("epoch", 20, 4)
+    assert _scheduler("scheduler=hyperband")._max_t_attr == 30  # max_t null: train.epochs
+    median = _scheduler("scheduler=median", "scheduler.grace_period=4", "scheduler.min_samples_required=5")
+    assert (median._time_attr, median._grace_period, median._min_samples_required) == ("epoch", 4, 5)
+    pbt = _scheduler("scheduler=pbt", "scheduler.perturbation_interval=3", "scheduler.quantile_fraction=0.4",
+                     "scheduler.resample_probability=0.3")
+    assert (pbt._time_attr, pbt._perturbation_interval, pbt._quantile_fraction, pbt._resample_probability) == (
+        "epoch", 3, 0.4, 0.3)
+
+
+def _sample(searcher) -> list:
+    """A few draws from the searcher's own random generator: equal draws, equal seeds."""
+    if isinstance(searcher, OptunaSearch):
+        return [searcher._sampler._rng.rng.random() for _ in range(3)]
+    if isinstance(searcher, HyperOptSearch):
+        return list(searcher.rstate.random(3))
+    if isinstance(searcher, TuneBOHB):
+        return [searcher._seed]
+    return list(searcher._random_state.random(3))
+
+
+@pytest.mark.parametrize("option", options("search"))
+def test_searchers_are_seeded_by_the_experiment_seed(option):
+    exp, other = experiment(f"search={option}", *SPACE, "seed=7"), experiment(f"search={option}", *SPACE, "seed=8")
+    if any(importlib.util.find_spec(m) is None for m in exp.search.extras):
+        pytest.skip(f"search={option} needs {exp.search.extras} (pip install 'yolotune[{option}]')")
+    assert _sample(exp.search.build(exp)) == _sample(exp.search.build(exp)) != _sample(other.search.build(other))
+
+
+def test_tpe_searchers_get_their_startup_trials():
+    exp = experiment("search=optuna", "search.n_startup_trials=3", *SPACE)
+    assert exp.search.build(exp)._sampler._n_startup_trials == 3
+    exp = experiment("search=hyperopt", "search.n_initial_points=4", *SPACE)
+    assert exp.search.build(exp).algo.keywords["n_startup_jobs"] == 4
+

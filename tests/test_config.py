@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from compose import REPO, compose_config, experiment, options
 from conftest import run_cli
-from yolotune.config import GROUPS, validate
+from yolotune.config import GROUPS, options as option_classes, register_configs, to_experiment, validate
+from yolotune.errors import ConfigError
 
 GROUPS_ON_DISK = [p.name for p in sorted((REPO / "conf").iterdir()) if p.is_dir() and p.name != "hydra"]
 NEEDS_LOGIN = {("wandb", "online")}  # tested in test_wandb
@@ -42,6 +43,51 @@ def test_every_option_composes_and_validates(group, option):
 def test_presets_compose_with_every_option_of_every_group(preset, group):
     for option in options(group):
         experiment(f"experiment={preset}", f"{group}={option}")  # composes and types
+
+
+def test_register_configs_stores_the_schema_and_every_options_schema(monkeypatch):
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    monkeypatch.setattr(store, "repo", {})  # empty: what this call stores, not what importing the tests did
+    register_configs()
+    schemas = [f"schema_{group}_{name}.yaml" for group in GROUPS for name in option_classes(group)]
+    assert store.list("") == sorted([*schemas, "yolotune_schema.yaml"])  # no group: --help shows none
+    for group in GROUPS:
+        for name in option_classes(group):
+            assert store.load(f"schema_{group}_{name}.yaml").node.type == name
+
+
+def _saved(**changes):
+    """A composed config as the runner saves it (plain, untyped), with ``changes`` (dotted keys)."""
+    plain = OmegaConf.create(OmegaConf.to_container(compose_config()))
+    for key, value in changes.items():
+        OmegaConf.update(plain, key, value, merge=False, force_add=True)
+    return plain
+
+
+@pytest.mark.parametrize("key,value", [("iterations", "ten"), ("seed", "abc"), ("scheduler.grace_period", "soon"),
+                                       ("resources.cpu_per_trial", "many"), ("failure.max_failures", "x")])
+def test_a_saved_config_with_a_wrong_type_names_the_key(key, value):
+    with pytest.raises(ConfigError) as err:
+        to_experiment(_saved(**{key: value}))
+    assert err.value.key == key and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("name", "${nowhere}", "name"), ("scheduler.type", "ashaa", "scheduler.type"), ("search.type", None, "search.type"),
+    ("scheduler.foo", 1, "scheduler.foo"), ("colour", "red", "colour"), ("train", [1], "train"), ("space", 3, "space"),
+])
+def test_a_damaged_saved_config_names_the_key(key, value, named):
+    with pytest.raises(ConfigError) as err:
+        to_experiment(_saved(**{key: value}))
+    assert err.value.key == named, str(err.value)
+
+
+def test_a_saved_config_keeps_train_and_space_as_given():
+    """Merging them into the schema's defaults would bring back keys the experiment removed."""
+    exp = to_experiment(_saved(train={"epochs": 3}, space={"lr0": "uniform(0.1, 0.2)"}))
+    assert exp.train == {"epochs": 3} and exp.space == {"lr0": "uniform(0.1, 0.2)"}
 
 
 def test_default_space_is_the_guides():

@@ -14,11 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_cli, small_sweep_overrides
+from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
 from yolotune.layout import HISTORY
 
-pytestmark = pytest.mark.slow
 EPOCHS = 8
 
 
@@ -28,9 +27,10 @@ def _rows(trial_dir: Path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _start(overrides):
+def _start(overrides, ray_tmp: Path):
     return subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -41,10 +41,6 @@ def _wait_for(predicate, proc, timeout=300):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     raise AssertionError("timed out")
-
-
-def _kill_ray_workers():
-    subprocess.run(["pkill", "-9", "-f", "ray::|raylet|gcs_server"])
 
 
 def _one_done_one_midway(exp_dir: Path, epochs: int):
@@ -61,16 +57,18 @@ def _sequential_sweep(storage, shapes_cache, name):
         "scheduler=fifo", "resources.max_concurrent_trials=1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig):
     exp_dir = tmp_path / "exp"
-    proc = _start(_sequential_sweep(tmp_path, shapes_cache, "exp"))
-    _wait_for(_one_done_one_midway(exp_dir, EPOCHS), proc)
-    os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
-    if sig == signal.SIGKILL:  # a dying machine takes Ray's workers (in their own process groups) too
-        _kill_ray_workers()
-    output = proc.communicate(timeout=120)[0]
-    _kill_ray_workers()  # orphaned workers would otherwise train on for a moment after the driver is gone
+    with ray_temp_dir() as ray_tmp:
+        proc = _start(_sequential_sweep(tmp_path, shapes_cache, "exp"), ray_tmp)
+        _wait_for(_one_done_one_midway(exp_dir, EPOCHS), proc)
+        os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
+        if sig == signal.SIGKILL:  # a dying machine takes this sweep's Ray workers (in their own groups) too
+            kill_processes_under(ray_tmp)
+        output = proc.communicate(timeout=120)[0]
+    # leaving ray_temp_dir killed orphaned workers, which would otherwise train on after the driver is gone
     if sig == signal.SIGKILL:
         command = ["resume=true", f"storage={tmp_path}"]
     else:
@@ -111,6 +109,7 @@ def _last_checkpoint_epoch(trial_dir: Path) -> int:
     return max(int(p.name.split("_")[1]) for p in trial_dir.glob("checkpoint_*")) + 1
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_an_error_row_and_the_others_finish(tmp_path, coco8):
     proc = run_cli(f"storage={tmp_path}", "name=err", f"data.yaml={coco8}", "model=yolo11n-scratch",
                    "space=minimal", "~space.lr0", "~space.momentum", "~train.optimizer",
@@ -127,12 +126,56 @@ def test_a_failing_trial_is_an_error_row_and_the_others_finish(tmp_path, coco8):
     assert "yolotune/trainable.py" in kept and "NotAnOptimizer" in kept  # the whole traceback is kept
 
 
+@pytest.mark.slow
 def test_all_trials_failing_exits_non_zero(tmp_path, coco8):
     proc = run_cli(f"storage={tmp_path}", "name=err", f"data.yaml={coco8}", "model=yolo11n-scratch",
                    "space=minimal", "~space.lr0", "~space.momentum", "~train.optimizer",
                    "+space.optimizer={dist:choice,values:[NotAnOptimizer]}", "scheduler=fifo",
                    "train.epochs=1", "train.imgsz=64", "iterations=1")
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "err" / "trials.csv")  # the run ended normally: results were written
+    assert list(trials["status"]) == ["ERROR"] and "NotAnOptimizer" in trials["error"][0]
+
+
+def _fails_once_at_epoch_2(storage: Path, shapes_cache: Path, name: str, marker: Path):
+    """One 3-epoch trial whose training raises once, at the start of epoch 2 (tests/flaky/sitecustomize.py),
+    after epoch 1's checkpoint was reported."""
+    overrides = small_sweep_overrides(storage, shapes_cache, name, iterations=1, epochs=3)
+    overrides = [o for o in overrides if not o.startswith("scheduler")] + ["scheduler=fifo"]
+    env = {"YOLOTUNE_TEST_FAIL_ONCE": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "flaky"), os.environ.get("PYTHONPATH", "")])}
+    return overrides, env
+
+
+def _epochs(exp_dir: Path) -> list:
+    (trial_dir,) = exp_dir.glob("trial_*")
+    return [row["epoch"] for row in _rows(trial_dir)]
+
+
+@pytest.mark.slow
+def test_max_failures_retries_a_failed_trial_from_its_checkpoint(tmp_path, shapes_cache):
+    marker = tmp_path / "failed-once"
+    overrides, env = _fails_once_at_epoch_2(tmp_path, shapes_cache, "retry", marker)
+    proc = run_cli(*overrides, "failure.max_failures=1", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert marker.exists()  # it did fail once
+    assert _epochs(tmp_path / "retry") == [1, 2, 3]  # the retry went on from epoch 1, not from scratch
+    assert list(pd.read_csv(tmp_path / "retry" / "trials.csv")["status"]) == ["TERMINATED"]
+
+
+@pytest.mark.slow
+def test_resume_errored_reruns_an_errored_trial_from_its_checkpoint(tmp_path, shapes_cache):
+    marker = tmp_path / "failed-once"
+    overrides, env = _fails_once_at_epoch_2(tmp_path, shapes_cache, "errored", marker)
+    first = run_cli(*overrides, env=env)  # failure.max_failures=0: the trial ends in ERROR
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    assert list(pd.read_csv(tmp_path / "errored" / "trials.csv")["status"]) == ["ERROR"]
+    assert _epochs(tmp_path / "errored") == [1]
+
+    resumed = run_cli("resume=true", "resume_errored=true", "name=errored", f"storage={tmp_path}", env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert _epochs(tmp_path / "errored") == [1, 2, 3]
+    assert list(pd.read_csv(tmp_path / "errored" / "trials.csv")["status"]) == ["TERMINATED"]
 
 
 @pytest.mark.parametrize("override", ["space.lr0.high=0.5", "iterations=20", "metric=fitness", "scheduler=fifo",

@@ -88,3 +88,26 @@ def test_ray_domains_round_trip(domain):
         assert back.categories == domain.categories
     else:
         assert type(back) is type(domain) and (back.lower, back.upper) == (domain.lower, domain.upper)
+
+
+@pytest.mark.parametrize("domain,spec", [
+    (tune.uniform(0, 1), {"dist": "uniform", "low": 0, "high": 1}),
+    (tune.loguniform(1e-4, 1e-1), {"dist": "loguniform", "low": 1e-4, "high": 1e-1}),
+    (tune.quniform(0, 1, 0.5), {"dist": "quniform", "low": 0, "high": 1, "q": 0.5}),
+    (tune.randint(0, 5), {"dist": "randint", "low": 0, "high": 4}),  # Ray's exclusive upper bound, ours inclusive
+    (tune.qrandint(0, 10, 2), {"dist": "qrandint", "low": 0, "high": 10, "q": 2}),
+    (tune.choice([1, 2]), {"dist": "choice", "values": [1, 2]}),
+    (tune.grid_search(["a", "b"]), {"dist": "grid", "values": ["a", "b"]}),
+], ids=["uniform", "loguniform", "quniform", "randint", "qrandint", "choice", "grid"])
+def test_ray_domains_become_these_specs(domain, spec):
+    assert from_ray("space.x", domain) == spec
+
+
+@pytest.mark.parametrize("domain,allowed", [
+    (tune.qloguniform(1e-4, 1e-1, 1e-4), "qloguniform is not supported; use loguniform"),
+    (0.5, "a Ray Tune domain (tune.uniform, "), ({"grid_search": [1], "x": 2}, "a Ray Tune domain (tune.uniform, "),
+], ids=["qloguniform", "number", "grid-and-more"])
+def test_unsupported_ray_domains_name_the_key(domain, allowed):
+    with pytest.raises(ConfigError) as err:
+        from_ray("space.x", domain)
+    assert (err.value.key, err.value.value) == ("space.x", domain) and err.value.allowed.startswith(allowed)

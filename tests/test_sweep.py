@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import ray_temp_dir
 from yolotune.train_args import ultralytics_args
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,32 @@ def test_python_api_returns_a_result_grid(tmp_path, coco8):
     saved = yaml.safe_load((tmp_path / "api" / ".hydra" / "config.yaml").read_text())
     assert saved["space"] == {"lr0": {"dist": "uniform", "low": 1e-3, "high": 1e-1}}
     assert (tmp_path / "api" / "trials.csv").is_file()
+
+
+def test_python_api_grace_period_gpu_per_trial_and_resume(tmp_path, shapes_cache, monkeypatch):
+    """The API's own arguments land in the saved config; resume=True goes on with that config and
+    ignores the arguments that would change the search."""
+    import yolotune
+
+    shapes = ["data.train_images=16", "data.val_images=8", "data.imgsz=64", f"data.cache_dir={shapes_cache}"]
+    where = dict(storage=str(tmp_path), name="api", gpu_per_trial=0)
+    with ray_temp_dir() as ray_tmp:
+        monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))  # the in-process Ray is this test's own
+        grid = yolotune.tune(model="yolo11n.yaml", data="shapes", space={"lr0": "uniform(0.001, 0.01)"},
+                             grace_period=2, iterations=2, overrides=["seed=0", *shapes], epochs=2, imgsz=64,
+                             batch=8, **where)
+        assert len(grid) == 2 and not grid.errors
+        saved_path = tmp_path / "api" / ".hydra" / "config.yaml"
+        saved = yaml.safe_load(saved_path.read_text())
+        assert saved["scheduler"]["type"] == "asha" and saved["scheduler"]["grace_period"] == 2
+        assert saved["resources"]["gpu_per_trial"] == 0 and saved["iterations"] == 2
+        assert saved["train"]["epochs"] == 2 and saved["data"]["train_images"] == 16
+        trials = pd.read_csv(tmp_path / "api" / "trials.csv")
+
+        resumed = yolotune.tune(resume=True, grace_period=1, iterations=5, epochs=9, **where)
+    assert sorted(r.metrics["trial_id"] for r in resumed) == sorted(trials["trial_id"])
+    assert yaml.safe_load(saved_path.read_text()) == saved
+    assert pd.read_csv(tmp_path / "api" / "trials.csv")["epochs"].tolist() == trials["epochs"].tolist()
 
 
 @pytest.mark.parametrize("overrides", [
