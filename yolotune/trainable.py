@@ -20,6 +20,7 @@ import ray
 from ray import tune
 
 from yolotune.layout import HISTORY, append_jsonl, trial_dirname
+from yolotune.storage import Location
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
@@ -29,7 +30,8 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
     _disable_ultralytics_reporting()
     torch.set_num_threads(job["threads"])
     ctx = tune.get_context()
-    trial_dir = Path(job["experiment_dir"]) / trial_dirname(ctx.get_trial_id())
+    trial_dir = _trial_dir(Location(job["experiment_dir"]).child(trial_dirname(ctx.get_trial_id())),
+                           restore=tune.get_checkpoint() is not None)
     save_dir = trial_dir / "train"
     args = {**job["train"], **config, "data": job["data"], "project": str(trial_dir), "name": "train",
             "exist_ok": True}
@@ -53,6 +55,16 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
     reporter = _EpochReporter(trial_dir / HISTORY)
     model.add_callback("on_model_save", reporter.on_model_save)
     model.train(**args)
+
+
+def _trial_dir(location: Location, restore: bool) -> Path:
+    """The trial's own dir on a shared file system; with an object store, Ray's local working dir
+    (the trial runs in it), which Ray uploads with every checkpoint. A trial that continues there
+    gets its uploaded files back first (history.jsonl, Ultralytics' output): the next upload
+    replaces them."""
+    if not location.remote:
+        return location.local
+    return location.download(into=Path.cwd()) if restore else Path.cwd()
 
 
 class _EpochReporter:
