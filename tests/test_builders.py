@@ -1,4 +1,4 @@
-"""Each scheduler, search and resources option, composed from its YAML, turns into the right Ray
+"""Each scheduler and search option, composed from its YAML, turns into the right Ray
 object with the configured values (table driven over conf/<group>/*.yaml)."""
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from compose import experiment, options
 from yolotune.config import validate
-from yolotune.errors import ConfigError
-from yolotune.resources import ResourcesConfig, plan
 from yolotune.space import to_ray_space
 
 SPACE = ["space=minimal", "+space.dropout='choice([0.0, 0.1])'", "+space.close_mosaic='randint(0, 10)'", "train.epochs=30"]
@@ -45,6 +43,13 @@ def test_every_search_option_builds(option):
         assert search.set_search_properties("fitness", "max", to_ray_space(exp.dists))
 
 
+@pytest.mark.parametrize("limit,expected", [(None, 0), (1, 1), (3, 3)])
+def test_random_search_keeps_the_concurrency_limit(limit, expected):
+    """Ray applies TuneConfig.max_concurrent_trials to Searchers only: the generator must carry it."""
+    exp = experiment("search=random", *SPACE)
+    assert exp.search.build(exp, limit).max_concurrent == expected
+
+
 def test_asha_gets_its_values_in_the_right_places():
     exp = experiment("scheduler=asha", "scheduler.grace_period=2", "scheduler.reduction_factor=3",
                      "scheduler.brackets=2", *SPACE)
@@ -69,30 +74,3 @@ def test_pbt_mutates_the_space_and_clips_to_it():
     assert clip({"lr0": 5e-5, "close_mosaic": -1.2}) == {"lr0": 1e-4, "close_mosaic": 0}
     assert clip({"lr0": 0.05, "close_mosaic": 4}) == {"lr0": 0.05, "close_mosaic": 4}  # inside: untouched
     assert exp.scheduler.checkpoints_to_keep > 1  # donors' checkpoints must outlive their clones
-
-
-@pytest.mark.parametrize("res,cpus,gpus,expected", [
-    (ResourcesConfig(), 2, 0, (1, 0)),                          # auto on a CPU box: one 1-CPU trial per core
-    (ResourcesConfig(), 16, 1, (4, 0.25)),                      # auto on a GPU box: four trials per GPU
-    (ResourcesConfig(), 16, 2, (2, 0.25)),
-    (ResourcesConfig(cpu_per_trial=2, gpu_per_trial=0), 8, 0, (2, 0)),
-    (ResourcesConfig(cpu_per_trial=1, gpu_per_trial=0.5), 8, 1, (1, 0.5)),
-])
-def test_resources_plan(res, cpus, gpus, expected):
-    planned = plan(res, cpus, gpus)
-    assert (planned.cpu, planned.gpu) == expected and planned.threads == max(1, int(expected[0]))
-
-
-def test_resources_plan_keeps_the_concurrency_limit():
-    assert plan(ResourcesConfig(max_concurrent_trials=3), 8, 0).max_concurrent_trials == 3
-
-
-@pytest.mark.parametrize("res,cpus,gpus,key", [
-    (ResourcesConfig(gpu_per_trial=1), 2, 0, "resources.gpu_per_trial"),
-    (ResourcesConfig(gpu_per_trial=2), 8, 1, "resources.gpu_per_trial"),
-    (ResourcesConfig(cpu_per_trial=4), 2, 0, "resources.cpu_per_trial"),
-])
-def test_resources_beyond_the_machine(res, cpus, gpus, key):
-    with pytest.raises(ConfigError) as err:
-        plan(res, cpus, gpus)
-    assert err.value.key == key

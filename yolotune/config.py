@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from yolotune.console import VERBOSE
 from yolotune.data import DataConfig
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line, storage_dir
@@ -49,6 +50,11 @@ class FailureConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 1  # epochs between a trial's checkpoints (its last epoch always has one)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # null: a private local Ray; "auto" or host:port: an existing cluster
     runtime_env: Dict[str, Any] = field(default_factory=dict)
@@ -64,6 +70,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     iterations: int = 10
     name: Optional[str] = None  # null: a new unique name
@@ -73,6 +80,7 @@ class ExperimentConfig:
     metric: str = "fitness"
     mode: str = "max"
     seed: Optional[int] = None
+    verbose: str = "yolotune"  # yolotune: a live view | ray: Ray Tune's tables | quiet: the final summary only
     train: Dict[str, Any] = field(
         default_factory=lambda: {"epochs": DEFAULT_EPOCHS, "imgsz": 640, "batch": 16, "optimizer": "SGD"})
 
@@ -193,16 +201,20 @@ def validate(exp: ExperimentConfig) -> None:
     if exp.seed is not None:
         check_range("seed", exp.seed, 0, 2**32 - 1, "an integer from 0 to 2**32-1 (null: random)", integer=True)
     check_range("failure.max_failures", exp.failure.max_failures, 0, None, "an integer >= 0", integer=True)
+    check_range("checkpoint.every", exp.checkpoint.every, 1, exp.epochs,
+                f"an integer from 1 to train.epochs ({exp.epochs}): epochs between checkpoints", integer=True)
     _check_storage(exp.storage)
     address = exp.ray.address
     if address is not None and address != "auto" and not ADDRESS.match(address):
         raise ConfigError("ray.address", address, "null (a private local Ray), auto, or a cluster's host:port "
                                                   "(ray://host:port for Ray Client)")
     _check_optimizer(exp)
+    if exp.verbose not in VERBOSE:
+        raise ConfigError("verbose", exp.verbose, f"one of {', '.join(VERBOSE)}")
 
     for group in (*GROUPS, *PLAIN_GROUPS):
         getattr(exp, group).check(exp)
-    pruning = exp.scheduler.stops_trials or exp.search.replaces_scheduler
+    pruning = exp.scheduler.needs_validation or exp.search.replaces_scheduler
     if pruning and exp.train.get("val", True) is False:
         raise ConfigError("train.val", False, f"scheduler={exp.scheduler.type} stops trials on per-epoch validation "
                                               "metrics; keep val=true or use scheduler=fifo")

@@ -9,8 +9,10 @@ beyond the standard library (no Hydra, no OmegaConf, no Ray).
       provenance.yaml         command, versions, git state
       trials.jsonl            yolotune's trial record: one event a line (records.py)
       trial_<id>/history.jsonl  the trial's per-epoch results, appended by the trial itself
+      trial_<id>/train.log    everything the trial printed (Ultralytics' output, warnings, its traceback)
       trial_<id>/train/       Ultralytics' output (weights/last.pt, ...)
       trials.csv, best_hyperparameters.yaml, best.pt, plots/, report.html   results
+      yolotune.log            the console output of every run (appended on resume)
       .finished               written when every trial has ended; absent while resumable
 """
 
@@ -29,6 +31,8 @@ PROVENANCE = "provenance.yaml"
 # (Ray's own result.json is written by the driver and copied back over on pause/restore, which
 # can drop epochs under PBT and HyperBand.)
 HISTORY = "history.jsonl"
+TRAIN_LOG = "train.log"
+CONSOLE_LOG = "yolotune.log"
 TRIAL_RECORD = "trials.jsonl"
 ERROR_FILE = "error.txt"  # Ray writes a failed trial's traceback there
 DONE_MARKER = ".finished"

@@ -164,10 +164,11 @@ class ExperimentResults:
                 "best_epoch": int(runs.at[best_at, "epoch"]) if best_at is not None else None,
                 "hostname": runs["hostname"].iloc[-1] if "hostname" in runs and len(runs) else None,
                 "node_id": runs["node_id"].iloc[-1] if "node_id" in runs and len(runs) else None,
+                "gpu": runs["gpu"].iloc[-1] if "gpu" in runs and len(runs) else None,  # physical; "" on the CPU
                 "error": errors.get(trial.trial_id),
             })
         frame = pd.DataFrame(rows, columns=["trial_id", "status", *self.params, "epochs", f"last_{metric}",
-                                            f"best_{metric}", "best_epoch", "hostname", "node_id", "error"])
+                                            f"best_{metric}", "best_epoch", "hostname", "node_id", "gpu", "error"])
         return frame.astype({f"last_{metric}": float, f"best_{metric}": float, "best_epoch": "Int64"})
 
     def ranked(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -11,12 +13,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from yolotune import layout, train_args
+from yolotune import console, layout, train_args
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError
 from yolotune.layout import trial_dirname
-from yolotune.resources import TrialResources, plan
+from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
 from yolotune.storage import Location, is_uri
 
@@ -25,6 +27,10 @@ from yolotune.storage import Location, is_uri
 # A forced state snapshot per checkpoint is what keeps a SIGKILL from losing finished epochs.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# How long a reused worker may take to end its trial (trainable._release); Ray's 2 s can be too short
+# for data loader processes to exit on a busy machine, and the next trial then fails to start.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads from its weights dir
 
 
 def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
@@ -41,7 +47,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.trainable import train_trial
 
     location = Location(exp.storage).child(exp_dir.name)
-    job, resources = preflight(exp, exp_dir)
+    if exp.verbose != "ray":  # Ray's new output engine prints tables even at verbose=0; the legacy one is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    with _ultralytics_quiet(exp):
+        job, resources = preflight(exp, exp_dir)
     wandb_settings = None
     if exp.wandb.mode != "disabled":
         from yolotune.wandb_logging import trial_settings
@@ -52,27 +61,36 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         if exp.ray.address is not None:
             check_reachable(exp.ray.address)
         ray.init(**_ray_init_args(exp))
+    log = contextlib.ExitStack()
     try:
         if exp.ray.address is not None:
             total = ray.cluster_resources()
-            resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0))
+            resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0), exp.iterations)
+            check_autobatch(exp, resources.gpu)
             local_files = [job["data"]] + ([job["weights"]] if os.path.isabs(job["weights"]) else [])
             check_readable_on_every_node(local_files)
         job["threads"] = resources.threads
-        job["train"].setdefault("workers", resources.threads)  # data loader processes: the trial's CPUs (GPU only)
+        job["train"].setdefault("workers", resources.loader_workers)  # within the trial's CPUs (GPU only)
+        if resources.gpu and job["train"].get("amp", True) not in (False, "fp32", "bf16"):
+            job["amp_weights_dir"] = amp_check_weights()
         if not exp.resume:
             save_config()
             location.upload(*(p for p in exp_dir.rglob("*") if p.is_file()))
+        log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
+        log.enter_context(console.ray_logs(exp.verbose))
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume:
             tuner = tune.Tuner.restore(location.uri, trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
+            _use_this_runs_console(tuner, exp, exp_dir)
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings)
         grid = tuner.fit()
-        results = load(location.download())  # the trials' histories, from the store
-        written = [*export_best(results, location), *report.write_all(results).values()]
+        with _ultralytics_quiet(exp):
+            results = load(location.download())  # the trials' histories, from the store
+            written = export_best(results, location)
+        written += report.write_all(results).values()
         print("\n" + report.summary(results))
         if wandb_settings:
             from yolotune.wandb_logging import log_experiment_summary
@@ -83,9 +101,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             written.append(exp_dir / layout.DONE_MARKER)
         else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp, exp_dir)}")
-        location.upload(*written)
+        location.upload(*written, exp_dir / layout.CONSOLE_LOG)
         return grid
     finally:
+        log.close()
         if started:
             ray.shutdown()
 
@@ -97,7 +116,8 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
     from yolotune.records import trial_recorder
 
     space = exp.dists
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder()]  # trial_recorder: trials.jsonl
+    # trial_recorder: trials.jsonl; the live view: the console
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location.local)]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -109,7 +129,7 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
             metric=exp.metric, mode=exp.mode, num_samples=exp.iterations,
             scheduler=exp.search.build_scheduler(exp) if exp.search.replaces_scheduler
             else exp.scheduler.build(exp, space),
-            search_alg=exp.search.build(exp),
+            search_alg=exp.search.build(exp, resources.max_concurrent_trials),
             max_concurrent_trials=resources.max_concurrent_trials,
             reuse_actors=True,  # one warm worker runs trial after trial: no torch import per trial
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
@@ -123,7 +143,7 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
             # A trial needs only its newest checkpoint; under PBT others clone it, so keep a few more.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=exp.scheduler.checkpoints_to_keep),
             callbacks=callbacks,
-            log_to_file=True, verbose=1,
+            log_to_file=True, verbose=_ray_verbosity(exp),
         ),
     )
 
@@ -147,15 +167,53 @@ def export_best(results, location: Location) -> List[Path]:
     return written
 
 
+def _ray_verbosity(exp: ExperimentConfig) -> int:
+    return 1 if exp.verbose == "ray" else 0
+
+
+@contextlib.contextmanager
+def _ultralytics_quiet(exp: ExperimentConfig):
+    """Ultralytics' info lines and progress bars in the driver (label scans, weight stripping) stay off
+    the console; its warnings still show."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    if exp.verbose != "ray":
+        LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _live_view(exp: ExperimentConfig, exp_dir: Path):
+    from yolotune import report
+
+    prunes = exp.scheduler.stops_early or exp.search.replaces_scheduler
+    epochs = exp.scheduler.trial_epochs(exp)
+    return console.live_view(exp_dir, exp.metric, exp.mode, epochs, prunes, exp.verbose, report.write_all)
+
+
+def _use_this_runs_console(tuner, exp: ExperimentConfig, exp_dir: Path) -> None:
+    """tuner.pkl holds the first run's callbacks and verbosity: give the resumed run this run's (and
+    an experiment from before the live view its live view). Ray has no public way to do this."""
+    run_config = tuner._local_tuner.get_run_config()
+    kept = [c for c in run_config.callbacks or [] if not isinstance(c, console.LiveView)]
+    run_config.callbacks = kept + [_live_view(exp, exp_dir)]
+    run_config.verbose = _ray_verbosity(exp)
+
+
+
 def resume_command(exp: ExperimentConfig, exp_dir: Path) -> str:
     storage = exp.storage if is_uri(exp.storage) else str(exp_dir.parent)
     return f"python -m yolotune resume=true name={shlex.quote(exp_dir.name)} storage={shlex.quote(storage)}"
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
-    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None}
+    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None,
+            "logging_level": logging.INFO if exp.verbose == "ray" else logging.WARNING}
     if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
-        return {**args, "address": "local", "num_cpus": os.cpu_count(), "num_gpus": _local_gpus(),
+        return {**args, "address": "local", "num_cpus": local_cpus(), "num_gpus": _local_gpus(),
                 "include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # this machine only
     return {**args, "address": exp.ray.address}
 
@@ -185,7 +243,10 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     Ultralytics, the weights, the dataset, and the resources of this machine (a cluster's are known
     once Ray connects: None). Returns everything a trial needs besides its sampled values (plain,
     resolved, absolute) and the planned resources."""
-    resources = plan(exp.resources, os.cpu_count() or 1, _local_gpus()) if exp.ray.address is None else None
+    resources = None
+    if exp.ray.address is None:
+        resources = plan(exp.resources, local_cpus(), _local_gpus(), exp.iterations)
+        check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
     build_label_caches(data)
@@ -193,9 +254,27 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)
+    if "seed" not in train:  # deterministic algorithms slow GPU training: only for a reproducible run
+        train.setdefault("deterministic", False)
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
-    job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1}
+    job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
+           "checkpoint_every": exp.checkpoint.every}
     return job, resources
+
+
+def amp_check_weights() -> Optional[str]:
+    """The absolute folder holding the model of Ultralytics' AMP check, fetched here once for all
+    trials (each would fetch it into its own working dir); None if it cannot be had (offline): each
+    trial's check is then skipped with AMP on, as in Ultralytics."""
+    from ultralytics.utils import WEIGHTS_DIR
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    path = WEIGHTS_DIR.resolve() / AMP_CHECK_MODEL
+    try:
+        attempt_download_asset(path)
+    except Exception:  # noqa: BLE001 - offline, or the download failed
+        pass
+    return str(path.parent) if path.is_file() else None
 
 
 def _local_gpus() -> int:

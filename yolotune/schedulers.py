@@ -19,10 +19,16 @@ from yolotune.space import RANGE_DISTS, Dist, to_ray_space
 @dataclass
 class SchedulerConfig:
     type: str = MISSING
-    # Trials decide on validation metrics (val=true needed); FIFO only ranks them at the end.
-    stops_trials = True
+    # Decides on each epoch's validation metrics (val=true needed); FIFO only ranks trials at the end.
+    needs_validation = True
+    # Stops poor trials before train.epochs (what the live view calls "stopped early").
+    stops_early = True
     # A trial resumes from its newest checkpoint; PBT also clones other trials' checkpoints.
     checkpoints_to_keep = 1
+
+    def trial_epochs(self, exp) -> int:
+        """The most epochs a trial trains."""
+        return getattr(self, "max_t", None) or exp.epochs
 
     def check(self, exp) -> None:
         """Raise ConfigError for values Ray would reject (or that make no sense for ``exp``)."""
@@ -70,7 +76,8 @@ class AshaConfig(SchedulerConfig):
 class FifoConfig(SchedulerConfig):
     """No early stopping: every trial trains train.epochs."""
     type: str = "fifo"
-    stops_trials = False
+    needs_validation = False
+    stops_early = False
 
     def build(self, exp, space):
         from ray.tune.schedulers import FIFOScheduler
@@ -123,10 +130,15 @@ class PbtConfig(SchedulerConfig):
     perturbation_interval: int = 5
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
+    stops_early = False  # poor trials continue from better ones' checkpoints instead
     checkpoints_to_keep = 4
 
     def check(self, exp) -> None:
         _check_epochs("scheduler.perturbation_interval", self.perturbation_interval, exp.epochs)
+        if self.perturbation_interval % exp.checkpoint.every:  # a perturbation clones the newest checkpoint
+            raise ConfigError("scheduler.perturbation_interval", self.perturbation_interval,
+                              f"a multiple of checkpoint.every ({exp.checkpoint.every}), so each perturbation "
+                              "finds a checkpoint of that epoch")
         check_range("scheduler.quantile_fraction", self.quantile_fraction, 0, 0.5, "between 0 and 0.5")
         check_range("scheduler.resample_probability", self.resample_probability, 0, 1, "between 0 and 1")
         grids = [name for name, d in exp.dists.items() if d.dist == "grid"]

@@ -31,7 +31,8 @@ class SearchConfig:
             raise ConfigError(f"space.{grids[0]}.dist", "grid", f"search={self.type} cannot grid; use choice or "
                                                                 "search=random")
 
-    def build(self, exp):
+    def build(self, exp, max_concurrent: Optional[int] = None):
+        """The Ray Tune searcher; ``max_concurrent``: the trials that may run at once (None: no limit)."""
         raise NotImplementedError
 
 
@@ -40,10 +41,11 @@ class RandomSearchConfig(SearchConfig):
     """Random sampling (and grid) from the space; reproducible with seed."""
     type: str = "random"
 
-    def build(self, exp):
+    def build(self, exp, max_concurrent: Optional[int] = None):
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=exp.seed)
+        # Ray applies TuneConfig.max_concurrent_trials to Searchers only, not to this generator: set it here.
+        return BasicVariantGenerator(random_state=exp.seed, max_concurrent=max_concurrent or 0)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class OptunaSearchConfig(SearchConfig):
         check_range("search.n_startup_trials", self.n_startup_trials, 0, None, "an integer >= 0", integer=True)
         super().check(exp)
 
-    def build(self, exp):
+    def build(self, exp, max_concurrent: Optional[int] = None):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
@@ -77,7 +79,7 @@ class HyperoptSearchConfig(SearchConfig):
         check_range("search.n_initial_points", self.n_initial_points, 0, None, "an integer >= 0", integer=True)
         super().check(exp)
 
-    def build(self, exp):
+    def build(self, exp, max_concurrent: Optional[int] = None):
         from ray.tune.search.hyperopt import HyperOptSearch
 
         return HyperOptSearch(n_initial_points=self.n_initial_points, random_state_seed=exp.seed)
@@ -100,7 +102,7 @@ class BohbSearchConfig(SearchConfig):
         check_reduction_factor("search.reduction_factor", self.reduction_factor)
         super().check(exp)
 
-    def build(self, exp):
+    def build(self, exp, max_concurrent: Optional[int] = None):
         from ray.tune.search.bohb import TuneBOHB
 
         return TuneBOHB(seed=exp.seed)

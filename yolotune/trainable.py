@@ -8,33 +8,45 @@ one trial to the next except the caches Ultralytics itself keeps.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
+import traceback
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import ray
 from ray import tune
 
-from yolotune.layout import HISTORY, append_jsonl, trial_dirname
+from yolotune.layout import HISTORY, TRAIN_LOG, append_jsonl, trial_dirname
 from yolotune.storage import Location
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
+    device, gpu = claim_device(ray.get_gpu_ids())  # before torch can see the GPUs
+    location = Location(job["experiment_dir"]).child(trial_dirname(tune.get_context().get_trial_id()))
+    trial_dir = _trial_dir(location, restore=tune.get_checkpoint() is not None)
+    with _trial_log(trial_dir / TRAIN_LOG):
+        _train(config, job, trial_dir, device, gpu)
+
+
+def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, device: str, gpu: str) -> None:
     import torch
     from ultralytics import YOLO
 
     _disable_ultralytics_reporting()
+    _use_amp_check_weights(job.get("amp_weights_dir"))
     torch.set_num_threads(job["threads"])
-    ctx = tune.get_context()
-    trial_dir = _trial_dir(Location(job["experiment_dir"]).child(trial_dirname(ctx.get_trial_id())),
-                           restore=tune.get_checkpoint() is not None)
     save_dir = trial_dir / "train"
     args = {**job["train"], **config, "data": job["data"], "project": str(trial_dir), "name": "train",
-            "exist_ok": True}
+            "exist_ok": True, "device": device}
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -50,11 +62,74 @@ def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
         if resume_from is None:
             return  # every epoch was already reported: the trial is complete
         model = YOLO(str(resume_from))
-        args = {"resume": str(resume_from), "data": job["data"]}
+        args = {"resume": str(resume_from), "data": job["data"], "device": device}
 
-    reporter = _EpochReporter(trial_dir / HISTORY)
+    # Ray uploads the whole trial dir when it is in an object store: checkpoints are staged beside it.
+    scratch = trial_dir.parent if Location(job["experiment_dir"]).remote else trial_dir
+    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), scratch)
     model.add_callback("on_model_save", reporter.on_model_save)
-    model.train(**args)
+    try:
+        model.train(**args)
+    except BaseException as e:
+        # A stop (Ray raises SystemExit in report) or an error: the finished frames' locals hold the trainer.
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        _release(model)
+
+
+def claim_device(gpu_ids) -> Tuple[str, str]:
+    """The device a trial trains on, and the physical GPUs it uses ("" on the CPU).
+
+    Ray shows a trial only its own GPUs (CUDA_VISIBLE_DEVICES), numbered from 0 inside it. A trial
+    without GPUs gets none at all: Ray leaves CUDA_VISIBLE_DEVICES unset there, and Ultralytics
+    would pick GPU 0 for it, unaccounted for.
+    """
+    if not gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu", ""
+    return ",".join(str(i) for i in range(len(gpu_ids))), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def _release(model) -> None:
+    """Free what the trial's trainer holds: a reused worker runs the next trial in this process.
+
+    When a scheduler stops a trial (from inside the epoch callback) or training fails, Ultralytics'
+    clean-up never runs: its data loader processes, pinned batches, model, EMA and optimizer would
+    live on. Ray waits for this before reusing the worker (TUNE_FUNCTION_THREAD_TIMEOUT_S, see runner.py).
+    """
+    import torch
+
+    trainer = getattr(model, "trainer", None)
+    if trainer is not None:
+        for loader in (getattr(trainer, "train_loader", None), getattr(trainer, "test_loader", None)):
+            if hasattr(loader, "close"):
+                loader.close()  # joins the loader's worker processes, drops their prefetched batches
+        trainer.__dict__.clear()  # its model, EMA, optimizer, loaders and metrics go with it
+    model.trainer = None
+    gc.collect()
+    _trim_heap()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # return the freed memory to the GPU, for the next trial on the card
+
+
+def _trim_heap() -> None:
+    """Hand the freed heap back to the system: glibc keeps it otherwise, and the worker's memory would
+    grow trial after trial even with nothing of the old trials left."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _use_amp_check_weights(weights_dir) -> None:
+    """Ultralytics' AMP check loads a small model from its weights dir, which is relative (``weights``)
+    unless set otherwise: from a trial's working directory it would download it again in every
+    trial. The driver fetched it once (runner.amp_check_weights); point the check at that copy."""
+    if weights_dir:
+        import ultralytics.utils
+
+        ultralytics.utils.WEIGHTS_DIR = Path(weights_dir)  # check_amp reads it at each call
 
 
 def _trial_dir(location: Location, restore: bool) -> Path:
@@ -68,17 +143,19 @@ def _trial_dir(location: Location, restore: bool) -> Path:
 
 
 class _EpochReporter:
-    """Reports each finished epoch to Ray with the trial's last.pt as its checkpoint.
+    """Reports each finished epoch to Ray, with the trial's last.pt as its checkpoint every
+    ``every`` epochs and at the trial's last epoch.
 
     ``on_model_save`` fires once per epoch, right after last.pt is written, and (unlike
     ``on_fit_epoch_end``) not again for the final validation of best.pt.
     """
 
-    def __init__(self, history: Path):
-        # Where the trial ran: the node, and the worker process (shared by trials when actors are reused).
+    def __init__(self, trial_dir: Path, gpu: str, every: int, scratch: Path):
+        # Where the trial ran: the node, the worker process (shared by trials when actors are reused)
+        # and the physical GPUs (CUDA_VISIBLE_DEVICES as Ray set it; "" on the CPU).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-                     "pid": os.getpid()}
-        self.history, self.last_report = history, time.time()
+                     "pid": os.getpid(), "gpu": gpu}
+        self.trial_dir, self.every, self.scratch, self.last_report = trial_dir, every, scratch, time.time()
 
     def on_model_save(self, trainer) -> None:
         metrics = {
@@ -89,12 +166,76 @@ class _EpochReporter:
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(fitness=float(trainer.fitness or 0.0), epoch=trainer.epoch + 1, **self.node)
         now = time.time()
-        append_jsonl(self.history, {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
+        append_jsonl(self.trial_dir / HISTORY,
+                     {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
         self.last_report = now
-        with tempfile.TemporaryDirectory(prefix="yolotune-ckpt-") as tmp:
+        if (trainer.epoch + 1) % self.every and not trainer.stop:
+            tune.report(metrics)
+            return
+        # On the trial dir's file system, so last.pt is linked, not copied; Ray copies it into the
+        # trial's checkpoint folder before report returns.
+        with tempfile.TemporaryDirectory(prefix=".ckpt-", dir=self.scratch) as tmp:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")
-            # Ray copies the checkpoint into the trial directory before report returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+@contextmanager
+def _trial_log(path: Path):
+    """Send everything the trial prints to its train.log (appended on resume): stdout, stderr (so
+    warnings too), Ultralytics' LOGGER, and the traceback if it raises. The worker process runs
+    trial after trial, so all of it is undone when the trial ends, however it ends (a trial stopped
+    by the scheduler ends with SystemExit inside ``tune.report``)."""
+    from ultralytics.utils import LOGGER
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1, encoding="utf-8") as raw:
+        log = _FinishedLines(raw)
+        # LOGGER's handler holds the sys.stdout of import time: point it at the log for this trial.
+        handlers = [h for h in LOGGER.handlers if type(h) is logging.StreamHandler]
+        streams = [h.setStream(log) for h in handlers]
+        try:
+            with redirect_stdout(log), redirect_stderr(log):
+                yield
+        except Exception:
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
+            log.close()
+
+
+class _FinishedLines:
+    """Writes whole lines only: a progress bar redrawn in place (``\\r``) leaves its final state, and
+    terminal control sequences are dropped, so train.log reads as plain text."""
+
+    def __init__(self, file):
+        self.file, self.line = file, ""
+
+    def write(self, text: str) -> int:
+        for part in re.split(r"(\r|\n)", _ANSI.sub("", text)):
+            if part == "\n":
+                self.file.write(self.line + "\n")
+                self.line = ""
+            elif part == "\r":
+                self.line = ""
+            else:
+                self.line += part
+        return len(text)
+
+    def flush(self) -> None:  # a line in progress waits for its end
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.line:
+            self.file.write(self.line + "\n")
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
@@ -125,7 +266,7 @@ def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
-    except OSError:
+    except OSError:  # a file system without hard links
         shutil.copy2(src, dst)
 
 

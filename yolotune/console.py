@@ -1,0 +1,433 @@
+"""What a running experiment prints, and the experiment's console log.
+
+``live_view(...)`` is a Ray Tune callback in the driver. It keeps one progress line for the
+experiment (trials done, trial-epochs run, the best value of the metric and its trial, elapsed
+and remaining time) and prints one line per trial event: started, stopped early, finished,
+errored. It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a
+background thread, whenever a trial ends. ``log_to(path)`` copies everything printed into the
+experiment's ``yolotune.log``.
+
+On a terminal the progress line is redrawn in place by tqdm: it clears and redraws its line
+around our event lines and trims it to the terminal's width, even as the window is resized.
+(Neither rich nor tqdm comes with Ultralytics 8.4 or Ray, so yolotune depends on one: tqdm,
+which is small, has no dependencies of its own and is what optuna and hyperopt install anyway;
+rich would bring markdown-it and pygments along for one line.) Elsewhere (CI, nohup, a pipe) every line is plain text with no control
+characters, and progress lines come at most every ``PLAIN_EVERY_S`` seconds, plus one after
+each trial that ends.
+
+Importing this module does not import Ray (see ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
+
+from yolotune.layout import TRAIN_LOG, trial_dirname
+
+VERBOSE = ("yolotune", "ray", "quiet")  # the config's `verbose`: our live view, Ray's tables, or nothing
+PLAIN_EVERY_S = 30.0
+TERMINAL_EVERY_S = 1.0
+RETRY_S = 2.0
+ENDED = ("TERMINATED", "ERROR")
+
+
+# --- formatting
+
+
+def duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    text = str(value)
+    return text if len(text) <= 16 else text[:15] + "…"
+
+
+def sampled(config: Dict, width: int = 100) -> str:
+    """``lr0=0.00188 lrf=0.277 ...``: values to 3 digits, cut after about ``width`` characters."""
+    parts, used = [], 0
+    items = list(config.items())
+    for i, (key, value) in enumerate(items):
+        part = f"{key}={short(value)}"
+        if parts and used + len(part) > width:
+            parts.append(f"(+{len(items) - i} more)")
+            break
+        parts.append(part)
+        used += len(part) + 1
+    return " ".join(parts)
+
+
+def started_line(trial_id: str, config: Dict, resumed: bool = False) -> str:
+    return f"trial {trial_id} {'resumed from its checkpoint' if resumed else 'started'}: {sampled(config)}"
+
+
+def ended_line(trial_id: str, epochs: int, max_epochs: int, metric: str, last, best) -> str:
+    how = f"stopped early by the scheduler at epoch {epochs}" if epochs < max_epochs else f"finished {n_epochs(epochs)}"
+    return f"trial {trial_id} {how}: {metric} {_number(last)} (best {_number(best)})"
+
+
+def errored_line(trial_id: str, epochs: int, error: str, log: Path) -> str:
+    return f"trial {trial_id} errored after {n_epochs(epochs)}: {error}  (log: {log})"
+
+
+def error_of(text: str, width: int = 160) -> str:
+    """The exception line of a traceback (its last non-blank line), cut after ``width`` characters."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    line = lines[-1] if lines else "unknown error"
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def n_epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _epoch(trial) -> int:
+    return int((trial.last_result or {}).get("epoch", 0) or 0)
+
+
+# --- the progress line
+
+
+class Progress:
+    """The experiment's progress line, computed from Ray's trial list.
+
+    A trial has ended when its end was announced (``end``), or when it had already ended the first
+    time it was seen (a resumed experiment's). Ray's statuses alone would not do: it announces an
+    end before it sets the status, and an interrupt sets the running trials TERMINATED unannounced.
+
+    Remaining time: every unfinished trial (and every trial not yet started) is assumed to run
+    all ``epochs``, each epoch as long as the mean epoch so far, as many trials at once as have
+    run at once (no fewer than the longest trial's remaining epochs take). A trial's first epoch
+    in this run is left out of the mean: it includes starting the worker and the data loaders.
+    With a scheduler that stops trials early (``prunes``) this is an upper estimate, shown as "up to".
+    """
+
+    def __init__(self, metric: str, mode: str, total: int, epochs: int, prunes: bool, now: Optional[float] = None):
+        self.metric, self.mode, self.total, self.epochs, self.prunes = metric, mode, total, epochs, prunes
+        self.start = time.time() if now is None else now
+        self.ended: Dict[str, bool] = {}  # trial id -> errored
+        self.seen: set = set()
+        self.reported: set = set()  # trials that reported an epoch in this run
+        self.epoch_s, self.timed_epochs = 0.0, 0
+        self.at_once = 1  # the most trials seen running at once
+
+    def end(self, trial_id: str, errored: bool) -> None:
+        self.ended[trial_id] = errored
+
+    def result(self, trial_id: str, seconds: float) -> None:
+        """An epoch reported by a trial, ``seconds`` after its previous report (or its start)."""
+        if trial_id in self.reported:
+            self.epoch_s += seconds
+            self.timed_epochs += 1
+        self.reported.add(trial_id)
+
+    def done(self, trials: Iterable) -> int:
+        return len(self._ended(trials))
+
+    def _ended(self, trials: Iterable) -> Dict[str, bool]:
+        for trial in trials:
+            if trial.trial_id not in self.seen:
+                self.seen.add(trial.trial_id)
+                if trial.status in ENDED:
+                    self.ended.setdefault(trial.trial_id, trial.status == "ERROR")
+        return self.ended
+
+    def line(self, trials, now: Optional[float] = None) -> str:
+        trials = list(trials)
+        now = time.time() if now is None else now
+        ended = self._ended(trials)
+        epochs_run = sum(_epoch(t) for t in trials)
+        errored = sum(ended.values())
+        parts = [f"{len(ended)}/{self.total} trials" + (f" ({errored} errored)" if errored else ""),
+                 f"{epochs_run} trial-epochs", self._best(trials),
+                 f"{duration(now - self.start)} elapsed"]
+        if len(ended) < self.total:
+            parts.append(self._left(trials, ended))
+        return " | ".join(parts)
+
+    def _best(self, trials) -> str:
+        values = [(t.metric_analysis[self.metric][self.mode], t.trial_id) for t in trials
+                  if self.metric in (t.metric_analysis or {})]
+        if not values:
+            return f"best {self.metric} -"
+        value, trial_id = (max if self.mode == "max" else min)(values)
+        return f"best {self.metric} {value:.4g} ({trial_id})"
+
+    def _left(self, trials, ended) -> str:
+        unfinished = [t for t in trials if t.trial_id not in ended]
+        self.at_once = max(self.at_once, sum(t.status == "RUNNING" for t in unfinished))
+        if not self.timed_epochs:
+            return "time left: estimating"
+        to_go = [max(self.epochs - _epoch(t), 0) for t in unfinished]
+        to_go += [self.epochs] * max(self.total - len(trials), 0)
+        epochs = max(sum(to_go) / min(self.at_once, len(to_go)), max(to_go))
+        return f"{'up to ' if self.prunes else '~'}{duration(epochs * self.epoch_s / self.timed_epochs)} left"
+
+
+class Throttle:
+    """True at most once every ``every_s`` seconds, or when forced."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.last = every_s, None
+
+    def __call__(self, now: float, force: bool = False) -> bool:
+        if force or self.last is None or now - self.last >= self.every_s:
+            self.last = now
+            return True
+        return False
+
+
+# --- output
+
+
+class Screen:
+    """Event lines and the progress line, to stdout (and so to yolotune.log) or, with ``echo=False``,
+    to yolotune.log alone."""
+
+    def __init__(self, echo: bool, total: int):
+        self.echo, self.stream = echo, sys.stdout
+        self.terminal = terminal = getattr(self.stream, "terminal", self.stream)
+        self.bar = None
+        if echo and terminal.isatty():
+            from tqdm import tqdm
+
+            # Written to the terminal only: yolotune.log gets plain progress lines instead.
+            self.bar = tqdm(total=total, file=terminal, bar_format="{bar:8} {desc}", dynamic_ncols=True,
+                            leave=False)
+        self.plain_due = Throttle(PLAIN_EVERY_S)
+
+    def event(self, line: str) -> None:
+        if not self.echo:
+            return _log_only(line)
+        if self.bar:
+            self.bar.clear()
+        print(line, file=self.stream, flush=True)
+        if self.bar:
+            self.bar.refresh()
+
+    def progress(self, line: str, done: int, force: bool = False, now: Optional[float] = None) -> None:
+        """Redraw the terminal's progress line; print it as a plain line when due (or ``force``)."""
+        if self.bar:
+            self.bar.n = done
+            self.bar.set_description_str(line)
+        if self.plain_due(time.time() if now is None else now, force):
+            if self.bar or not self.echo:
+                _log_only(line)
+            else:
+                print(line, file=self.stream, flush=True)
+
+    def close(self, line: str, shown: bool) -> None:
+        """Leave the final progress line on the screen and in the log, once each; ``shown``: it was
+        just printed as a plain line (to the log alone, on a terminal)."""
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+            if shown:
+                print(line, file=self.terminal, flush=True)
+                return
+        if not shown:
+            self.event(line)
+
+
+class Refresher:
+    """Runs ``refresh`` in a background thread when asked. Requests made while it runs coalesce into
+    one more run, two never run at once, and its errors are printed as warnings, never raised."""
+
+    def __init__(self, refresh: Callable[[], None]):
+        self.refresh, self.closing = refresh, False
+        self.wanted = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="yolotune-report", daemon=True)
+        self.thread.start()
+
+    def request(self) -> None:
+        self.wanted.set()
+
+    def close(self) -> None:
+        """Wait for a refresh in progress; drop a pending one (the runner writes the final report)."""
+        self.closing = True
+        self.wanted.set()
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self.wanted.wait()
+            if self.closing:
+                return
+            self.wanted.clear()
+            for attempt in (1, 2):
+                try:
+                    self.refresh()
+                    break
+                except Exception as e:  # noqa: BLE001 - the report is a convenience; trials go on
+                    if attempt == 2:
+                        print(f"yolotune: warning: could not refresh the report: {e}", file=sys.stderr)
+                    else:  # the first failure may be a file Ray was rewriting as it was read
+                        time.sleep(RETRY_S)
+
+
+# --- the console log
+
+
+class _Tee:
+    """A text stream that writes to the terminal's stream and to the log file."""
+
+    def __init__(self, terminal, log):
+        self.terminal, self.log = terminal, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.terminal.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
+        return getattr(self.terminal, name)
+
+
+@contextmanager
+def log_to(path: Path):
+    """Copy everything printed to stdout and stderr meanwhile into ``path``, appending."""
+    with open(path, "a", buffering=1, encoding="utf-8") as log:
+        log.write(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}: {' '.join(sys.argv)}\n")
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def _log_only(line: str) -> None:
+    if isinstance(sys.stdout, _Tee):
+        sys.stdout.log.write(line + "\n")
+
+
+class _RayConsoleFilter(logging.Filter):
+    """On Ray's console handler: copies Ray's records to yolotune.log (the handler writes to the
+    stderr of import time, which the tee does not see), and with ``live_view`` keeps the ones the
+    live view reports itself off the console: trial failures with their tracebacks (one line each
+    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint."""
+
+    REPORTED = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted")
+
+    def __init__(self, live_view: bool):
+        super().__init__()
+        self.live_view = live_view
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        _log_only(f"{record.levelname} {record.name}: {message}")
+        return not (self.live_view and message.startswith(self.REPORTED))
+
+
+@contextmanager
+def ray_logs(verbose: str):
+    """Ray's log records meanwhile: into yolotune.log too, and filtered unless ``verbose`` is ray."""
+    handlers, keep = logging.getLogger("ray").handlers, _RayConsoleFilter(verbose != "ray")
+    for handler in handlers:
+        handler.addFilter(keep)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(keep)
+
+
+# --- the Ray Tune callback
+
+
+def live_view(exp_dir: Path, metric: str, mode: str, epochs: int, prunes: bool, verbose: str,
+              refresh: Callable[[Path], None]):
+    """The callback for ``RunConfig(callbacks=...)``; ``refresh(exp_dir)`` rewrites the report."""
+    return sys.modules[__name__].LiveView(exp_dir, metric, mode, epochs, prunes, verbose == "yolotune", refresh)
+
+
+def __getattr__(name: str):
+    # The callback class subclasses Ray's, so it is built on first use; pickle (Ray's tuner.pkl)
+    # finds it here by name.
+    if name != "LiveView":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()["LiveView"] = cls = _build_live_view()
+    return cls
+
+
+def _build_live_view():
+    from ray.tune import Callback
+
+    class LiveView(Callback):
+        def __init__(self, exp_dir: Path, metric: str, mode: str, epochs: int, prunes: bool, echo: bool,
+                     refresh: Callable[[Path], None]):
+            self.exp_dir, self.metric, self.mode, self.epochs = Path(exp_dir), metric, mode, epochs
+            self.prunes, self.echo, self.refresh = prunes, echo, refresh
+
+        def __getstate__(self):  # tuner.pkl keeps the settings, not the terminal or the thread
+            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+        def setup(self, total_num_samples: Optional[int] = None, **info):
+            total = total_num_samples or info.get("num_samples") or 0
+            self._progress = Progress(self.metric, self.mode, total, self.epochs, self.prunes)
+            self._screen = Screen(self.echo, total)
+            self._refresher = Refresher(lambda: self.refresh(self.exp_dir))
+            self._tick, self._last_ended = Throttle(TERMINAL_EVERY_S), False
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._last_ended = False
+            self._screen.event(started_line(trial.trial_id, trial.config, resumed=_epoch(trial) > 0))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            analysis = (trial.metric_analysis or {}).get(self.metric, {})
+            line = ended_line(trial.trial_id, _epoch(trial), self.epochs, self.metric, analysis.get("last"),
+                              analysis.get(self.mode))
+            self._ended(trials, trial, line, errored=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = error_of(Path(trial.error_file).read_text()) if trial.error_file else "unknown error"
+            log = self.exp_dir / trial_dirname(trial.trial_id) / TRAIN_LOG
+            self._ended(trials, trial, errored_line(trial.trial_id, _epoch(trial), error, log), errored=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._last_ended = False
+            self._screen.event(f"trial {trial.trial_id} failed after {n_epochs(_epoch(trial))}; retrying from "
+                               "its last checkpoint")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._progress.result(trial.trial_id, result.get("time_this_iter_s", 0.0))
+            self._last_ended = False
+
+        def on_step_end(self, iteration, trials, **info):
+            if self._tick(time.time()):
+                self._screen.progress(self._progress.line(trials), self._progress.done(trials))
+
+        def on_experiment_end(self, trials, **info):
+            self._screen.close(self._progress.line(trials), shown=self._last_ended)
+            self._refresher.close()
+
+        def _ended(self, trials, trial, line: str, errored: bool) -> None:
+            self._progress.end(trial.trial_id, errored)
+            self._screen.event(line)
+            self._screen.progress(self._progress.line(trials), self._progress.done(trials), force=True)
+            self._refresher.request()
+            self._last_ended = True
+
+    LiveView.__qualname__ = "LiveView"
+    return LiveView
