@@ -257,3 +257,17 @@ def test_a_sweep_prints_a_short_live_view_and_keeps_every_log(tmp_path, shapes_c
             assert re.search(r"^\s+1/3\s", log, re.M) and "Epoch" in log  # Ultralytics' epoch lines
     assert f"trial {errored} errored" in (exp_dir / "yolotune.log").read_text()
     assert len(list((exp_dir / "plots").glob("*.png"))) == 3 and (exp_dir / "report.html").is_file()
+
+
+def test_plain_progress_repeats_an_unchanged_line_only_as_a_heartbeat(capsys):
+    from yolotune.console import PLAIN_EVERY_S, PLAIN_HEARTBEAT_S, Screen
+
+    screen = Screen(echo=True, total=2)
+    same = "0/2 trials | 0 trial-epochs | best fitness - | {}s elapsed"
+    for second in range(0, int(PLAIN_HEARTBEAT_S) + 1, 10):
+        screen.progress(same.format(second), done=0, now=second)
+    screen.progress("0/2 trials | 1 trial-epochs | best fitness 0.1 (a) | 9999s elapsed", done=0,
+                    now=PLAIN_HEARTBEAT_S + PLAIN_EVERY_S)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [same.format(0), same.format(int(PLAIN_HEARTBEAT_S)),
+                       "0/2 trials | 1 trial-epochs | best fitness 0.1 (a) | 9999s elapsed"]

@@ -12,7 +12,8 @@ around our event lines and trims it to the terminal's width, even as the window 
 (Neither rich nor tqdm comes with Ultralytics 8.4 or Ray, so yolotune depends on one: tqdm,
 which is small, has no dependencies of its own and is what optuna and hyperopt install anyway;
 rich would bring markdown-it and pygments along for one line.) Elsewhere (CI, nohup, a pipe) every line is plain text with no control
-characters, and progress lines come at most every ``PLAIN_EVERY_S`` seconds, plus one after
+characters, and progress lines come at most every ``PLAIN_EVERY_S`` seconds when something changed
+(every ``PLAIN_HEARTBEAT_S`` when nothing did), plus one after
 each trial that ends.
 
 Importing this module does not import Ray (see ``__getattr__``).
@@ -33,6 +34,7 @@ from yolotune.layout import TRAIN_LOG, trial_dirname
 
 VERBOSE = ("yolotune", "ray", "quiet")  # the config's `verbose`: our live view, Ray's tables, or nothing
 PLAIN_EVERY_S = 30.0
+PLAIN_HEARTBEAT_S = 600.0  # an unchanged progress line is repeated this rarely, to show the run is alive
 TERMINAL_EVERY_S = 1.0
 RETRY_S = 2.0
 ENDED = ("TERMINATED", "ERROR")
@@ -212,7 +214,7 @@ class Screen:
             # Written to the terminal only: yolotune.log gets plain progress lines instead.
             self.bar = tqdm(total=total, file=terminal, bar_format="{bar:8} {desc}", dynamic_ncols=True,
                             leave=False)
-        self.plain_due = Throttle(PLAIN_EVERY_S)
+        self.plain_at, self.plain_news = None, None  # when the last plain progress line was printed, and its news
 
     def event(self, line: str) -> None:
         if not self.echo:
@@ -228,7 +230,12 @@ class Screen:
         if self.bar:
             self.bar.n = done
             self.bar.set_description_str(line)
-        if self.plain_due(time.time() if now is None else now, force):
+        now = time.time() if now is None else now
+        news = " | ".join(line.split(" | ")[:3])  # trials, trial-epochs, best: not the clock
+        since = None if self.plain_at is None else now - self.plain_at
+        due = since is None or since >= PLAIN_EVERY_S and (news != self.plain_news or since >= PLAIN_HEARTBEAT_S)
+        if force or due:
+            self.plain_at, self.plain_news = now, news
             if self.bar or not self.echo:
                 _log_only(line)
             else:

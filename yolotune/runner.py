@@ -60,6 +60,8 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     if started:
         if exp.ray.address is not None:
             check_reachable(exp.ray.address)
+        else:  # a private Ray on the loopback interface: its notice that token auth is on is noise here
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         ray.init(**_ray_init_args(exp))
     log = contextlib.ExitStack()
     try:
