@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from pyarrow.fs import LocalFileSystem
 import yaml
 
 from yolotune import layout, records, report
@@ -421,10 +422,11 @@ def test_the_recorder_appends_each_status_change_and_goes_on_after_a_resume(tmp_
     error_file = tmp_path / "staging" / "error.txt"
     error_file.parent.mkdir()
     error_file.write_text(f"Failure # 1 (occurred at now)\nray::ImplicitFunc.train()\n  File x\n{ERROR}\n")
+    storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(exp_dir))  # Ray's
     a = SimpleNamespace(trial_id="a", path=str(exp_dir / "trial_a"), status="PENDING", error_file=str(error_file),
-                        config={"lr0": 0.1, "__trial_index__": 0})
+                        config={"lr0": 0.1, "__trial_index__": 0}, storage=storage)
     b = SimpleNamespace(trial_id="b", path=str(exp_dir / "trial_b"), status="PENDING", error_file=None,
-                        config={"lr0": 0.2})
+                        config={"lr0": 0.2}, storage=storage)
     recorder = records.trial_recorder()
     recorder.on_trial_start(iteration=1, trials=[a, b], trial=a)
     a.status = "RUNNING"

@@ -30,9 +30,10 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
     if not cfg.resume:
         with open_dict(cfg):
             cfg.name = exp.name = cfg.name or experiment.new_name()
-        exp_dir = layout.storage_dir(cfg.storage) / cfg.name
-        if exp_dir.exists():
-            raise ConfigError("name", cfg.name, f"{exp_dir} already exists; resume it with resume=true or choose "
+        location = experiment.open_storage(cfg.storage).child(cfg.name)
+        exp_dir = location.local
+        if location.exists():
+            raise ConfigError("name", cfg.name, f"{location.uri} already exists; resume it with resume=true or choose "
                                                 "another name")
     return exp, exp_dir, cfg
 

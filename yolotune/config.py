@@ -16,13 +16,15 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Dict, Optional
+from urllib.parse import parse_qs, urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from yolotune.console import VERBOSE
 from yolotune.data import DataConfig
 from yolotune.errors import ConfigError, check_range
-from yolotune.layout import storage_dir
+from yolotune.layout import first_line, storage_dir
+from yolotune.storage import is_uri
 from yolotune.model import ModelConfig
 from yolotune.resources import ResourcesConfig
 from yolotune.schedulers import SchedulerConfig
@@ -221,15 +223,30 @@ def validate(exp: ExperimentConfig) -> None:
 def _check_storage(storage: str) -> None:
     if not storage or "\n" in storage:
         raise ConfigError("storage", storage, "a directory path")
-    if "://" in storage and not storage.startswith("file://"):
-        raise ConfigError("storage", storage, "a local or shared file system path (or file://...); cloud "
-                                              "storage URIs are not supported yet")
+    if is_uri(storage):
+        _check_storage_uri(storage)
+        return
     path = storage_dir(storage)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError("storage", storage, f"a directory; {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("storage", storage, f"a writable directory; {existing} is not writable")
+
+
+def _check_storage_uri(storage: str) -> None:
+    """A URI that pyarrow resolves and that holds no secret: the saved config records it."""
+    parts = urlsplit(storage)
+    if parts.username or parts.password or {"access_key", "secret_key", "session_token"} & set(parse_qs(parts.query)):
+        raise ConfigError("storage", storage, "a URI without credentials; give them as AWS_ACCESS_KEY_ID/"
+                                              "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in every node's environment")
+    from pyarrow.fs import FileSystem
+
+    try:
+        FileSystem.from_uri(storage)
+    except Exception as e:  # noqa: BLE001 - an unknown scheme or malformed URI
+        raise ConfigError("storage", storage, f"a directory or a URI pyarrow resolves (s3://bucket/prefix, gs://...): "
+                                              f"{first_line(str(e))}") from None
 
 
 def _check_optimizer(exp: ExperimentConfig) -> None:

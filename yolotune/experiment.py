@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from yolotune.errors import ConfigError
 from yolotune.config import NAME
-from yolotune.layout import (PROVENANCE, SAVED_CONFIG, TUNER_STATE, first_line, is_finished, storage_dir,
-                             write_atomic)
+from yolotune.layout import PROVENANCE, SAVED_CONFIG, TUNER_STATE, first_line, is_finished, write_atomic
+from yolotune.storage import Location
 
 # What a resume may change: how trials run, not what they search.
 RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "verbose",
@@ -77,18 +77,31 @@ def started(exp_dir: Path) -> bool:
     return (exp_dir / SAVED_CONFIG).is_file() and (exp_dir / TUNER_STATE).is_file()
 
 
-def find_resumable(storage: Path, name: Optional[str]) -> Path:
+def open_storage(storage: str) -> Location:
+    """The storage; an object store is probed first, so that a wrong endpoint, bucket or credentials
+    fail here, in one line, before anything is written."""
+    location = Location(storage)
+    problem = location.check_reachable() if location.remote else None
+    if problem:
+        raise ConfigError("storage", storage, f"cannot use it: {problem} (endpoint: AWS_ENDPOINT_URL, credentials: "
+                                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    return location
+
+
+def find_resumable(storage: Location, name: Optional[str]) -> Path:
+    """The experiment's local dir (for an object store: its small files, downloaded to the cache)."""
     if name:
         if not NAME.match(name):
             raise ConfigError("name", name, "one folder name under storage (letters, digits, _ . = + -)")
-        exp_dir = storage / name
+        exp_dir = storage.child(name).download()
         if not started(exp_dir):
-            raise ConfigError("name", name, f"no started yolotune experiment at {exp_dir}")
+            raise ConfigError("name", name, f"no started yolotune experiment at {storage.child(name).uri}")
         return exp_dir
-    candidates = [p.parent.parent for p in storage.glob(f"*/{SAVED_CONFIG}")
+    root = storage.download()
+    candidates = [p.parent.parent for p in root.glob(f"*/{SAVED_CONFIG}")
                   if started(p.parent.parent) and not is_finished(p.parent.parent)]
     if not candidates:
-        raise ConfigError("resume", True, f"no unfinished experiment under {storage}; start one without resume=true")
+        raise ConfigError("resume", True, f"no unfinished experiment under {storage.uri}; start one without resume=true")
     return max(candidates, key=lambda p: (p / SAVED_CONFIG).stat().st_mtime)
 
 
@@ -99,7 +112,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[DictConfig
         if key.split(".")[0] not in RESUMABLE_KEYS:
             raise ConfigError(key, text.split("=", 1)[-1], "cannot change on resume (it would change the search); "
                               f"allowed: {', '.join(RESUMABLE_KEYS[:-1])}")
-    exp_dir = find_resumable(storage_dir(cfg.storage), cfg.name)
+    exp_dir = find_resumable(open_storage(cfg.storage), cfg.name)
     saved = load_saved_config(exp_dir)
     for key in changed:
         if key.split(".")[0] != "hydra":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from yolotune import layout
+from yolotune.storage import Location
 
 EVENT_STATUS = {"started": "RUNNING", "resumed": "RUNNING", "paused": "PAUSED", "completed": "TERMINATED",
                 "errored": "ERROR"}
@@ -109,21 +110,22 @@ def _recorder_class():
 
         def _statuses(self, trial) -> Dict[str, str]:
             if self.statuses is None:  # a resumed sweep goes on from the record it left
-                recorded, _ = read_trials(_experiment_dir(trial))
+                recorded, _ = read_trials(_experiment(trial).local)  # downloaded before a resume
                 self.statuses = {t.trial_id: t.status for t in recorded}
             return self.statuses
 
         def _append(self, trial, event: str, **fields):
             self._statuses(trial)[trial.trial_id] = EVENT_STATUS[event]
-            layout.append_jsonl(_experiment_dir(trial) / layout.TRIAL_RECORD,
-                                {"trial_id": trial.trial_id, "event": event, "status": EVENT_STATUS[event],
-                                 "time": time.time(), **fields})
+            record = _experiment(trial).local / layout.TRIAL_RECORD
+            layout.append_jsonl(record, {"trial_id": trial.trial_id, "event": event, "status": EVENT_STATUS[event],
+                                         "time": time.time(), **fields})
+            _experiment(trial).upload(record)  # to the object store, when the experiment is in one
 
     return TrialRecorder
 
 
-def _experiment_dir(trial) -> Path:
-    return Path(trial.path).parent
+def _experiment(trial) -> Location:
+    return Location.on(trial.storage.storage_filesystem, trial.storage.experiment_fs_path)
 
 
 def needs_conversion(exp_dir: Path) -> bool:

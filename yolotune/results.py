@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from yolotune import layout, records
 from yolotune.errors import ConfigError
 from yolotune.space import Dist, parse_space
+from yolotune.storage import Location
 
 # A trial still PAUSED when Tune returns was left there by its scheduler (synchronous HyperBand
 # does that to trials it did not promote): it has ended. Only an interrupt leaves trials RUNNING,
@@ -58,7 +59,7 @@ class UnreadableExperiment(ValueError):
 
 class ExperimentResults:
     def __init__(self, path, metric: Optional[str] = None, mode: Optional[str] = None):
-        self.path = Path(path).expanduser().resolve()
+        self.path = Location(str(path)).download()  # an object store's: its small files, in the local cache
         if mode is not None:
             lower_is_better(mode)
         self.config = _read_config(self.path)
@@ -280,7 +281,10 @@ class ExperimentResults:
 
 
 def load(path, metric: Optional[str] = None, mode: Optional[str] = None) -> ExperimentResults:
-    """An experiment's results from its directory (``<storage>/<name>``), finished or not.
+    """An experiment's results from its directory (``<storage>/<name>``), finished or not. For an
+    experiment in an object store (``s3://bucket/prefix/name``) its small files (not checkpoints or
+    weights) are downloaded to ``$YOLOTUNE_CACHE`` (default ``~/.cache/yolotune``) and ``path`` is that
+    local copy: plots and reports written through this object go there.
 
     Raises FileNotFoundError for a directory that is not an experiment, UnreadableExperiment for
     one whose saved config or trial record cannot be used, ValueError for a bad ``mode``.

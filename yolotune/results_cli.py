@@ -17,6 +17,7 @@ import pandas as pd
 
 from yolotune import layout, records, report
 from yolotune.results import STATUSES, ExperimentResults, load, python_scalar
+from yolotune.storage import Location
 
 PROG = "yolotune results"
 
@@ -44,12 +45,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "(from Ray's experiment state)")
     args = parser.parse_args(argv)
 
-    path = Path(args.path).expanduser()
+    location = Location(args.path)
     try:
+        path = location.download()  # an object store's small files, into the local cache
         if layout.is_experiment(path):
             if args.convert:
-                print(f"Wrote {records.convert(path)}", file=sys.stderr)
-            return _show_experiment(load(path, args.metric, args.mode), args)
+                location.upload(records.convert(path))
+                print(f"Wrote {location.uri}/{layout.TRIAL_RECORD}", file=sys.stderr)
+            return _show_experiment(load(path, args.metric, args.mode), args, location)
         experiments = layout.experiments_in(path) if path.is_dir() else []
         if experiments:
             return _list_experiments(experiments, args)
@@ -60,14 +63,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _fail(f"{path}: not a yolotune experiment (no {layout.SAVED_CONFIG}) nor a storage dir holding experiments")
 
 
-def _show_experiment(results: ExperimentResults, args) -> int:
+def _show_experiment(results: ExperimentResults, args, location: Location) -> int:
     reported = results.reported_metrics()
     if reported and results.metric not in reported:
         raise UsageError(f"--metric {results.metric}: not reported by this experiment; reported: "
                          + ", ".join(reported))
     if results.problems:
         _warn("; ".join(results.problems))
-    written = _write_outputs(results, args.top)
+    written = _write_outputs(results, args.top, location)
     if args.format == "json":
         print(json.dumps(_as_json(results, args.top, written), indent=2))
     elif args.format == "csv":
@@ -77,12 +80,15 @@ def _show_experiment(results: ExperimentResults, args) -> int:
     return 0
 
 
-def _write_outputs(results: ExperimentResults, top: Optional[int]) -> Dict[str, Path]:
-    """A read-only experiment dir is reported, not fatal."""
+def _write_outputs(results: ExperimentResults, top: Optional[int], location: Location) -> Dict[str, Path]:
+    """A read-only experiment dir (or store) is reported, not fatal. In an object store the files
+    are written to the local copy and uploaded."""
     try:
-        return report.write_all(results, top)
+        written = report.write_all(results, top)
+        location.upload(*written.values())
+        return written
     except OSError as e:
-        _warn(f"could not write into {results.path}: {e}")
+        _warn(f"could not write into {location.uri}: {e}")
         return {}
 
 
@@ -130,7 +136,7 @@ def _list_experiments(experiments: List[Path], args) -> int:
     elif args.format == "csv":
         print(frame.to_csv(index=False), end="")
     else:
-        print(f"{len(frame)} experiments in {Path(args.path).expanduser().resolve()}")
+        print(f"{len(frame)} experiments in {Location(args.path).uri}")
         print(report.format_table(frame))
     return 0
 

@@ -9,7 +9,7 @@ import shlex
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -20,6 +20,7 @@ from yolotune.errors import ConfigError
 from yolotune.layout import trial_dirname
 from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
+from yolotune.storage import Location, is_uri
 
 
 # Ray's TensorBoard logger only warns about Ultralytics' metric names; W&B is the dashboard here.
@@ -45,6 +46,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     from yolotune.results import load
     from yolotune.trainable import train_trial
 
+    location = Location(exp.storage).child(exp_dir.name)
     if exp.verbose != "ray":  # Ray's new output engine prints tables even at verbose=0; the legacy one is silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     with _ultralytics_quiet(exp):
@@ -75,21 +77,22 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             job["amp_weights_dir"] = amp_check_weights()
         if not exp.resume:
             save_config()
+            location.upload(*(p for p in exp_dir.rglob("*") if p.is_file()))
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
         log.enter_context(console.ray_logs(exp.verbose))
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(location.uri, trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
             _use_this_runs_console(tuner, exp, exp_dir)
         else:
-            tuner = _new_tuner(exp, exp_dir, trainable, resources, wandb_settings)
+            tuner = _new_tuner(exp, location, trainable, resources, wandb_settings)
         grid = tuner.fit()
         with _ultralytics_quiet(exp):
-            results = load(exp_dir)
-            export_best(results)
-        report.write_all(results)
+            results = load(location.download())  # the trials' histories, from the store
+            written = export_best(results, location)
+        written += report.write_all(results).values()
         print("\n" + report.summary(results))
         if wandb_settings:
             from yolotune.wandb_logging import log_experiment_summary
@@ -97,8 +100,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             log_experiment_summary(exp_dir, wandb_settings)
         if results.finished:
             layout.mark_finished(exp_dir)
+            written.append(exp_dir / layout.DONE_MARKER)
         else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
-            print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
+            print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp, exp_dir)}")
+        location.upload(*written, exp_dir / layout.CONSOLE_LOG)
         return grid
     finally:
         log.close()
@@ -106,7 +111,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             ray.shutdown()
 
 
-def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: TrialResources, wandb_settings):
+def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: TrialResources, wandb_settings):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -114,7 +119,7 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
 
     space = exp.dists
     # trial_recorder: trials.jsonl; the live view: the console
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, exp_dir)]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location.local)]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -132,7 +137,10 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
-            name=exp_dir.name, storage_path=str(exp_dir.parent),
+            name=Path(location.fs_path).name, storage_path=exp.storage if location.remote else str(location.local.parent),
+            # Trials on nodes that share no directory with the driver write into Ray's trial dir,
+            # which Ray uploads with every checkpoint (history.jsonl, Ultralytics' output).
+            sync_config=tune.SyncConfig(sync_artifacts=location.remote),
             failure_config=tune.FailureConfig(max_failures=exp.failure.max_failures),
             # A trial needs only its newest checkpoint; under PBT others clone it, so keep a few more.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=exp.scheduler.checkpoints_to_keep),
@@ -142,19 +150,23 @@ def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: Trial
     )
 
 
-def export_best(results) -> None:
-    """(Re)write best_hyperparameters.yaml and best.pt (the best trial's weights), each atomically."""
+def export_best(results, location: Location) -> List[Path]:
+    """(Re)write best_hyperparameters.yaml and best.pt (the best trial's weights, fetched from the
+    store when it is one), each atomically; returns the files written."""
     best_hp = results.best_hyperparameters()
     if best_hp is None:
-        return
-    layout.write_atomic(results.path / layout.BEST_HYPERPARAMETERS, yaml.safe_dump(best_hp, sort_keys=False))
-    weights = results.trial_dir(results.best()["trial_id"]) / "train" / "weights" / "best.pt"
-    if weights.is_file():
+        return []
+    written = [results.path / layout.BEST_HYPERPARAMETERS]
+    layout.write_atomic(written[0], yaml.safe_dump(best_hp, sort_keys=False))
+    weights = location.fetch(f"{trial_dirname(results.best()['trial_id'])}/train/weights/best.pt")
+    if weights:
         from ultralytics.utils.torch_utils import strip_optimizer
 
         tmp = results.path / f".{layout.BEST_WEIGHTS}.tmp"
         strip_optimizer(weights, s=str(tmp))  # inference weights: no optimizer state, fp16
         tmp.replace(results.path / layout.BEST_WEIGHTS)
+        written.append(results.path / layout.BEST_WEIGHTS)
+    return written
 
 
 def _ray_verbosity(exp: ExperimentConfig) -> int:
@@ -194,8 +206,9 @@ def _use_this_runs_console(tuner, exp: ExperimentConfig, exp_dir: Path) -> None:
 
 
 
-def resume_command(exp_dir: Path) -> str:
-    return f"python -m yolotune resume=true name={shlex.quote(exp_dir.name)} storage={shlex.quote(str(exp_dir.parent))}"
+def resume_command(exp: ExperimentConfig, exp_dir: Path) -> str:
+    storage = exp.storage if is_uri(exp.storage) else str(exp_dir.parent)
+    return f"python -m yolotune resume=true name={shlex.quote(exp_dir.name)} storage={shlex.quote(storage)}"
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
@@ -245,7 +258,8 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
         train.setdefault("seed", exp.seed)
     if "seed" not in train:  # deterministic algorithms slow GPU training: only for a reproducible run
         train.setdefault("deterministic", False)
-    job = {"weights": weights, "data": data, "train": train, "experiment_dir": str(exp_dir), "threads": 1,
+    experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
+    job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
            "checkpoint_every": exp.checkpoint.every}
     return job, resources
 

@@ -26,11 +26,13 @@ import ray
 from ray import tune
 
 from yolotune.layout import HISTORY, TRAIN_LOG, append_jsonl, trial_dirname
+from yolotune.storage import Location
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
     device, gpu = claim_device(ray.get_gpu_ids())  # before torch can see the GPUs
-    trial_dir = Path(job["experiment_dir"]) / trial_dirname(tune.get_context().get_trial_id())
+    location = Location(job["experiment_dir"]).child(trial_dirname(tune.get_context().get_trial_id()))
+    trial_dir = _trial_dir(location, restore=tune.get_checkpoint() is not None)
     with _trial_log(trial_dir / TRAIN_LOG):
         _train(config, job, trial_dir, device, gpu)
 
@@ -62,7 +64,9 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, device:
         model = YOLO(str(resume_from))
         args = {"resume": str(resume_from), "data": job["data"], "device": device}
 
-    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1))
+    # Ray uploads the whole trial dir when it is in an object store: checkpoints are staged beside it.
+    scratch = trial_dir.parent if Location(job["experiment_dir"]).remote else trial_dir
+    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), scratch)
     model.add_callback("on_model_save", reporter.on_model_save)
     try:
         model.train(**args)
@@ -128,6 +132,16 @@ def _use_amp_check_weights(weights_dir) -> None:
         ultralytics.utils.WEIGHTS_DIR = Path(weights_dir)  # check_amp reads it at each call
 
 
+def _trial_dir(location: Location, restore: bool) -> Path:
+    """The trial's own dir on a shared file system; with an object store, Ray's local working dir
+    (the trial runs in it), which Ray uploads with every checkpoint. A trial that continues there
+    gets its uploaded files back first (history.jsonl, Ultralytics' output): the next upload
+    replaces them."""
+    if not location.remote:
+        return location.local
+    return location.download(into=Path.cwd()) if restore else Path.cwd()
+
+
 class _EpochReporter:
     """Reports each finished epoch to Ray, with the trial's last.pt as its checkpoint every
     ``every`` epochs and at the trial's last epoch.
@@ -136,12 +150,12 @@ class _EpochReporter:
     ``on_fit_epoch_end``) not again for the final validation of best.pt.
     """
 
-    def __init__(self, trial_dir: Path, gpu: str, every: int):
+    def __init__(self, trial_dir: Path, gpu: str, every: int, scratch: Path):
         # Where the trial ran: the node, the worker process (shared by trials when actors are reused)
         # and the physical GPUs (CUDA_VISIBLE_DEVICES as Ray set it; "" on the CPU).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                      "pid": os.getpid(), "gpu": gpu}
-        self.trial_dir, self.every, self.last_report = trial_dir, every, time.time()
+        self.trial_dir, self.every, self.scratch, self.last_report = trial_dir, every, scratch, time.time()
 
     def on_model_save(self, trainer) -> None:
         metrics = {
@@ -158,9 +172,9 @@ class _EpochReporter:
         if (trainer.epoch + 1) % self.every and not trainer.stop:
             tune.report(metrics)
             return
-        # In the trial dir, so last.pt is linked (same file system), not copied; Ray copies it into the
+        # On the trial dir's file system, so last.pt is linked, not copied; Ray copies it into the
         # trial's checkpoint folder before report returns.
-        with tempfile.TemporaryDirectory(prefix=".ckpt-", dir=self.trial_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".ckpt-", dir=self.scratch) as tmp:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 

@@ -1,0 +1,147 @@
+"""Where experiments are stored: a local (or shared) directory, or an object store URI that
+``pyarrow.fs.FileSystem.from_uri`` resolves (``s3://bucket/prefix``, ``gs://...``).
+
+One code path: yolotune reads and writes an experiment in a local directory, ``Location.local``.
+For a directory that is the experiment itself, and ``download``/``upload`` do nothing. For a URI
+it is a mirror in the local cache (``$YOLOTUNE_CACHE``, default ``~/.cache/yolotune``):
+``download`` copies the experiment's small files there (never checkpoints or weights) and
+``upload`` writes files back. Endpoint and credentials come from the environment (AWS_*,
+profiles, instance roles, as pyarrow and Ray read them), never from yolotune's config.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+from yolotune.layout import first_line, storage_dir, write_atomic
+
+
+def is_uri(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def cache_root() -> Path:
+    return Path(os.path.expanduser(os.environ.get("YOLOTUNE_CACHE", "~/.cache/yolotune")))
+
+
+def _small(relative: str) -> bool:
+    """What results and resume read: everything but checkpoints and weights."""
+    return not relative.endswith(".pt") and not any(p.startswith("checkpoint_") for p in relative.split("/"))
+
+
+class Location:
+    """A storage dir or an experiment dir, given as a path or a URI."""
+
+    def __init__(self, uri: str, fs=None, fs_path: Optional[str] = None):
+        self.uri = uri if is_uri(uri) else str(storage_dir(uri))
+        if fs is not None:
+            self.__dict__["_fs"] = (fs, fs_path)
+
+    @classmethod
+    def on(cls, fs, fs_path: str) -> "Location":
+        """The location of a path on a pyarrow filesystem (Ray's trial.storage gives those)."""
+        from pyarrow.fs import LocalFileSystem
+
+        uri = fs_path if isinstance(fs, LocalFileSystem) else f"{fs.type_name}://{fs_path}"
+        return cls(uri, fs, fs_path)
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.uri)
+
+    @cached_property
+    def _fs(self):
+        from pyarrow.fs import FileSystem, LocalFileSystem
+
+        if not self.remote:
+            return LocalFileSystem(), self.uri
+        return FileSystem.from_uri(self.uri)
+
+    @property
+    def fs(self):
+        return self._fs[0]
+
+    @property
+    def fs_path(self) -> str:
+        return self._fs[1].rstrip("/")
+
+    def child(self, name: str) -> "Location":
+        if not self.remote:
+            return Location(str(Path(self.uri) / name))
+        parts = urlsplit(self.uri)  # the name goes before a query (?endpoint_override=...)
+        return Location(parts._replace(path=parts.path.rstrip("/") + "/" + name).geturl(), self.fs,
+                        f"{self.fs_path}/{name}")
+
+    @property
+    def local(self) -> Path:
+        """Where yolotune reads and writes this location: itself, or its mirror in the cache."""
+        if not self.remote:
+            return Path(self.uri)
+        return cache_root() / self.fs.type_name / self.fs_path
+
+    def exists(self) -> bool:
+        if not self.remote:
+            return Path(self.uri).exists()
+        from pyarrow.fs import FileType
+
+        return self.fs.get_file_info(self.fs_path).type != FileType.NotFound
+
+    def download(self, into: Optional[Path] = None, select=_small) -> Path:
+        """Copy the files under this location that ``select`` keeps (by relative path) into
+        ``into`` (default: the mirror); returns that directory."""
+        into = into or self.local
+        if not self.remote and into == self.local:
+            return into
+        from pyarrow.fs import FileSelector, FileType
+
+        found = self.fs.get_file_info(FileSelector(self.fs_path, recursive=True, allow_not_found=True))
+        for info in found:
+            relative = info.path[len(self.fs_path) + 1:]
+            if info.type == FileType.File and select(relative):
+                with self.fs.open_input_stream(info.path) as f:
+                    write_atomic(into / relative, f.read())
+                os.utime(into / relative, (info.mtime.timestamp(),) * 2)  # "newest experiment" compares these
+        return into
+
+    def fetch(self, relative: str) -> Optional[Path]:
+        """One file (say a weights file, which ``download`` leaves) into the mirror; None if absent."""
+        self.download(select=lambda r: r == relative)
+        path = self.local / relative
+        return path if path.is_file() else None
+
+    def upload(self, *paths: Path) -> None:
+        """Write these files of the mirror back to the store."""
+        if not self.remote:
+            return
+        for path in paths:
+            relative = Path(path).relative_to(self.local).as_posix()
+            with self.fs.open_output_stream(f"{self.fs_path}/{relative}") as f:
+                f.write(Path(path).read_bytes())
+
+    def check_reachable(self, timeout_s: float = 20.0) -> Optional[str]:
+        """Why this store cannot be used (one line), or None. Bounded: the SDK's own retries over a
+        dead endpoint take minutes."""
+        def probe():
+            from pyarrow.fs import FileType
+
+            bucket = self.fs_path.split("/")[0]
+            if self.fs.get_file_info(bucket).type != FileType.Directory:
+                return f"no bucket {bucket!r} there"
+            self.fs.get_file_info(self.fs_path)
+            return None
+
+        pool = ThreadPoolExecutor(1)
+        try:
+            return pool.submit(probe).result(timeout=timeout_s)
+        except FutureTimeout:
+            return f"no answer within {timeout_s:g} s"
+        except Exception as e:  # noqa: BLE001 - whatever the SDK says: endpoint, credentials, permissions
+            return first_line(str(e))
+        finally:
+            pool.shutdown(wait=False)
