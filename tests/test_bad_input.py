@@ -255,6 +255,11 @@ CASES = [
     ("sugar-code", ["space.lr0='__import__(\"os\").system(\"true\")'"], "space.lr0"),
     ("sugar-unknown-dist", ["space.lr0='gauss(0, 1)'"], "space.lr0.dist"),
     ("space-entry-number", ["space.lr0=0.01"], "space.lr0"),
+    ("budget-words", ["budget.time='2 hours'"], "budget.time"),
+    ("budget-negative", ["budget.time=-5m"], "budget.time"),
+    ("budget-zero", ["budget.time=0"], "budget.time"),
+    ("budget-zero-minutes", ["budget.time=0m"], "budget.time"),
+    ("budget-unit", ["budget.time=2d"], "budget.time"),
 ]
 
 
@@ -328,6 +333,8 @@ VALID = [
     ["train.imgsz=32"], ["train.batch=1"], ["+train.fraction=1.0"], ["+train.fraction=0.5"],
     ["+train.patience=0"], ["name=my-exp_1.2"], ["data.train_images=1", "data.val_images=1"], ["data.classes=1"],
     ["epochs=12"], ["imgsz=64"], ["train.cos_lr=true"], ["+train.cos_lr=true"],
+    ["budget.time=2h"], ["budget.time=90m"], ["budget.time=3600s"], ["budget.time=3600"], ["budget.time=0.5"],
+    ["budget.time=1.5h"], ["budget.time=null"],
 ]
 
 

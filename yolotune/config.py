@@ -38,11 +38,30 @@ REPORTED_METRIC = re.compile(
 ADDRESS = re.compile(r"^(ray://)?[\w.-]+:\d{1,5}$")
 # A name is one safe path component under storage.
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
 
 
 @dataclass
 class FailureConfig:
     max_failures: int = 0  # retries of an errored trial, from its last checkpoint
+
+
+@dataclass
+class BudgetConfig:
+    time: Optional[str] = None  # null: no limit; 2h, 90m, 3600s or plain seconds
+
+    @property
+    def seconds(self) -> Optional[float]:
+        if self.time is None:
+            return None
+        match = DURATION.match(str(self.time).strip())
+        seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]] if match else 0
+        if not seconds:
+            raise ConfigError("budget.time", self.time, "a time > 0: 2h, 90m, 3600s or seconds (null: no limit)")
+        return seconds
+
+    def check(self, exp) -> None:
+        self.seconds  # noqa: B018 - parsing is the check
 
 
 @dataclass
@@ -62,6 +81,7 @@ class ExperimentConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     iterations: int = 10
     name: Optional[str] = None  # null: a new unique name
     storage: str = "runs/tune"
@@ -191,6 +211,7 @@ def validate(exp: ExperimentConfig) -> None:
         check_range("seed", exp.seed, 0, 2**32 - 1, "an integer from 0 to 2**32-1 (null: random)", integer=True)
     check_range("failure.max_failures", exp.failure.max_failures, 0, None, "an integer >= 0", integer=True)
     _check_storage(exp.storage)
+    exp.budget.check(exp)
     address = exp.ray.address
     if address is not None and address != "auto" and not ADDRESS.match(address):
         raise ConfigError("ray.address", address, "null (a private local Ray), auto, or a cluster's host:port "

@@ -12,6 +12,7 @@ beyond the standard library (no Hydra, no OmegaConf, no Ray).
       trial_<id>/train/       Ultralytics' output (weights/last.pt, ...)
       trials.csv, best_hyperparameters.yaml, best.pt, plots/, report.html   results
       .finished               written when every trial has ended; absent while resumable
+      .stopped-by-budget      written when budget.time ended the last run
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ HISTORY = "history.jsonl"
 TRIAL_RECORD = "trials.jsonl"
 ERROR_FILE = "error.txt"  # Ray writes a failed trial's traceback there
 DONE_MARKER = ".finished"
+BUDGET_MARKER = ".stopped-by-budget"
 TUNER_STATE = "tuner.pkl"  # Ray Tune's: written once the Tuner starts; what a resume restores
 TRIALS_CSV = "trials.csv"
 BEST_HYPERPARAMETERS = "best_hyperparameters.yaml"
@@ -66,6 +68,11 @@ def mark_finished(exp_dir: Path) -> None:
 
 def is_finished(exp_dir: Path) -> bool:
     return (exp_dir / DONE_MARKER).exists()
+
+
+def stopped_by_budget(exp_dir: Path) -> bool:
+    """The time budget ended the last run (not finished: resume=true goes on)."""
+    return (exp_dir / BUDGET_MARKER).exists() and not is_finished(exp_dir)
 
 
 def write_atomic(path: Path, data) -> None:

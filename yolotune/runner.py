@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import yaml
@@ -67,7 +71,11 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
                                        resume_errored=exp.resume_errored)
         else:
             tuner = _new_tuner(exp, exp_dir, trainable, resources, wandb_settings)
-        grid = tuner.fit()
+        (exp_dir / layout.BUDGET_MARKER).unlink(missing_ok=True)
+        with time_budget(exp.budget.seconds) as budget:
+            grid = tuner.fit()
+        if budget.expired:
+            (exp_dir / layout.BUDGET_MARKER).touch()
         results = load(exp_dir)
         export_best(results)
         report.write_all(results)
@@ -78,12 +86,37 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             log_experiment_summary(exp_dir, wandb_settings)
         if results.finished:
             layout.mark_finished(exp_dir)
+        elif budget.expired:
+            print(f"\nThe time budget ({exp.budget.time}) ended the experiment after {results.trial_count} trials; "
+                  f"every finished epoch is saved. Go on (with a new budget) with:\n  {resume_command(exp_dir)}")
         else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp_dir)}")
         return grid
     finally:
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def time_budget(seconds: Optional[float]):
+    """Ends tuner.fit() after ``seconds`` the way Ctrl-C does: Ray stops the trials and saves them as
+    unfinished, so resume=true continues them. (Ray's own TuneConfig(time_budget_s) marks every
+    unfinished trial TERMINATED, and a restored Tuner then has nothing left to run.)"""
+    budget = SimpleNamespace(expired=False)
+
+    def expire():
+        budget.expired = True
+        os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop gracefully, save the experiment state
+
+    timer = threading.Timer(seconds, expire) if seconds else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield budget
+    finally:
+        if timer:
+            timer.cancel()
 
 
 def _new_tuner(exp: ExperimentConfig, exp_dir: Path, trainable, resources: TrialResources, wandb_settings):
