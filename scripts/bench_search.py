@@ -76,11 +76,11 @@ def main() -> None:
     for setup, space, seed in runs:
         name = f"{setup}-{space}-{seed}"
         print(f"{time.strftime('%H:%M:%S')} {name} ...", flush=True)
-        # A fresh process per run, tried twice: a Ray killed under a run (another user's `ray stop`) loses one run.
-        for _ in range(2):
-            shutil.rmtree(args.out / name, ignore_errors=True)
+        # A fresh process per run. Ray killed under a run (another user's `ray stop`) fails it: the next
+        # attempt resumes it (yolotune keeps every finished epoch).
+        for _ in range(3):
             cmd = [sys.executable, __file__, "--child", setup, space, str(seed), *_passthrough(args)]
-            with (args.out / f"{name}.log").open("w") as log:
+            with (args.out / f"{name}.log").open("a") as log:
                 if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode == 0:
                     frames.append(pd.read_csv(args.out / f"{name}.csv"))
                     break
@@ -103,7 +103,10 @@ def run_child(args, setup: str, space: str, seed: str) -> None:
     data = str(make_shapes(shapes) / "data.yaml")
     train = {"epochs": args.epochs, "imgsz": imgsz, "batch": 8, "nbs": 8, "optimizer": "AdamW", "mosaic": 0.0}
     run_dir, seed = args.out / f"{setup}-{space}-{seed}", int(seed)
-    start = time.time()
+    start_file = run_dir.with_suffix(".start")  # a resumed run's wall time counts from its first attempt
+    if not start_file.is_file():
+        start_file.write_text(str(time.time()))
+    start = float(start_file.read_text())
     if SETUPS[setup] is None:
         history = run_ultralytics(run_dir, data, train, args.trials, seed)
     else:
@@ -121,14 +124,18 @@ def report(frame: pd.DataFrame, out: Path) -> None:
 def run_yolotune(run_dir: Path, data: str, train: dict, setup: str, space: str, seed: int, args) -> pd.DataFrame:
     import yolotune
 
+    resume = (run_dir / "tuner.pkl").is_file()
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     pruned = setup != BASELINE and setup != "pbt"
     # Pruning setups get 3x the trials (most stop after one epoch), so they spend about the same budget.
     iterations = args.trials * 3 if pruned else args.trials
     if space == "default":  # it tunes mosaic
         train = {k: v for k, v in train.items() if k != "mosaic"}
     yolotune.tune(model="yolo11n.yaml", data=data, space=SPECS if space == "minimal" else None, grace_period=1,
-                  iterations=iterations, storage=str(run_dir.parent), name=run_dir.name,
-                  overrides=[*SETUPS[setup], f"seed={seed}", "resources=cpu", f"space={space}"], **train)
+                  iterations=iterations, storage=str(run_dir.parent), name=run_dir.name, resume=resume,
+                  overrides=[] if resume else [*SETUPS[setup], f"seed={seed}", "resources=cpu", f"space={space}"],
+                  **train)
     return yolotune.load(run_dir).history()
 
 
@@ -151,6 +158,7 @@ def run_ultralytics(run_dir: Path, data: str, train: dict, iterations: int, seed
                          "timestamp": now - (epochs.time.iloc[-1] - row.time)} for _, row in epochs.iterrows())
         save_result(tuner, result)
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # no resume: start again
     random.seed(seed)  # its mutations draw from random and NumPy
     np.random.seed(seed)
     Tuner._save_local_result = record
