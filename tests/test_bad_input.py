@@ -334,7 +334,8 @@ VALID = [
     ["+train.patience=0"], ["name=my-exp_1.2"], ["data.train_images=1", "data.val_images=1"], ["data.classes=1"],
     ["epochs=12"], ["imgsz=64"], ["train.cos_lr=true"], ["+train.cos_lr=true"],
     ["budget.time=2h"], ["budget.time=90m"], ["budget.time=3600s"], ["budget.time=3600"], ["budget.time=0.5"],
-    ["budget.time=1.5h"], ["budget.time=null"],
+    ["budget.time=1.5h"], ["budget.time=null"], ["experiment=recommended"],
+    ["experiment=recommended", "scheduler=fifo", "search=random", "space=default"],
 ]
 
 
