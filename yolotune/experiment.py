@@ -20,7 +20,8 @@ from yolotune.layout import (PROVENANCE, SAVED_CONFIG, TUNER_STATE, first_line, 
                              write_atomic)
 
 # What a resume may change: how trials run, not what they search.
-RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "budget", "hydra")
+RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "budget",
+                  "hydra")
 
 
 def new_name() -> str:
