@@ -312,6 +312,11 @@ CASES = [
     ("sugar-code", ["space.lr0='__import__(\"os\").system(\"true\")'"], "space.lr0"),
     ("sugar-unknown-dist", ["space.lr0='gauss(0, 1)'"], "space.lr0.dist"),
     ("space-entry-number", ["space.lr0=0.01"], "space.lr0"),
+    ("budget-words", ["budget.time='2 hours'"], "budget.time"),
+    ("budget-negative", ["budget.time=-5m"], "budget.time"),
+    ("budget-zero", ["budget.time=0"], "budget.time"),
+    ("budget-zero-minutes", ["budget.time=0m"], "budget.time"),
+    ("budget-unit", ["budget.time=2d"], "budget.time"),
 ]
 
 
@@ -425,6 +430,9 @@ VALID = [
     # Ultralytics' value rules (check_values)
     ["train.imgsz=8192"], ["train.imgsz=[64,96]"], ["train.batch=-1"], ["train.batch=0.5"],
     ["+space.imgsz='choice([32, 64])'", "~train.imgsz"], ["~space.momentum", "+train.momentum=0.0"],
+    ["budget.time=2h"], ["budget.time=90m"], ["budget.time=3600s"], ["budget.time=3600"], ["budget.time=0.5"],
+    ["budget.time=1.5h"], ["budget.time=null"], ["experiment=recommended"],
+    ["experiment=recommended", "scheduler=fifo", "search=random", "space=default"],
 ]
 
 

@@ -66,7 +66,7 @@ def _main(cfg: DictConfig) -> None:
         exp_dir, grid = run_experiment(cfg, overrides)
     except ConfigError as e:
         fail(e)
-    if not layout.is_finished(exp_dir):
+    if not layout.is_finished(exp_dir) and not layout.stopped_by_budget(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:
         sys.exit(1)  # every trial errored

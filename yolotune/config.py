@@ -42,6 +42,7 @@ REPORTED_METRIC = re.compile(
 ADDRESS = re.compile(r"^(ray://)?[\w.-]+:\d{1,5}$")
 # A name is one safe path component under storage.
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
 
 
 @dataclass
@@ -52,6 +53,24 @@ class FailureConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1  # epochs between a trial's checkpoints (its last epoch always has one)
+
+
+@dataclass
+class BudgetConfig:
+    time: Optional[str] = None  # null: no limit; 2h, 90m, 3600s or plain seconds
+
+    @property
+    def seconds(self) -> Optional[float]:
+        if self.time is None:
+            return None
+        match = DURATION.match(str(self.time).strip())
+        seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]] if match else 0
+        if not seconds:
+            raise ConfigError("budget.time", self.time, "a time > 0: 2h, 90m, 3600s or seconds (null: no limit)")
+        return seconds
+
+    def check(self, exp) -> None:
+        self.seconds  # noqa: B018 - parsing is the check
 
 
 @dataclass
@@ -72,6 +91,7 @@ class ExperimentConfig:
     failure: FailureConfig = field(default_factory=FailureConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     iterations: int = 10
     name: Optional[str] = None  # null: a new unique name
     storage: str = "runs/tune"
@@ -204,6 +224,7 @@ def validate(exp: ExperimentConfig) -> None:
     check_range("checkpoint.every", exp.checkpoint.every, 1, exp.epochs,
                 f"an integer from 1 to train.epochs ({exp.epochs}): epochs between checkpoints", integer=True)
     _check_storage(exp.storage)
+    exp.budget.check(exp)
     address = exp.ray.address
     if address is not None and address != "auto" and not ADDRESS.match(address):
         raise ConfigError("ray.address", address, "null (a private local Ray), auto, or a cluster's host:port "

@@ -14,6 +14,7 @@ beyond the standard library (no Hydra, no OmegaConf, no Ray).
       trials.csv, best_hyperparameters.yaml, best.pt, plots/, report.html   results
       yolotune.log            the console output of every run (appended on resume)
       .finished               written when every trial has ended; absent while resumable
+      .stopped-by-budget      written when budget.time ended the last run
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CONSOLE_LOG = "yolotune.log"
 TRIAL_RECORD = "trials.jsonl"
 ERROR_FILE = "error.txt"  # Ray writes a failed trial's traceback there
 DONE_MARKER = ".finished"
+BUDGET_MARKER = ".stopped-by-budget"
 TUNER_STATE = "tuner.pkl"  # Ray Tune's: written once the Tuner starts; what a resume restores
 TRIALS_CSV = "trials.csv"
 BEST_HYPERPARAMETERS = "best_hyperparameters.yaml"
@@ -70,6 +72,11 @@ def mark_finished(exp_dir: Path) -> None:
 
 def is_finished(exp_dir: Path) -> bool:
     return (exp_dir / DONE_MARKER).exists()
+
+
+def stopped_by_budget(exp_dir: Path) -> bool:
+    """The time budget ended the last run (not finished: resume=true goes on)."""
+    return (exp_dir / BUDGET_MARKER).exists() and not is_finished(exp_dir)
 
 
 def write_atomic(path: Path, data) -> None:

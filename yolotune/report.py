@@ -78,7 +78,7 @@ def details(results: ExperimentResults, top: Optional[int], written: Dict[str, P
 
 def overview(results: ExperimentResults) -> List[str]:
     counts = results.status_counts()
-    lines = [f"Experiment {results.path}  ({'finished' if results.finished else 'unfinished'})",
+    lines = [f"Experiment {results.path}  ({results.status})",
              f"Trials: {sum(counts.values())}" + (f" ({counts_text(counts)})" if counts else "")]
     return lines + [f"  ERROR {trial_id}: {error}" for trial_id, error in results.errors.items()]
 
@@ -122,7 +122,7 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Experiment {esc(results.path.name)}</h1>
 <p><code>{esc(str(results.path))}</code><br>
-{'finished' if results.finished else 'unfinished (running or interrupted)'}; trials: {esc(counts)}<br>
+{results.status if results.status != 'unfinished' else 'unfinished (running or interrupted)'}; trials: {esc(counts)}<br>
 ranked by best <b>{esc(results.metric)}</b> ({better(results.mode)}); report written {datetime.now():%Y-%m-%d %H:%M}</p>
 <h2>Errors</h2>{f'<ul>{errors}</ul>' if errors else '<p>none</p>'}
 <h2>Trials</h2>{table}

@@ -224,6 +224,12 @@ class ExperimentResults:
             return True
         return len(self._trials) >= self._planned() and all(t.status in ENDED for t in self._trials)
 
+    @property
+    def status(self) -> str:
+        if self.finished:
+            return "finished"
+        return "stopped by budget" if layout.stopped_by_budget(self.path) else "unfinished"
+
     def best(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[pd.Series]:
         """The best trial's row (by its best value of ``metric`` over all epochs), or None."""
         metric, mode = self._resolve(metric, mode)

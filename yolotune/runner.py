@@ -6,9 +6,13 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
@@ -88,10 +92,15 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             _use_this_runs_console(tuner, exp, exp_dir)
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings)
-        grid = tuner.fit()
+        (exp_dir / layout.BUDGET_MARKER).unlink(missing_ok=True)
+        with time_budget(exp.budget.seconds) as budget:
+            grid = tuner.fit()
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
             written = export_best(results, location)
+        if budget.expired:
+            (exp_dir / layout.BUDGET_MARKER).touch()
+            written.append(exp_dir / layout.BUDGET_MARKER)
         written += report.write_all(results).values()
         print("\n" + report.summary(results))
         if wandb_settings:
@@ -101,6 +110,9 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         if results.finished:
             layout.mark_finished(exp_dir)
             written.append(exp_dir / layout.DONE_MARKER)
+        elif budget.expired:
+            print(f"\nThe time budget ({exp.budget.time}) ended the experiment after {results.trial_count} trials; "
+                  f"every finished epoch is saved. Go on (with a new budget) with:\n  {resume_command(exp, exp_dir)}")
         else:  # interrupted (Ctrl-C): Ray saved the state; say how to go on
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp, exp_dir)}")
         location.upload(*written, exp_dir / layout.CONSOLE_LOG)
@@ -109,6 +121,28 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         log.close()
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def time_budget(seconds: Optional[float]):
+    """Ends tuner.fit() after ``seconds`` the way Ctrl-C does: Ray stops the trials and saves them as
+    unfinished, so resume=true continues them. (Ray's own TuneConfig(time_budget_s) marks every
+    unfinished trial TERMINATED, and a restored Tuner then has nothing left to run.)"""
+    budget = SimpleNamespace(expired=False)
+
+    def expire():
+        budget.expired = True
+        os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop gracefully, save the experiment state
+
+    timer = threading.Timer(seconds, expire) if seconds else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield budget
+    finally:
+        if timer:
+            timer.cancel()
 
 
 def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: TrialResources, wandb_settings):
