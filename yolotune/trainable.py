@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -48,19 +48,22 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, device:
     args = {**job["train"], **config, "data": job["data"], "project": str(trial_dir), "name": "train",
             "exist_ok": True, "device": device}
 
+    # This trial's own last.pt, from an earlier run of it: newer than its registered checkpoint, or the
+    # only one, when the driver died before registering the newest (a SIGKILL right after an epoch).
+    candidates = [save_dir / "weights" / "last.pt"]
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+    with checkpoint.as_directory() if checkpoint else nullcontext() as ckpt_dir:
+        if ckpt_dir is not None:
+            if not Path(ckpt_dir).resolve().is_relative_to(trial_dir.resolve()):
+                candidates = []  # a PBT donor's checkpoint: continue from its weights, not this trial's
+            candidates.append(Path(ckpt_dir) / "last.pt")
+        ckpt = _newest(candidates)
+    if ckpt is None:
         model = YOLO(job["weights"])
+    elif ckpt.get("epoch", -1) + 1 >= args["epochs"]:
+        return  # every epoch was already reported: the trial is complete
     else:
-        with checkpoint.as_directory() as ckpt_dir:
-            candidates = [Path(ckpt_dir) / "last.pt"]
-            if Path(ckpt_dir).resolve().is_relative_to(trial_dir.resolve()):
-                # This trial's own checkpoint (not a PBT donor's): its last.pt on disk can be one epoch
-                # newer, when the driver died before registering the newest checkpoint.
-                candidates.append(save_dir / "weights" / "last.pt")
-            resume_from = _prepare_resume(candidates, save_dir, args)
-        if resume_from is None:
-            return  # every epoch was already reported: the trial is complete
+        resume_from = _prepare_resume(ckpt, save_dir, args)
         model = YOLO(str(resume_from))
         args = {"resume": str(resume_from), "data": job["data"], "device": device}
 
@@ -238,13 +241,8 @@ class _FinishedLines:
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
-    """Copy the newest readable checkpoint into this trial and point it at this trial's config and folder.
-
-    The checkpoint may come from another trial (PBT exploits a better trial's weights with new
-    hyperparameters), so its saved train args are replaced by this trial's before Ultralytics
-    resumes from it. Returns None if the checkpoint already holds the last epoch.
-    """
+def _newest(candidates):
+    """The newest readable checkpoint of ``candidates``, loaded; None if none can be read."""
     import torch
 
     loaded = []
@@ -253,9 +251,18 @@ def _prepare_resume(candidates, save_dir: Path, args: Dict[str, Any]):
             loaded.append(torch.load(path, map_location="cpu", weights_only=False))
         except Exception:  # noqa: BLE001 - missing, or cut short by a kill: use another
             continue
-    ckpt = max(loaded, key=lambda c: c.get("epoch", -1))
-    if ckpt.get("epoch", -1) + 1 >= args["epochs"]:
-        return None
+    return max(loaded, key=lambda c: c.get("epoch", -1), default=None)
+
+
+def _prepare_resume(ckpt: Dict[str, Any], save_dir: Path, args: Dict[str, Any]) -> Path:
+    """Write the checkpoint into this trial, pointed at this trial's config and folder.
+
+    The checkpoint may come from another trial (PBT exploits a better trial's weights with new
+    hyperparameters), so its saved train args are replaced by this trial's before Ultralytics
+    resumes from it.
+    """
+    import torch
+
     ckpt["train_args"] = {**ckpt["train_args"], **args, "save_dir": str(save_dir)}
     save_dir.joinpath("weights").mkdir(parents=True, exist_ok=True)
     target = save_dir / "weights" / "resume.pt"
