@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from yolotune import train_args
 from yolotune.cli import prepare
 from yolotune.config import register_configs
@@ -373,13 +375,23 @@ def test_storage_that_is_a_file(data_files, tmp_path, shapes_cache):
     assert err.value.key == "storage"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: the permission check cannot fail as root")
-def test_storage_not_writable(tmp_path, shapes_cache):
+def test_storage_not_writable(tmp_path):
+    """As a user types it. Root writes into any directory it can reach, so as root (CI) the directory
+    is made unwritable the one way that holds for root too: a read-only mount, in a mount namespace
+    of the command's own."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(ConfigError) as err:
-        attempt(locked / "runs", shapes_cache, *BASE)
-    assert err.value.key == "storage"
+    command = [f"storage={locked / 'runs'}", "name=bad"]
+    if os.geteuid() == 0:
+        command = ["sh", "-c", f'mount --bind -o ro "{locked}" "{locked}" && exec "$0" -m yolotune "$@"',
+                   sys.executable, *command]
+        proc = subprocess.run(["unshare", "--mount", *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+    else:
+        proc = run_cli(*command)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"yolotune: error: storage={locked / 'runs'}: a writable directory; {locked} is not writable\n"
+    assert not list(locked.iterdir())
 
 
 def test_existing_name_is_refused(tmp_path, shapes_cache):

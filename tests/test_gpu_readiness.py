@@ -49,8 +49,11 @@ def test_a_reused_worker_keeps_nothing_of_its_previous_trials(one_worker_sweep):
     assert max(r["tensor_mib"] for r in starts) - min(r["tensor_mib"] for r in starts) < 1  # no old tensors
     rss = [r["rss"] / 2**20 for r in starts]
     print("worker RSS at each trial's start (MiB):", [round(m) for m in rss])
-    growth = [b - a for a, b in zip(rss[1:], rss[2:])]  # from the 2nd trial: the first warms caches up
-    assert not all(g > 5 for g in growth), rss  # no steady growth trial over trial
+    # A kept trainer would add at least the tensors it trains with (model, EMA, optimizer, gradients);
+    # smaller growth is the allocator and library caches settling (the first trial warms them up).
+    trainer_mib = min(r["tensor_mib"] for r in training) - max(r["tensor_mib"] for r in starts)
+    growth = [b - a for a, b in zip(rss[1:], rss[2:])]
+    assert trainer_mib > 20 and max(growth) < trainer_mib, (rss, trainer_mib)
 
 
 @pytest.mark.slow
