@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 trials x 2 epochs at 32 px: a smoke test")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=4, help="full-random's trials; the budget is trials x epochs")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_search"))
     parser.add_argument("--child", nargs=3, metavar=("SETUP", "SPACE", "SEED"), help=argparse.SUPPRESS)
@@ -97,7 +97,7 @@ def run_child(args, setup: str, space: str, seed: str) -> None:
     """One run, in this fresh process: writes <out>/<setup>-<space>-<seed>.csv, its anytime rows."""
     from yolotune.data import ShapesDataConfig, make_shapes
 
-    images, imgsz = (32, 32) if args.quick else (128, 64)
+    images, imgsz = (32, 32) if args.quick else (256, 64)  # 256 images: fitness rises from about epoch 5
     shapes = ShapesDataConfig(train_images=images, val_images=images // 4, imgsz=imgsz,
                               cache_dir=str(args.out / "datasets"))
     data = str(make_shapes(shapes) / "data.yaml")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -16,7 +18,8 @@ EPOCHS = 150  # far more than the 30 s budget can train (an epoch takes 0.5-1.5 
 def test_budget_stops_the_experiment_and_resume_finishes_it(tmp_path, shapes_cache):
     overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "b", iterations=2, epochs=EPOCHS)
                  if not o.startswith("scheduler")] + ["scheduler=fifo", "resources=cpu"]
-    stopped = run_cli(*overrides, "budget.time=30s")
+    # Checkpoints only at epoch 100 and the last: the run must checkpoint the epoch it stops after.
+    stopped = run_cli(*overrides, "budget.time=30s", "checkpoint.every=100")
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode == 0, out[-3000:]
     exp_dir = tmp_path / "b"
@@ -25,6 +28,10 @@ def test_budget_stops_the_experiment_and_resume_finishes_it(tmp_path, shapes_cac
     assert "(stopped by budget)" in stopped.stdout and "The time budget (30s) ended the experiment" in stopped.stdout
     epochs_before = results.history().groupby("trial_id").epoch.max()
     assert 0 < epochs_before.max() < EPOCHS  # some epochs done, none of the trials complete
+    for trial_dir in exp_dir.glob("trial_*"):  # each stopped at an epoch end, which was checkpointed
+        reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert reports[-1]["epoch"] == epochs_before[reports[-1]["trial_id"]] and reports[-1]["checkpoint_dir_name"]
+        assert not any(r["checkpoint_dir_name"] for r in reports[:-1])
     for name in ("trials.csv", "best_hyperparameters.yaml", "best.pt", "report.html"):
         assert (exp_dir / name).is_file(), name
 
@@ -35,5 +42,7 @@ def test_budget_stops_the_experiment_and_resume_finishes_it(tmp_path, shapes_cac
     trials = pd.read_csv(exp_dir / "trials.csv")
     assert len(trials) == 2 and (trials["epochs"] == EPOCHS).all() and (trials["status"] == "TERMINATED").all()
     history = results.history()
-    for trial_id in epochs_before.index:  # continued from its checkpoint, no epoch trained twice
+    for trial_id in epochs_before.index:  # continued after its last epoch, no epoch trained twice
         assert sorted(history[history.trial_id == trial_id].epoch) == list(range(1, EPOCHS + 1))
+        raw, _ = layout.read_jsonl(exp_dir / layout.trial_dirname(trial_id) / layout.HISTORY)
+        assert [row["epoch"] for row in raw] == list(range(1, EPOCHS + 1))

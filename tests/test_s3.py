@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, run_cli, small_sweep_overrides
 from yolotune import layout
@@ -115,6 +116,95 @@ def test_unusable_store_from_the_command_line(s3, tmp_path, shapes_cache):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "storage=" in proc.stderr, proc.stderr
 
 
+def _upload_shapes(prefix: str, cache: Path) -> str:
+    """The shapes dataset into the bucket under ``prefix``, its data YAML's paths relative to its
+    folder (as in a store); returns the YAML's URI."""
+    from yolotune.data import ShapesDataConfig, make_shapes
+
+    root = make_shapes(ShapesDataConfig(train_images=4, val_images=2, imgsz=64, cache_dir=str(cache)))
+    client = boto3.client("s3")
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != "data.yaml" and path.suffix != ".cache":
+            client.upload_file(str(path), "yolotune", f"{prefix}/{path.relative_to(root).as_posix()}")
+    relative = "\n".join(line for line in (root / "data.yaml").read_text().splitlines() if not line.startswith("path:"))
+    client.put_object(Bucket="yolotune", Key=f"{prefix}/data.yaml", Body=relative.encode())
+    return f"s3://yolotune/{prefix}/data.yaml"
+
+
+def test_node_copy_fetches_once_and_again_when_the_store_changes(s3, tmp_path):
+    client = boto3.client("s3")
+    prefix = f"nc-{tmp_path.name}"
+    for name, body in {"a.txt": b"a", "sub/b.txt": b"b", "sub/c.txt": b"c"}.items():
+        client.put_object(Bucket="yolotune", Key=f"{prefix}/{name}", Body=body)
+    folder = Location(f"s3://yolotune/{prefix}")
+    copy = folder.node_copy()
+    assert copy.is_relative_to(s3["YOLOTUNE_CACHE"])
+    assert {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == \
+        {"a.txt": b"a", "sub/b.txt": b"b", "sub/c.txt": b"c"}
+    (copy / "a.txt").write_bytes(b"changed here")  # a second call takes the copy as it is ...
+    assert folder.node_copy() == copy and (copy / "a.txt").read_bytes() == b"changed here"
+    client.delete_object(Bucket="yolotune", Key=f"{prefix}/sub/c.txt")  # ... until the store changes
+    client.put_object(Bucket="yolotune", Key=f"{prefix}/a.txt", Body=b"new")
+    assert folder.node_copy() == copy
+    assert {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == \
+        {"a.txt": b"new", "sub/b.txt": b"b"}
+    single = folder.child("sub").child("b.txt").node_copy()
+    assert single.read_bytes() == b"b"
+    with pytest.raises(FileNotFoundError):
+        folder.child("nothing").node_copy()
+
+
+def test_data_and_weights_in_the_store_are_checked_and_fetched_before_ray(s3, tmp_path, shapes_cache):
+    from test_bad_input import BASE, attempt
+    from ultralytics.cfg import ROOT
+
+    from yolotune.runner import preflight
+
+    data = _upload_shapes(f"ds-{tmp_path.name}", shapes_cache)
+    boto3.client("s3").upload_file(str(ROOT / "cfg/models/11/yolo11.yaml"), "yolotune", f"m-{tmp_path.name}/yolo11n.yaml")
+    weights = f"s3://yolotune/m-{tmp_path.name}/yolo11n.yaml"
+    exp = attempt(tmp_path / "runs", shapes_cache, *BASE, "data=coco8", f"data.yaml={data}",
+                  f"model.weights={weights}", preflight=False)
+    job, _ = preflight(exp, tmp_path / "runs" / "bad")
+    assert job["data"] == data and job["weights"] == weights  # trials fetch them on their nodes
+    fetched = Path(s3["YOLOTUNE_CACHE"], "fetched", "s3", "yolotune", f"ds-{tmp_path.name}")
+    assert len(list((fetched / "images" / "train").iterdir())) == 4
+    assert list((fetched / "labels").glob("*.cache"))  # the label caches, built once in this node's copy
+    local_yaml = yaml.safe_load(Path(f"{fetched}.data.yaml").read_text())
+    assert local_yaml["path"] == str(fetched) and local_yaml["train"] == "images/train"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "cannot fetch the dataset: s3://yolotune/nothing/data.yaml: not found"),
+    ("absolute", "cannot fetch the dataset: its path: /data/shapes is absolute; in a store, paths in a data YAML "
+                 "are relative to its folder"),
+    ("incomplete", "the data YAML lacks val, names; it needs train, val and names"),
+    ("not-yaml", "a data YAML (.yaml) in the store, in its dataset's folder"),
+])
+def test_bad_data_in_the_store_is_one_line(case, message, s3, tmp_path, shapes_cache):
+    from test_bad_input import BASE, attempt
+
+    uri = {"missing": "s3://yolotune/nothing/data.yaml", "not-yaml": "s3://yolotune/x/data.txt"}.get(
+        case, f"s3://yolotune/{case}-{tmp_path.name}/data.yaml")
+    body = {"absolute": "path: /data/shapes\ntrain: images/train\nval: images/val\nnames: {0: circle}\n",
+            "incomplete": "train: images/train\n"}.get(case)
+    if body:
+        boto3.client("s3").put_object(Bucket="yolotune", Key=uri[len("s3://yolotune/"):], Body=body.encode())
+    with pytest.raises(ConfigError) as err:
+        attempt(tmp_path / "runs", shapes_cache, *BASE, "data=coco8", f"data.yaml={uri}")
+    assert str(err.value) == f"data.yaml={uri}: {message}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_weights_in_an_unreachable_store_are_one_line(s3, tmp_path, shapes_cache, monkeypatch):
+    from test_bad_input import BASE, attempt
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(ConfigError) as err:
+        attempt(tmp_path / "runs", shapes_cache, *BASE, "model.weights=s3://yolotune/m/best.pt")
+    assert err.value.key == "model.weights" and "cannot reach the store" in str(err.value)
+
+
 # Distinctive credentials (moto takes any): the test looks for them in what the experiment saved.
 SECRET = {"AWS_ACCESS_KEY_ID": "AKIAYOLOTUNETEST0001", "AWS_SECRET_ACCESS_KEY": "yolotune-s3-secret-do-not-save"}
 
@@ -133,7 +223,8 @@ def cluster_without_shared_dir(s3, tmp_path):
         for cwd, args in (("head", ["--head", "--port", str(port), "--include-dashboard", "false",
                                     "--temp-dir", temp_dir]), ("worker", ["--address", f"127.0.0.1:{port}"])):
             (tmp_path / cwd).mkdir()
-            nodes.append(subprocess.Popen(["ray", "start", *args, *common], cwd=tmp_path / cwd, env=env,
+            node_env = {**env, "YOLOTUNE_CACHE": str(tmp_path / cwd / "cache")}  # what each node fetches
+            nodes.append(subprocess.Popen(["ray", "start", *args, *common], cwd=tmp_path / cwd, env=node_env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True))
             time.sleep(8)
@@ -160,9 +251,10 @@ def cluster_without_shared_dir(s3, tmp_path):
 @pytest.mark.slow
 def test_sweep_killed_resumed_and_read_through_the_store(cluster_without_shared_dir, s3, tmp_path, shapes_cache):
     storage = "s3://yolotune/runs"
+    data = _upload_shapes("datasets/shapes", shapes_cache)  # the nodes read the dataset from the store too
     overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "c", iterations=3, epochs=3)[2:]
-                 if not o.startswith("scheduler")]
-    overrides = [f"storage={storage}", "name=c", *overrides, "scheduler=fifo",
+                 if not o.startswith(("scheduler", "data"))]
+    overrides = [f"storage={storage}", "name=c", *overrides, "data=coco8", f"data.yaml={data}", "scheduler=fifo",
                  f"ray.address={cluster_without_shared_dir}", "resources.cpu_per_trial=1"]
     env = {**os.environ, **SECRET}
     for machine in ("driver1", "driver2", "reader"):
@@ -208,3 +300,6 @@ def test_sweep_killed_resumed_and_read_through_the_store(cluster_without_shared_
         assert not any(secret.encode() in data for secret in SECRET.values()), name
     for place in ("driver1", "driver2", "reader", "head", "worker"):  # nothing written beside the caches
         assert {p.name for p in (tmp_path / place).iterdir()} <= {"cache"}, place
+    for node in ("head", "worker"):  # each node fetched the dataset into its own cache
+        fetched = tmp_path / node / "cache" / "fetched" / "s3" / "yolotune" / "datasets" / "shapes"
+        assert len(list((fetched / "images" / "train").iterdir())) == 4, node

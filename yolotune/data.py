@@ -22,6 +22,7 @@ from omegaconf import MISSING
 
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line
+from yolotune.storage import Location, is_uri, node_dataset
 
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 
@@ -47,6 +48,10 @@ class YamlDataConfig(DataConfig):
     def check(self, exp) -> None:
         if not self.yaml or "\n" in self.yaml:
             raise ConfigError("data.yaml", self.yaml, "a data YAML path or an Ultralytics dataset name")
+        if is_uri(self.yaml):  # fetched in resolve(): a network check, not one for composition
+            if not self.yaml.split("?")[0].endswith((".yaml", ".yml")):
+                raise ConfigError("data.yaml", self.yaml, "a data YAML (.yaml) in the store, in its dataset's folder")
+            return
         local = Path(self.yaml).expanduser()
         if local.is_file():
             _check_data_yaml(self.yaml, local)
@@ -55,8 +60,23 @@ class YamlDataConfig(DataConfig):
                                                       "such as coco8.yaml")
 
     def resolve(self) -> str:
+        """A data YAML in a store stays a URI: each node trains on its own copy (storage.node_dataset);
+        this node's copy is checked here."""
+        if is_uri(self.yaml):
+            unreachable = Location(self.yaml).check_reachable()
+            if unreachable:
+                raise ConfigError("data.yaml", self.yaml, f"cannot reach the store: {unreachable}")
+            try:
+                local_yaml = node_dataset(self.yaml)
+            except Exception as e:  # noqa: BLE001 - whatever the store or the YAML says
+                raise ConfigError("data.yaml", self.yaml, f"cannot fetch the dataset: {first_line(str(e))}") from None
+            _check_data_yaml(self.yaml, local_yaml)
+            self._load(str(local_yaml), local_yaml)
+            return self.yaml
         local = Path(self.yaml).expanduser()
-        data_yaml = str(local.resolve()) if local.is_file() else self.yaml
+        return self._load(str(local.resolve()) if local.is_file() else self.yaml, local)
+
+    def _load(self, data_yaml: str, local: Path) -> str:
         from ultralytics.data.utils import check_det_dataset
         from ultralytics.utils.checks import check_file
 

@@ -11,6 +11,7 @@ from omegaconf import MISSING
 
 from yolotune.errors import ConfigError
 from yolotune.layout import first_line
+from yolotune.storage import Location, is_uri, node_file
 
 SUFFIXES = (".pt", ".yaml", ".yml")
 
@@ -20,16 +21,27 @@ class ModelConfig:
     weights: str = MISSING  # a .pt file (pretrained) or a model YAML (from scratch); each option names one
 
     def check(self, exp) -> None:
-        if not self.weights.endswith(SUFFIXES) or "\n" in self.weights:
+        if not self.weights.split("?")[0].endswith(SUFFIXES) or "\n" in self.weights:
             raise ConfigError("model.weights", self.weights, "a .pt file or a model YAML such as yolo11n.yaml")
+        if is_uri(self.weights):
+            return  # fetched in resolve()
         local = Path(self.weights).expanduser()
         if local.exists() and not local.is_file():
             raise ConfigError("model.weights", self.weights, "a file (this is a directory)")
 
     def resolve(self) -> str:
-        """A local file's absolute path, or an Ultralytics model YAML or asset name, after loading it once."""
+        """A local file's absolute path, or an Ultralytics model YAML or asset name, after loading it once.
+        Weights in a store stay a URI: each node loads its own copy (storage.node_file)."""
         local = Path(self.weights).expanduser()
-        if local.is_file():
+        if is_uri(self.weights):
+            unreachable = Location(self.weights).check_reachable()
+            if unreachable:
+                raise ConfigError("model.weights", self.weights, f"cannot reach the store: {unreachable}")
+            try:
+                weights = node_file(self.weights)
+            except Exception as e:  # noqa: BLE001 - whatever the store says
+                raise ConfigError("model.weights", self.weights, f"cannot fetch it: {first_line(str(e))}") from None
+        elif local.is_file():
             weights = str(local.resolve())
         elif self.weights.endswith(".pt"):
             weights = self._download()
@@ -42,7 +54,7 @@ class ModelConfig:
         except Exception as e:  # noqa: BLE001 - whatever makes Ultralytics refuse the file
             raise ConfigError("model.weights", self.weights, f"Ultralytics cannot load it: {first_line(str(e))}") \
                 from None
-        return weights
+        return self.weights if is_uri(self.weights) else weights
 
     def _download(self) -> str:
         from ultralytics.utils import LOGGER

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shlex
 import signal
 import socket
 import tempfile
-import threading
-from contextlib import contextmanager
+import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
@@ -24,7 +23,7 @@ from yolotune.errors import ConfigError
 from yolotune.layout import trial_dirname
 from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
-from yolotune.storage import Location, is_uri
+from yolotune.storage import Location, is_uri, node_dataset
 
 
 # Ray's TensorBoard logger only warns about Ultralytics' metric names; W&B is the dashboard here.
@@ -73,7 +72,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             total = ray.cluster_resources()
             resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0), exp.iterations)
             check_autobatch(exp, resources.gpu)
-            local_files = [job["data"]] + ([job["weights"]] if os.path.isabs(job["weights"]) else [])
+            local_files = [p for p in (job["data"], job["weights"]) if os.path.isabs(p)]  # not URIs: fetched per node
             check_readable_on_every_node(local_files)
         job["threads"] = resources.threads
         job["train"].setdefault("workers", resources.loader_workers)  # within the trial's CPUs (GPU only)
@@ -84,17 +83,18 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             location.upload(*(p for p in exp_dir.rglob("*") if p.is_file()))
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
         log.enter_context(console.ray_logs(exp.verbose))
+        budget = time_budget(math.ceil(time.time() + exp.budget.seconds) if exp.budget.time else None)
+        job["deadline"] = budget.deadline  # trials checkpoint the epoch that ends after it
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
                                         {"cpu": resources.cpu, "gpu": resources.gpu})
         if exp.resume:
             tuner = tune.Tuner.restore(location.uri, trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
-            _use_this_runs_console(tuner, exp, exp_dir)
+            _use_this_runs_callbacks(tuner, exp, exp_dir, budget)
         else:
-            tuner = _new_tuner(exp, location, trainable, resources, wandb_settings)
+            tuner = _new_tuner(exp, location, trainable, resources, wandb_settings, budget)
         (exp_dir / layout.BUDGET_MARKER).unlink(missing_ok=True)
-        with time_budget(exp.budget.seconds) as budget:
-            grid = tuner.fit()
+        grid = tuner.fit()
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
             written = export_best(results, location)
@@ -123,29 +123,64 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             ray.shutdown()
 
 
-@contextmanager
-def time_budget(seconds: Optional[float]):
-    """Ends tuner.fit() after ``seconds`` the way Ctrl-C does: Ray stops the trials and saves them as
-    unfinished, so resume=true continues them. (Ray's own TuneConfig(time_budget_s) marks every
-    unfinished trial TERMINATED, and a restored Tuner then has nothing left to run.)"""
-    budget = SimpleNamespace(expired=False)
-
-    def expire():
-        budget.expired = True
-        os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop gracefully, save the experiment state
-
-    timer = threading.Timer(seconds, expire) if seconds else None
-    if timer:
-        timer.daemon = True
-        timer.start()
-    try:
-        yield budget
-    finally:
-        if timer:
-            timer.cancel()
+def time_budget(deadline: Optional[float]):
+    """The TimeBudget callback for a run that must end at ``deadline`` (a time.time() in whole seconds;
+    None: never)."""
+    return (globals().get("TimeBudget") or __getattr__("TimeBudget"))(deadline)
 
 
-def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: TrialResources, wandb_settings):
+def __getattr__(name: str):
+    # The callback class subclasses Ray's, so it is built on first use; pickle (Ray's tuner.pkl)
+    # finds it here by name.
+    if name != "TimeBudget":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()["TimeBudget"] = cls = _build_time_budget()
+    return cls
+
+
+def _build_time_budget():
+    from ray.tune import Callback
+
+    class TimeBudget(Callback):
+        """Ends tuner.fit() once the time is up and every trial running then has ended its epoch
+        (its report carries a checkpoint, see trainable.py): the way Ctrl-C does, so Ray saves the
+        trials as unfinished and resume=true continues them. (Ray's own TuneConfig(time_budget_s)
+        stops trials mid-epoch and marks them TERMINATED: a restored Tuner has nothing left to run.)"""
+
+        def __init__(self, deadline: Optional[float]):
+            self.deadline = deadline
+            self.expired = False
+            self.waiting: set = set()  # trials running when the time was up, until their epoch ends
+            self.stopped = False
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.deadline is None or self.stopped or time.time() < self.deadline:
+                return
+            if not self.expired:
+                self.expired = True
+                # Not those already past it (Ray's result timestamp: whole seconds, like the deadline):
+                # they wait for the stop (trainable.py).
+                self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"
+                                and (t.last_result or {}).get("timestamp", 0) < self.deadline}
+            if not self.waiting:  # checked a step after the last report: Ray has saved its checkpoint
+                self.stopped = True
+                os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop, save the experiment state
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.waiting.discard(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.waiting.discard(trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.waiting.discard(trial.trial_id)
+
+    TimeBudget.__qualname__ = "TimeBudget"  # pickled by reference (yolotune.runner.TimeBudget), not by value
+    return TimeBudget
+
+
+def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: TrialResources, wandb_settings,
+               budget):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -153,7 +188,7 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
 
     space = exp.dists
     # trial_recorder: trials.jsonl; the live view: the console
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location.local)]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location.local), budget]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -230,14 +265,13 @@ def _live_view(exp: ExperimentConfig, exp_dir: Path):
     return console.live_view(exp_dir, exp.metric, exp.mode, epochs, prunes, exp.verbose, report.write_all)
 
 
-def _use_this_runs_console(tuner, exp: ExperimentConfig, exp_dir: Path) -> None:
-    """tuner.pkl holds the first run's callbacks and verbosity: give the resumed run this run's (and
-    an experiment from before the live view its live view). Ray has no public way to do this."""
+def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, exp_dir: Path, budget) -> None:
+    """tuner.pkl holds the first run's callbacks and verbosity: give the resumed run this run's live
+    view and time budget (and an experiment from before them, them). Ray has no public way to do this."""
     run_config = tuner._local_tuner.get_run_config()
-    kept = [c for c in run_config.callbacks or [] if not isinstance(c, console.LiveView)]
-    run_config.callbacks = kept + [_live_view(exp, exp_dir)]
+    kept = [c for c in run_config.callbacks or [] if not isinstance(c, (console.LiveView, type(budget)))]
+    run_config.callbacks = kept + [_live_view(exp, exp_dir), budget]
     run_config.verbose = _ray_verbosity(exp)
-
 
 
 def resume_command(exp: ExperimentConfig, exp_dir: Path) -> str:
@@ -285,7 +319,7 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
         check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
-    build_label_caches(data)
+    build_label_caches(str(node_dataset(data)) if is_uri(data) else data)  # the copy trials on this node share
     train = {**exp.train, "epochs": exp.epochs}  # explicit: trials and resumes compare against it
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:

@@ -11,7 +11,9 @@ profiles, instance roles, as pyarrow and Ray read them), never from yolotune's c
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import cached_property
@@ -124,6 +126,39 @@ class Location:
             with self.fs.open_output_stream(f"{self.fs_path}/{relative}") as f:
                 f.write(Path(path).read_bytes())
 
+    def node_copy(self) -> Path:
+        """This node's copy of the file or folder here (a dataset, weights), fetched on first use
+        and again only when the store's copy changed. Trials on one node share it: a lock lets one
+        of them download while the others wait."""
+        from filelock import FileLock
+        from pyarrow.fs import FileSelector, FileType
+
+        if not self.remote:
+            return Path(self.uri)
+        local = cache_root() / "fetched" / self.fs.type_name / self.fs_path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{local}.lock"):
+            info = self.fs.get_file_info(self.fs_path)
+            if info.type == FileType.File:
+                files = [info]
+            elif info.type == FileType.Directory:
+                files = [i for i in self.fs.get_file_info(FileSelector(self.fs_path, recursive=True))
+                         if i.type == FileType.File]
+            else:
+                raise FileNotFoundError(f"{self.uri}: not found")
+            manifest = json.dumps(sorted((i.path, i.size, i.mtime_ns) for i in files))
+            marker = Path(f"{local}.fetched")  # what the copy was made from
+            if marker.is_file() and marker.read_text() == manifest and local.exists():
+                return local
+            marker.unlink(missing_ok=True)
+            shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
+            for i in files:
+                with self.fs.open_input_stream(i.path) as f:
+                    write_atomic(local / i.path[len(self.fs_path) + 1:] if info.type == FileType.Directory
+                                 else local, f.read())
+            marker.write_text(manifest)
+        return local
+
     def check_reachable(self, timeout_s: float = 20.0) -> Optional[str]:
         """Why this store cannot be used (one line), or None. Bounded: the SDK's own retries over a
         dead endpoint take minutes."""
@@ -145,3 +180,34 @@ class Location:
             return first_line(str(e))
         finally:
             pool.shutdown(wait=False)
+
+
+def node_dataset(yaml_uri: str) -> Path:
+    """This node's copy of the dataset whose data YAML is at ``yaml_uri`` (the YAML's folder, see
+    ``Location.node_copy``); returns a data YAML beside it whose ``path`` is that folder. (Ultralytics
+    resolves a relative ``path`` against its own datasets dir, not the YAML's.)"""
+    import yaml
+
+    from pyarrow.fs import FileType
+
+    data_yaml = Location(yaml_uri)
+    if data_yaml.fs.get_file_info(data_yaml.fs_path).type != FileType.File:
+        raise FileNotFoundError(f"{yaml_uri}: not found")
+    parts = urlsplit(yaml_uri)
+    folder_path, name = parts.path.rstrip("/").rsplit("/", 1)
+    folder = Location(parts._replace(path=folder_path).geturl()).node_copy()
+    content = yaml.safe_load((folder / name).read_text())
+    if isinstance(content, dict):
+        if Path(str(content.get("path") or "")).is_absolute():
+            raise ValueError(f"its path: {content['path']} is absolute; in a store, paths in a data YAML are "
+                             "relative to its folder")
+        content["path"] = str((folder / str(content.get("path") or "")).resolve())
+    local = Path(f"{folder}.{name}")
+    write_atomic(local, yaml.safe_dump(content, sort_keys=False))
+    return local
+
+
+def node_file(path_or_uri: str) -> str:
+    """A local path for a file given as a path or a URI (weights): URIs are fetched once per node."""
+    return str(Location(path_or_uri).node_copy()) if is_uri(path_or_uri) else path_or_uri
+

@@ -20,13 +20,13 @@ import time
 import traceback
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import ray
 from ray import tune
 
 from yolotune.layout import HISTORY, TRAIN_LOG, append_jsonl, trial_dirname
-from yolotune.storage import Location
+from yolotune.storage import Location, is_uri, node_dataset, node_file
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
@@ -45,7 +45,8 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, device:
     _use_amp_check_weights(job.get("amp_weights_dir"))
     torch.set_num_threads(job["threads"])
     save_dir = trial_dir / "train"
-    args = {**job["train"], **config, "data": job["data"], "project": str(trial_dir), "name": "train",
+    data = str(node_dataset(job["data"])) if is_uri(job["data"]) else job["data"]  # a store's: this node's copy
+    args = {**job["train"], **config, "data": data, "project": str(trial_dir), "name": "train",
             "exist_ok": True, "device": device}
 
     # This trial's own last.pt, from an earlier run of it: newer than its registered checkpoint, or the
@@ -59,17 +60,17 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, device:
             candidates.append(Path(ckpt_dir) / "last.pt")
         ckpt = _newest(candidates)
     if ckpt is None:
-        model = YOLO(job["weights"])
+        model = YOLO(node_file(job["weights"]))
     elif ckpt.get("epoch", -1) + 1 >= args["epochs"]:
         return  # every epoch was already reported: the trial is complete
     else:
         resume_from = _prepare_resume(ckpt, save_dir, args)
         model = YOLO(str(resume_from))
-        args = {"resume": str(resume_from), "data": job["data"], "device": device}
+        args = {"resume": str(resume_from), "data": data, "device": device}
 
     # Ray uploads the whole trial dir when it is in an object store: checkpoints are staged beside it.
     scratch = trial_dir.parent if Location(job["experiment_dir"]).remote else trial_dir
-    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), scratch)
+    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), scratch, job.get("deadline"))
     model.add_callback("on_model_save", reporter.on_model_save)
     try:
         model.train(**args)
@@ -147,18 +148,19 @@ def _trial_dir(location: Location, restore: bool) -> Path:
 
 class _EpochReporter:
     """Reports each finished epoch to Ray, with the trial's last.pt as its checkpoint every
-    ``every`` epochs and at the trial's last epoch.
+    ``every`` epochs, at the trial's last epoch and at the first epoch end past the time budget.
 
     ``on_model_save`` fires once per epoch, right after last.pt is written, and (unlike
     ``on_fit_epoch_end``) not again for the final validation of best.pt.
     """
 
-    def __init__(self, trial_dir: Path, gpu: str, every: int, scratch: Path):
+    def __init__(self, trial_dir: Path, gpu: str, every: int, scratch: Path, deadline: Optional[float]):
         # Where the trial ran: the node, the worker process (shared by trials when actors are reused)
         # and the physical GPUs (CUDA_VISIBLE_DEVICES as Ray set it; "" on the CPU).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                      "pid": os.getpid(), "gpu": gpu}
         self.trial_dir, self.every, self.scratch, self.last_report = trial_dir, every, scratch, time.time()
+        self.deadline = deadline  # the time budget's end: the run stops after this epoch, keep it
 
     def on_model_save(self, trainer) -> None:
         metrics = {
@@ -172,7 +174,8 @@ class _EpochReporter:
         append_jsonl(self.trial_dir / HISTORY,
                      {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
         self.last_report = now
-        if (trainer.epoch + 1) % self.every and not trainer.stop:
+        out_of_time = self.deadline is not None and now >= self.deadline
+        if (trainer.epoch + 1) % self.every and not trainer.stop and not out_of_time:
             tune.report(metrics)
             return
         # On the trial dir's file system, so last.pt is linked, not copied; Ray copies it into the
@@ -180,6 +183,16 @@ class _EpochReporter:
         with tempfile.TemporaryDirectory(prefix=".ckpt-", dir=self.scratch) as tmp:
             _link_or_copy(trainer.last, Path(tmp) / "last.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        if out_of_time and not trainer.stop and trainer.epoch + 1 < trainer.epochs:
+            _wait_for_the_stop()  # the time budget's driver ends the run once every trial got here (runner.TimeBudget)
+
+
+def _wait_for_the_stop(timeout_s: float = 600) -> None:
+    """Train no further epoch (Ray would not record it): Ray ends this worker when the run stops.
+    Bounded, so that a stop that never comes cannot hold the trial's slot for ever."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(1)
 
 
 @contextmanager
