@@ -22,7 +22,7 @@ from omegaconf import MISSING
 
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line
-from yolotune.storage import Location, is_uri, node_dataset
+from yolotune.storage import fetch_checked, is_uri, node_dataset
 
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 
@@ -63,13 +63,7 @@ class YamlDataConfig(DataConfig):
         """A data YAML in a store stays a URI: each node trains on its own copy (storage.node_dataset);
         this node's copy is checked here."""
         if is_uri(self.yaml):
-            unreachable = Location(self.yaml).check_reachable()
-            if unreachable:
-                raise ConfigError("data.yaml", self.yaml, f"cannot reach the store: {unreachable}")
-            try:
-                local_yaml = node_dataset(self.yaml)
-            except Exception as e:  # noqa: BLE001 - whatever the store or the YAML says
-                raise ConfigError("data.yaml", self.yaml, f"cannot fetch the dataset: {first_line(str(e))}") from None
+            local_yaml = fetch_checked("data.yaml", self.yaml, node_dataset, "the dataset")
             _check_data_yaml(self.yaml, local_yaml)
             self._load(str(local_yaml), local_yaml)
             return self.yaml

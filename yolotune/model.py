@@ -11,7 +11,7 @@ from omegaconf import MISSING
 
 from yolotune.errors import ConfigError
 from yolotune.layout import first_line
-from yolotune.storage import Location, is_uri, node_file
+from yolotune.storage import fetch_checked, is_uri, node_file
 
 SUFFIXES = (".pt", ".yaml", ".yml")
 
@@ -34,13 +34,7 @@ class ModelConfig:
         Weights in a store stay a URI: each node loads its own copy (storage.node_file)."""
         local = Path(self.weights).expanduser()
         if is_uri(self.weights):
-            unreachable = Location(self.weights).check_reachable()
-            if unreachable:
-                raise ConfigError("model.weights", self.weights, f"cannot reach the store: {unreachable}")
-            try:
-                weights = node_file(self.weights)
-            except Exception as e:  # noqa: BLE001 - whatever the store says
-                raise ConfigError("model.weights", self.weights, f"cannot fetch it: {first_line(str(e))}") from None
+            weights = str(fetch_checked("model.weights", self.weights, node_file, "it"))
         elif local.is_file():
             weights = str(local.resolve())
         elif self.weights.endswith(".pt"):

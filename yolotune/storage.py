@@ -211,3 +211,17 @@ def node_file(path_or_uri: str) -> str:
     """A local path for a file given as a path or a URI (weights): URIs are fetched once per node."""
     return str(Location(path_or_uri).node_copy()) if is_uri(path_or_uri) else path_or_uri
 
+
+def fetch_checked(key: str, uri: str, fetch, what: str) -> Path:
+    """``fetch(uri)`` in the driver, before Ray starts: a store it cannot reach or a file it cannot
+    fetch is one ConfigError naming ``key``."""
+    from yolotune.errors import ConfigError
+
+    unreachable = Location(uri).check_reachable()
+    if unreachable:
+        raise ConfigError(key, uri, f"cannot reach the store: {unreachable}")
+    try:
+        return Path(fetch(uri))
+    except Exception as e:  # noqa: BLE001 - whatever the store (or the data YAML in it) says
+        raise ConfigError(key, uri, f"cannot fetch {what}: {first_line(str(e))}") from None
+
