@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import yolotune
 from conftest import REPO, run_cli, small_sweep_overrides
 from yolotune import layout
 from yolotune.errors import ConfigError
@@ -203,6 +204,26 @@ def test_weights_in_an_unreachable_store_are_one_line(s3, tmp_path, shapes_cache
     with pytest.raises(ConfigError) as err:
         attempt(tmp_path / "runs", shapes_cache, *BASE, "model.weights=s3://yolotune/m/best.pt")
     assert err.value.key == "model.weights" and "cannot reach the store" in str(err.value)
+
+
+def test_the_report_refreshes_from_and_into_the_store(s3, tmp_path):
+    """What the live view does as trials end: the trials' files are in the store, not on the driver."""
+    from test_results_fast import build
+
+    from yolotune import report
+
+    local = build(tmp_path / "exp")
+    experiment = Location(f"s3://yolotune/live-{tmp_path.name}").child("exp")
+    for path in local.rglob("*"):
+        if path.is_file():
+            boto3.client("s3").upload_file(str(path), "yolotune", f"live-{tmp_path.name}/exp/"
+                                           f"{path.relative_to(local).as_posix()}")
+    report.write_all_at(experiment.uri)
+    keys = _keys(f"live-{tmp_path.name}/exp/")
+    assert {"trials.csv", "report.html", "plots/history.png"} <= keys
+    uploaded = boto3.client("s3").get_object(Bucket="yolotune", Key=f"live-{tmp_path.name}/exp/trials.csv")
+    assert uploaded["Body"].read() == (experiment.local / "trials.csv").read_bytes() == \
+        report.write_trials_csv(yolotune.load(local)).read_bytes()
 
 
 # Distinctive credentials (moto takes any): the test looks for them in what the experiment saved.

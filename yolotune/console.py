@@ -364,8 +364,8 @@ def ray_logs(verbose: str):
 
 
 def live_view(exp_dir: Path, metric: str, mode: str, epochs: int, prunes: bool, verbose: str,
-              refresh: Callable[[Path], None]):
-    """The callback for ``RunConfig(callbacks=...)``; ``refresh(exp_dir)`` rewrites the report."""
+              refresh: Callable[[], None]):
+    """The callback for ``RunConfig(callbacks=...)``; ``refresh()`` rewrites the report."""
     return sys.modules[__name__].LiveView(exp_dir, metric, mode, epochs, prunes, verbose == "yolotune", refresh)
 
 
@@ -383,7 +383,7 @@ def _build_live_view():
 
     class LiveView(Callback):
         def __init__(self, exp_dir: Path, metric: str, mode: str, epochs: int, prunes: bool, echo: bool,
-                     refresh: Callable[[Path], None]):
+                     refresh: Callable[[], None]):
             self.exp_dir, self.metric, self.mode, self.epochs = Path(exp_dir), metric, mode, epochs
             self.prunes, self.echo, self.refresh = prunes, echo, refresh
 
@@ -394,7 +394,7 @@ def _build_live_view():
             total = total_num_samples or info.get("num_samples") or 0
             self._progress = Progress(self.metric, self.mode, total, self.epochs, self.prunes)
             self._screen = Screen(self.echo, total)
-            self._refresher = Refresher(lambda: self.refresh(self.exp_dir))
+            self._refresher = Refresher(self.refresh)
             self._tick, self._last_ended = Throttle(TERMINAL_EVERY_S), False
 
         def on_trial_start(self, iteration, trials, trial, **info):

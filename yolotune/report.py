@@ -18,6 +18,7 @@ import yaml
 
 from yolotune import layout
 from yolotune.results import ExperimentResults, better, load
+from yolotune.storage import Location
 
 
 def write_all(experiment: Union[str, Path, ExperimentResults], top: Optional[int] = None) -> Dict[str, Path]:
@@ -33,6 +34,13 @@ def write_all(experiment: Union[str, Path, ExperimentResults], top: Optional[int
     csv_path = write_trials_csv(own)
     pngs = results.plot()
     return {"trials_csv": csv_path, **pngs, "report": write_report(results, pngs, top)}
+
+
+def write_all_at(uri: str) -> None:
+    """write_all for the experiment at ``uri``, a directory or a store URI: read from there (the
+    trials' files reach a store, not the driver), the files written back there."""
+    location = Location(uri)
+    location.upload(*write_all(location.download()).values())
 
 
 def write_trials_csv(results: ExperimentResults) -> Path:

@@ -11,6 +11,7 @@ import signal
 import socket
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -90,7 +91,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         if exp.resume:
             tuner = tune.Tuner.restore(location.uri, trainable, resume_unfinished=True,
                                        resume_errored=exp.resume_errored)
-            _use_this_runs_callbacks(tuner, exp, exp_dir, budget)
+            _use_this_runs_callbacks(tuner, exp, location, budget)
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings, budget)
         (exp_dir / layout.BUDGET_MARKER).unlink(missing_ok=True)
@@ -188,7 +189,7 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
 
     space = exp.dists
     # trial_recorder: trials.jsonl; the live view: the console
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location.local), budget]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location), budget]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
         from yolotune.wandb_logging import tune_callback
 
@@ -257,20 +258,21 @@ def _ultralytics_quiet(exp: ExperimentConfig):
         LOGGER.setLevel(level)
 
 
-def _live_view(exp: ExperimentConfig, exp_dir: Path):
+def _live_view(exp: ExperimentConfig, location: Location):
     from yolotune import report
 
     prunes = exp.scheduler.stops_early or exp.search.replaces_scheduler
     epochs = exp.scheduler.trial_epochs(exp)
-    return console.live_view(exp_dir, exp.metric, exp.mode, epochs, prunes, exp.verbose, report.write_all)
+    return console.live_view(location.local, exp.metric, exp.mode, epochs, prunes, exp.verbose,
+                             partial(report.write_all_at, location.uri))
 
 
-def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, exp_dir: Path, budget) -> None:
+def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, location: Location, budget) -> None:
     """tuner.pkl holds the first run's callbacks and verbosity: give the resumed run this run's live
     view and time budget (and an experiment from before them, them). Ray has no public way to do this."""
     run_config = tuner._local_tuner.get_run_config()
     kept = [c for c in run_config.callbacks or [] if not isinstance(c, (console.LiveView, type(budget)))]
-    run_config.callbacks = kept + [_live_view(exp, exp_dir), budget]
+    run_config.callbacks = kept + [_live_view(exp, location), budget]
     run_config.verbose = _ray_verbosity(exp)
 
 
