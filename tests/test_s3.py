@@ -88,6 +88,12 @@ def test_location_round_trip(remote, s3, tmp_path):
     assert small == (set(files) if not remote else {"trials.jsonl", "trial_a/history.jsonl"})  # no weights
     assert exp.fetch("trial_a/train/weights/best.pt").read_bytes() == b"w" * 10
     assert exp.fetch("trial_a/nothing.pt") is None
+    exp.delete("trials.jsonl")  # e.g. a budget marker that a resumed run drops
+    exp.delete("never-there")
+    assert not (exp.local / "trials.jsonl").exists()
+    if remote:
+        # ("": pyarrow keeps the folder's marker object after a delete)
+        assert _keys(f"rt-{tmp_path.name}/exp/") - {""} == set(files) - {"trials.jsonl"}
 
 
 def test_uri_with_a_query_keeps_it_and_names_the_child_in_the_path(s3):

@@ -94,7 +94,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             _use_this_runs_callbacks(tuner, exp, location, budget)
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings, budget)
-        (exp_dir / layout.BUDGET_MARKER).unlink(missing_ok=True)
+        location.delete(layout.BUDGET_MARKER)  # this run's budget decides
         grid = tuner.fit()
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store

@@ -159,6 +159,15 @@ class Location:
             marker.write_text(manifest)
         return local
 
+    def delete(self, relative: str) -> None:
+        """Remove one file here, and from the mirror."""
+        (self.local / relative).unlink(missing_ok=True)
+        if self.remote:
+            try:
+                self.fs.delete_file(f"{self.fs_path}/{relative}")
+            except FileNotFoundError:
+                pass
+
     def check_reachable(self, timeout_s: float = 20.0) -> Optional[str]:
         """Why this store cannot be used (one line), or None. Bounded: the SDK's own retries over a
         dead endpoint take minutes."""
