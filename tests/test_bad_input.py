@@ -515,6 +515,22 @@ def test_cli_prints_one_line_and_exits_2(overrides, key, tmp_path, shapes_cache)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("recorded", ["127.0.0.1:1", None], ids=["dead-cluster", "none"])
+def test_ray_address_auto_reads_the_cluster_recorded_in_rays_temp_dir(recorded, tmp_path, monkeypatch):
+    from yolotune.runner import check_reachable
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if recorded:
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(recorded + "\n")
+    with pytest.raises(ConfigError) as err:
+        check_reachable("auto", timeout_s=2)
+    assert err.value.key == "ray.address"
+    assert str(err.value).startswith(f"ray.address={recorded}: no Ray cluster answers there" if recorded else
+                                     "ray.address=auto: no running Ray cluster found on this machine")
+
+
 def test_multirun_runs_the_valid_jobs_and_lists_the_bad_one(tmp_path, shapes_cache):
     """iterations=ten does not compose and train.imgsz=big fails validation: both are failed rows, while
     the valid job's config is composed and reaches its run (here refused at preflight by cpu_per_trial)."""

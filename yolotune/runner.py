@@ -293,7 +293,8 @@ def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A cluster that does not answer fails here, in one line, instead of in a long retry loop in ray.init."""
     if address == "auto":
-        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        # Where `ray start` records it: Ray's temp dir ($RAY_TMPDIR, else the system's), as Ray reads it.
+        recorded = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
         if not address:
             raise ConfigError("ray.address", "auto", "no running Ray cluster found on this machine; start one with "
