@@ -4,6 +4,7 @@ cluster whose nodes share no directory, killed, resumed and read from fresh proc
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -230,6 +231,25 @@ def test_the_report_refreshes_from_and_into_the_store(s3, tmp_path):
     uploaded = boto3.client("s3").get_object(Bucket="yolotune", Key=f"live-{tmp_path.name}/exp/trials.csv")
     assert uploaded["Body"].read() == (experiment.local / "trials.csv").read_bytes() == \
         report.write_trials_csv(yolotune.load(local)).read_bytes()
+
+
+@pytest.mark.slow
+def test_multirun_into_the_store(s3, tmp_path, shapes_cache):
+    overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "x", iterations=1, epochs=1)[2:]
+                 if not o.startswith("scheduler")]
+    (tmp_path / "cwd").mkdir()
+    proc = run_cli("-m", f"storage=s3://yolotune/mr-{tmp_path.name}", *overrides, "scheduler=asha_fast,fifo",
+                   cwd=tmp_path / "cwd")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = _keys(f"mr-{tmp_path.name}/")
+    experiments = {k.split("/")[0] for k in keys if k.endswith("/trials.csv")}
+    assert len(experiments) == 2, sorted(keys)
+    summaries = [k for k in keys if k.startswith("multirun/") and k.endswith("/multirun_summary.csv")]
+    assert len(summaries) == 1, sorted(keys)
+    body = boto3.client("s3").get_object(Bucket="yolotune", Key=f"mr-{tmp_path.name}/{summaries[0]}")["Body"]
+    rows = list(csv.DictReader(body.read().decode().splitlines()))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(float(r["best_metric"]) > 0 for r in rows)
+    assert not list((tmp_path / "cwd").iterdir())  # no "s3:" folder beside the user
 
 
 # Distinctive credentials (moto takes any): the test looks for them in what the experiment saved.

@@ -24,7 +24,7 @@ from yolotune.console import VERBOSE
 from yolotune.data import DataConfig
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line, storage_dir
-from yolotune.storage import is_uri
+from yolotune.storage import Location, is_uri
 from yolotune.model import ModelConfig
 from yolotune.resources import ResourcesConfig
 from yolotune.schedulers import SchedulerConfig
@@ -131,6 +131,8 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="yolotune_schema", node=ExperimentConfig)
+    # hydra.sweep.dir: the multirun summary goes to storage's local mirror when storage is a URI
+    OmegaConf.register_new_resolver("yolotune_local", lambda storage: str(Location(storage).local), replace=True)
     for group in GROUPS:
         for name, cls in options(group).items():
             cs.store(name=f"schema_{group}_{name}", node=cls)
