@@ -24,6 +24,7 @@ class ResourcesConfig:
     cpu_per_trial: Optional[float] = None  # null: chosen for the machine (see plan)
     gpu_per_trial: Optional[float] = None  # fractions such as 0.25 pack trials on one GPU; at most 1
     max_concurrent_trials: Optional[int] = None  # null: as many as the resources allow
+    image_cache_mb: int = 1024  # per worker: decoded images kept for the trials it runs next; 0: off
 
     def check(self, exp) -> None:
         for key in ("cpu_per_trial", "gpu_per_trial"):
@@ -37,6 +38,8 @@ class ResourcesConfig:
         if self.max_concurrent_trials is not None:
             check_range("resources.max_concurrent_trials", self.max_concurrent_trials, 1, None,
                         "an integer >= 1 (null: no limit)", integer=True)
+        check_range("resources.image_cache_mb", self.image_cache_mb, 0, None,
+                    "an integer >= 0 (MiB of decoded images a worker keeps for its next trials; 0: off)", integer=True)
         check_autobatch(exp, self.gpu_per_trial)
 
 

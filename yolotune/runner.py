@@ -331,7 +331,7 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
         train.setdefault("deterministic", False)
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
     job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
-           "checkpoint_every": exp.checkpoint.every}
+           "checkpoint_every": exp.checkpoint.every, "image_cache_mb": exp.resources.image_cache_mb}
     return job, resources
 
 
