@@ -15,7 +15,7 @@ from typing import Dict, Iterable
 import pandas as pd
 
 from yolotune.layout import write_atomic
-from yolotune.results import better, lower_is_better
+from yolotune.results import better, lower_is_better, validated
 
 KINDS = ("history", "params", "progress")
 DPI = 110
@@ -53,7 +53,8 @@ def _new_figure(width: float, height: float):
 
 
 def _history(results, metric: str, mode: str):
-    """The metric at every epoch of every trial: early-stopped trials end early, the best is highlighted."""
+    """The metric at every epoch of every trial that has it (validation metrics: the validated epochs; training
+    losses: every epoch): early-stopped trials end early, the best is highlighted."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -209,11 +210,12 @@ def _progress(results, metric: str, mode: str):
 
 
 def _completions(history: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial that reported ``metric``: its best value and when it last reported, in that order."""
-    reported = history.dropna(subset=[metric])
-    started = (reported["timestamp"] - reported["time_this_iter_s"]).min()
-    per_trial = reported.groupby("trial_id").agg(
-        value=(metric, "min" if lower_is_better(mode) else "max"), last=("timestamp", "max"))
+    """One row per trial that reported ``metric``: its best value (over its validated epochs) and when it
+    last reported, in that order."""
+    started = (history["timestamp"] - history["time_this_iter_s"]).min()
+    scored = validated(history).dropna(subset=[metric])
+    per_trial = scored.groupby("trial_id").agg(value=(metric, "min" if lower_is_better(mode) else "max"))
+    per_trial["last"] = history.groupby("trial_id")["timestamp"].max()
     per_trial["elapsed"] = per_trial["last"] - started
     return per_trial.sort_values(["last", "trial_id"]).reset_index()
 

@@ -53,6 +53,12 @@ def best_index(values: pd.Series, mode: str):
     return values.idxmin() if lower_is_better(mode) else values.idxmax()
 
 
+def validated(history: pd.DataFrame) -> pd.DataFrame:
+    """The epochs that validated (``validated`` 1; every epoch of a history from before the column): the
+    only ones whose metrics count, for a trial's best and last value, rankings and plots."""
+    return history[history["validated"] != 0] if "validated" in history else history
+
+
 class UnreadableExperiment(ValueError):
     """The experiment's saved config or trial record cannot be used; the message is one line."""
 
@@ -118,13 +124,14 @@ class ExperimentResults:
         return self.path / layout.trial_dirname(trial_id)
 
     def history(self) -> pd.DataFrame:
-        """One row per reported epoch of every trial: trial_id, epoch and everything the trial reported."""
+        """One row per reported epoch of every trial: trial_id, epoch and everything the trial reported
+        (``validated`` 0: training values only, no validation metrics; see ``validated()``)."""
         return self._history.copy()
 
     def reported_metrics(self) -> List[str]:
         """The numeric values the trials reported (besides the epoch), e.g. to rank by."""
         return [c for c in self._history.columns
-                if c not in ("trial_id", "epoch") and pd.api.types.is_numeric_dtype(self._history[c])]
+                if c not in ("trial_id", "epoch", "validated") and pd.api.types.is_numeric_dtype(self._history[c])]
 
     @property
     def params(self) -> List[str]:
@@ -136,8 +143,8 @@ class ExperimentResults:
         return parse_space(OmegaConf.to_container(self.config.space, resolve=True))
 
     def dataframe(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:
-        """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` and the
-        epoch of the best, node, error. Trials that have not reported yet have empty values."""
+        """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` (over the
+        validated epochs) and the epoch of the best, node, error. Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
         reported = self.reported_metrics()
         if len(self._history) and metric not in reported:
@@ -153,7 +160,7 @@ class ExperimentResults:
         rows = []
         for trial in self._trials:
             runs = by_trial.get(trial.trial_id, history.iloc[:0])
-            values = runs[metric].dropna() if metric in runs else pd.Series(dtype=float)
+            values = validated(runs)[metric].dropna() if metric in runs else pd.Series(dtype=float)
             best_at = best_index(values, mode) if len(values) else None
             rows.append({
                 "trial_id": trial.trial_id, "status": trial.status,
@@ -231,7 +238,7 @@ class ExperimentResults:
         return "stopped by budget" if layout.stopped_by_budget(self.path) else "unfinished"
 
     def best(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[pd.Series]:
-        """The best trial's row (by its best value of ``metric`` over all epochs), or None."""
+        """The best trial's row (by its best value of ``metric`` over its validated epochs), or None."""
         metric, mode = self._resolve(metric, mode)
         frame = self.dataframe(metric, mode).dropna(subset=[f"best_{metric}"])
         if frame.empty:

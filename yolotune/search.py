@@ -61,10 +61,25 @@ class OptunaSearchConfig(SearchConfig):
         super().check(exp)
 
     def build(self, exp, max_concurrent: Optional[int] = None):
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
+        return optuna_search(exp.seed, self.n_startup_trials)
 
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=exp.seed, n_startup_trials=self.n_startup_trials))
+
+def optuna_search(seed: Optional[int], n_startup_trials: int):
+    """Ray's OptunaSearch with TPE, skipping the results of epochs without validation (no metric, see
+    trainable.py), on which Ray's would raise. Its state is saved and restored by Ray apart from the
+    object (Searcher.save), so a pickled one (tuner.pkl) is rebuilt here."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ValidatedOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id, result):
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+        def __reduce__(self):
+            return optuna_search, (seed, n_startup_trials)
+
+    return ValidatedOptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials))
 
 
 @dataclass
