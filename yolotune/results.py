@@ -130,8 +130,8 @@ class ExperimentResults:
 
     def reported_metrics(self) -> List[str]:
         """The numeric values the trials reported (besides the epoch), e.g. to rank by."""
-        return [c for c in self._history.columns
-                if c not in ("trial_id", "epoch", "validated") and pd.api.types.is_numeric_dtype(self._history[c])]
+        return [c for c in self._history.columns if c not in ("trial_id", "epoch", "validated")
+                and pd.api.types.is_numeric_dtype(self._history[c])]
 
     @property
     def params(self) -> List[str]:

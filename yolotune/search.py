@@ -6,6 +6,7 @@ builds its searcher.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Optional
@@ -66,9 +67,18 @@ class OptunaSearchConfig(SearchConfig):
 
 def optuna_search(seed: Optional[int], n_startup_trials: int):
     """Ray's OptunaSearch with TPE, skipping the results of epochs without validation (no metric, see
-    trainable.py), on which Ray's would raise. Its state is saved and restored by Ray apart from the
-    object (Searcher.save), so a pickled one (tuner.pkl) is rebuilt here."""
+    trainable.py), on which Ray's would raise. Ray saves and restores its state apart from the object
+    (Searcher.save): a pickled one (tuner.pkl) is built again from its settings."""
     import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    searcher = _validated_optuna_search()(sampler=sampler)
+    searcher.rebuild = (seed, n_startup_trials)
+    return searcher
+
+
+@functools.lru_cache(maxsize=None)
+def _validated_optuna_search():
     from ray.tune.search.optuna import OptunaSearch
 
     class ValidatedOptunaSearch(OptunaSearch):
@@ -77,9 +87,9 @@ def optuna_search(seed: Optional[int], n_startup_trials: int):
                 super().on_trial_result(trial_id, result)
 
         def __reduce__(self):
-            return optuna_search, (seed, n_startup_trials)
+            return optuna_search, self.rebuild
 
-    return ValidatedOptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials))
+    return ValidatedOptunaSearch
 
 
 @dataclass
