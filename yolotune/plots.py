@@ -15,7 +15,7 @@ from typing import Dict, Iterable
 import pandas as pd
 
 from yolotune.layout import write_atomic
-from yolotune.results import better, lower_is_better
+from yolotune.results import better, lower_is_better, measured
 
 KINDS = ("history", "params", "progress")
 DPI = 110
@@ -74,7 +74,7 @@ def _history(results, metric: str, mode: str):
     few = len(ids) <= 10  # few trials: one colour and legend entry each; many: grey, only the best named
     colors = dict(zip(ids, _cycle(len(ids)))) if few else {}
     ends = set()
-    by_trial = dict(tuple(history.dropna(subset=[metric]).groupby("trial_id", sort=False)))
+    by_trial = dict(tuple(measured(history, metric).groupby("trial_id", sort=False)))
     for trial_id in ids:
         runs = by_trial.get(trial_id)
         if runs is None:

@@ -30,6 +30,7 @@ from yolotune.storage import Location
 # or never started (PENDING).
 ENDED = ("TERMINATED", "ERROR", "PAUSED")
 STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING", "PAUSED")  # Ray's trial statuses
+TRAINING_VALUES = ("train/", "lr/")  # reported at every epoch, validated or not (trainable.py)
 
 
 def default_mode(metric: str) -> str:
@@ -57,6 +58,13 @@ def validated(history: pd.DataFrame) -> pd.DataFrame:
     """The epochs that validated (``validated`` 1; every epoch of a history from before the column): the
     only ones whose metrics count, for a trial's best and last value, rankings and plots."""
     return history[history["validated"] != 0] if "validated" in history else history
+
+
+def measured(history: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows that hold a measured value of ``metric``: a training value (``train/...``, ``lr/...``) at
+    every epoch, a validation metric at the validated epochs only."""
+    rows = history if metric.startswith(TRAINING_VALUES) else validated(history)
+    return rows.dropna(subset=[metric]) if metric in rows else rows.iloc[:0]
 
 
 class UnreadableExperiment(ValueError):
