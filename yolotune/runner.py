@@ -162,17 +162,17 @@ def _build_time_budget():
                 return
             if not self.expired:
                 self.expired = True
-                # Not those already past it (Ray's result timestamp: whole seconds, like the deadline):
-                # they wait for the stop (trainable.py).
+                # Not those whose last epoch already ended past it (they said so): they wait for the stop
+                # (trainable.py).
                 self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"
-                                and (t.last_result or {}).get("timestamp", 0) < self.deadline}
+                                and (t.last_result or {}).get(layout.PAST_DEADLINE) != self.deadline}
             if not self.waiting:  # checked a step after the last report: Ray has saved its checkpoint
                 self.stopped = True
                 os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop, save the experiment state
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            # An epoch that ended before the deadline does not stop its trial: wait for the next one.
-            if self.deadline is not None and result.get("timestamp", self.deadline) >= self.deadline:
+            # The trial decides, from when its epoch's training ended: before the deadline, it trains on.
+            if result.get(layout.PAST_DEADLINE) == self.deadline:
                 self.waiting.discard(trial.trial_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):

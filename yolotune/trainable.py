@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import ray
 from ray import tune
 
-from yolotune.layout import HISTORY, TRAIN_LOG, append_jsonl, trial_dirname
+from yolotune.layout import HISTORY, PAST_DEADLINE, TRAIN_LOG, append_jsonl, trial_dirname
 from yolotune.storage import Location, is_uri, node_dataset, node_file
 
 
@@ -203,10 +203,9 @@ class _EpochReporter:
         append_jsonl(self.trial_dir / HISTORY,
                      {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
         self.last_report = now
-        # Ray's result timestamp (whole seconds, like the deadline): when training ended, the moment the
-        # time budget's driver compares with the deadline (runner.TimeBudget), as this trial does.
-        metrics["timestamp"] = int(self.ended_at)
         out_of_time = self._out_of_time()
+        if out_of_time:  # this trial stops here (validated): the time budget's driver waits for this report
+            metrics[PAST_DEADLINE] = self.deadline
         if (trainer.epoch + 1) % self.every and not trainer.stop and not out_of_time:
             tune.report(metrics)
             return
