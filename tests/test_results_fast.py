@@ -531,3 +531,16 @@ def test_plots_draw_metrics_at_validated_epochs_and_the_progress_of_each_trials_
     assert sorted(y for _, y in points.get_offsets().tolist()) == pytest.approx([0.90, 0.95, 1.25])
     written = report.write_all(partial)
     assert all(Path(p).is_file() for p in written.values())
+
+
+def test_an_experiment_with_no_validated_epoch_yet_has_no_best_and_writes_its_files(tmp_path):
+    """FIFO validates the last epoch only: a sweep interrupted (or errored) before has no metric at all."""
+    trials = {t: dict(events=["started", "errored"], lr0=0.01, momentum=0.9, loss=[], fitness=[])
+              for t in ("t_none",)}
+    exp_dir = build(tmp_path / "none", trials, iterations=1, rows=partial_rows)
+    results = load(exp_dir)
+    assert LOSS not in results.history() and results.best() is None and results.best_hyperparameters() is None
+    assert results.dataframe()["epochs"].tolist() == [2] and results.dataframe()[f"best_{LOSS}"].isna().all()
+    assert all(Path(p).is_file() for p in report.write_all(exp_dir).values())
+    with pytest.raises(ConfigError):  # another metric is still checked
+        results.dataframe("metrics/mAP50(B)")

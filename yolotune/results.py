@@ -155,7 +155,8 @@ class ExperimentResults:
         validated epochs) and the epoch of the best, node, error. Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
         reported = self.reported_metrics()
-        if len(self._history) and metric not in reported:
+        # The experiment's own metric is known good, though no epoch may have validated yet (validate=decisions).
+        if len(self._history) and metric not in reported and metric != self.config.metric:
             raise ConfigError("metric", metric, f"not reported by this experiment; reported: {', '.join(reported)}")
         if (metric, mode) not in self._frames:
             self._frames[metric, mode] = self._trial_frame(metric, mode)
