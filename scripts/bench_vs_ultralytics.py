@@ -8,6 +8,7 @@ times every trial from the driver.
 
     python scripts/bench_vs_ultralytics.py                  # defaults below, 2 rounds
     python scripts/bench_vs_ultralytics.py --rounds 3 --iterations 12 --epochs 8
+    python scripts/bench_vs_ultralytics.py --validate every  # yolotune validates every epoch, as Ultralytics
 
 Printed per run and as means: wall time, trials finished, trial-epochs, trial start -> first
 training step (estimated as the first result's delay minus a steady epoch), last epoch -> trial
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="round r samples with seed + r, the same for both tools")
+    parser.add_argument("--validate", choices=("decisions", "every"), default="decisions",
+                        help="yolotune's validate=: decisions (at ASHA's rungs and the last epoch) or every epoch, "
+                             "as Ultralytics does; measures what validating only at decisions saves")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -48,7 +52,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     print(f"work dir: {workdir}; {os.cpu_count()} CPUs; {args.iterations} trials x {args.epochs} epochs, "
-          f"ASHA grace {args.grace_period} rf 3, shapes {args.train_images} images at {args.imgsz} px")
+          f"ASHA grace {args.grace_period} rf 3, shapes {args.train_images} images at {args.imgsz} px; "
+          f"yolotune validate={args.validate}")
     runs = {tool: [] for tool in TOOLS}
     for round_ in range(args.rounds):
         for tool in TOOLS:
@@ -133,7 +138,7 @@ def run_child(args) -> None:
 
         yolotune.tune(model="yolo11n.yaml", data=data, space=space, grace_period=args.grace_period,
                       iterations=args.iterations, storage=str(args.workdir), name="yolotune",
-                      overrides=[f"metric='{METRIC}'", "resources=cpu"], **train)
+                      overrides=[f"metric='{METRIC}'", "resources=cpu", f"validate={args.validate}"], **train)
     (args.workdir / "trials.json").write_text(json.dumps(list(timer.trials.values())))
 
 

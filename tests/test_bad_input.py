@@ -186,6 +186,8 @@ CASES = [
     ("metric-unknown-task", ["metric='metrics/mAP50(X)'"], "metric"),
     ("mode-word", ["mode=maximum"], "mode"),
     ("verbose-word", ["verbose=loud"], "verbose"),
+    ("validate-word", ["validate=always"], "validate"),
+    ("validate-bool", ["validate=true"], "validate"),
     ("seed-negative", ["seed=-1"], "seed"),
     ("seed-huge", ["seed=99999999999"], "seed"),
     ("seed-2-to-the-32", ["seed=4294967296"], "seed"),
@@ -445,6 +447,7 @@ VALID = [
     ["+space.imgsz='choice([32, 64])'", "~train.imgsz"], ["~space.momentum", "+train.momentum=0.0"],
     ["budget.time=2h"], ["budget.time=90m"], ["budget.time=3600s"], ["budget.time=3600"], ["budget.time=0.5"],
     ["budget.time=1.5h"], ["budget.time=null"], ["experiment=recommended"],
+    ["validate=every"], ["validate=decisions"], ["validate=every", "scheduler=fifo", "+train.val=false"],
     ["experiment=recommended", "scheduler=fifo", "search=random", "space=default"],
 ]
 

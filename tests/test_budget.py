@@ -31,6 +31,8 @@ def test_budget_stops_the_experiment_and_resume_finishes_it(tmp_path, shapes_cac
     for trial_dir in exp_dir.glob("trial_*"):  # each stopped at an epoch end, which was checkpointed
         reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
         assert reports[-1]["epoch"] == epochs_before[reports[-1]["trial_id"]] and reports[-1]["checkpoint_dir_name"]
+        assert reports[-1]["validated"] == 1 and "val/box_loss" in reports[-1]  # FIFO: only the stop's epoch
+        assert not any(r["validated"] or "val/box_loss" in r for r in reports[:-1])
         assert not any(r["checkpoint_dir_name"] for r in reports[:-1])
     for name in ("trials.csv", "best_hyperparameters.yaml", "best.pt", "report.html"):
         assert (exp_dir / name).is_file(), name

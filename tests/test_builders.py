@@ -39,7 +39,7 @@ def test_every_search_option_builds(option):
     if any(importlib.util.find_spec(m) is None for m in exp.search.extras):
         pytest.skip(f"search={option} needs {exp.search.extras} (pip install 'yolotune[{option}]')")
     search = exp.search.build(exp)
-    assert type(search) is SEARCHERS[exp.search.type]
+    assert type(search).__mro__[type(search) is not SEARCHERS[exp.search.type]] is SEARCHERS[exp.search.type]
     if exp.search.type != "random":  # the searcher accepts our space, metric and mode
         assert search.set_search_properties("fitness", "max", to_ray_space(exp.dists))
 
@@ -122,3 +122,80 @@ def test_tpe_searchers_get_their_startup_trials():
     exp = experiment("search=hyperopt", "search.n_initial_points=4", *SPACE)
     assert exp.search.build(exp).algo.keywords["n_startup_jobs"] == 4
 
+
+
+# (overrides, the epochs a trial validates), each worked out by hand from the scheduler's rule.
+DECISIONS = [
+    # ASHA: rungs grace * rf^k below max_t, and the last epoch
+    (["scheduler=asha", "scheduler.grace_period=1", "scheduler.reduction_factor=3", "train.epochs=10"], {1, 3, 9, 10}),
+    (["scheduler=asha", "scheduler.grace_period=10", "scheduler.reduction_factor=3", "train.epochs=100"], {10, 30, 90, 100}),
+    (["scheduler=asha", "scheduler.grace_period=1", "scheduler.reduction_factor=2", "train.epochs=4"], {1, 2, 4}),
+    (["scheduler=asha", "scheduler.grace_period=1", "scheduler.reduction_factor=3", "train.epochs=9"], {1, 3, 9}),
+    (["scheduler=asha", "scheduler.grace_period=2", "scheduler.reduction_factor=1.5", "train.epochs=6"], {2, 3, 5, 6}),
+    # bracket 1 starts a rung higher: 2*3, 2*9 (bracket 0: 2, 6, 18)
+    (["scheduler=asha", "scheduler.grace_period=2", "scheduler.reduction_factor=3", "scheduler.brackets=2",
+      "train.epochs=30"], {2, 6, 18, 30}),
+    (["scheduler=asha", "scheduler.grace_period=3", "scheduler.max_t=12", "scheduler.reduction_factor=2",
+      "train.epochs=20"], {3, 6, 12}),  # trials stop at max_t
+    (["scheduler=fifo", "train.epochs=7"], {7}),
+    (["scheduler=pbt", "scheduler.perturbation_interval=2", "train.epochs=5"], {2, 4, 5}),
+    (["scheduler=pbt", "scheduler.perturbation_interval=3", "train.epochs=9"], {3, 6, 9}),
+    # HyperBand max_t 30, eta 3: brackets start at 30, 10, int(30/9)=3, int(30/27)=1, each x3 up to 30
+    (["scheduler=hyperband", "train.epochs=30"], {30, 10, 3, 9, 27, 1}),
+    (["scheduler=hyperband", "scheduler.max_t=16", "scheduler.reduction_factor=2", "train.epochs=20"],
+     {16, 8, 4, 2, 1}),
+    (["scheduler=median", "train.epochs=10"], None),
+    (["search=bohb", "train.epochs=10"], None),
+    (["scheduler=asha", "validate=every", "train.epochs=10"], None),
+    (["scheduler=fifo", "validate=every", "train.epochs=10"], None),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", DECISIONS, ids=[" ".join(o) for o, _ in DECISIONS])
+def test_trials_validate_at_their_schedulers_decision_epochs(overrides, expected):
+    exp = experiment("space=minimal", *overrides)
+    validate(exp)
+    epochs = exp.validation_epochs()
+    assert (None if epochs is None else set(epochs)) == expected
+
+
+def test_decision_epochs_are_where_rays_asha_and_hyperband_decide():
+    """Cross-checked against Ray's own objects: ASHA's rungs, HyperBand's brackets as it builds them."""
+    import math
+
+    exp = experiment("space=minimal", "scheduler=asha", "scheduler.grace_period=2", "scheduler.reduction_factor=1.7",
+                     "scheduler.brackets=3", "train.epochs=40")
+    asha = exp.scheduler.build(exp, exp.dists)
+    rungs = {math.ceil(m) for bracket in asha._brackets for m, _ in bracket._rungs}
+    assert exp.scheduler.decision_epochs(exp) == rungs | {40}
+    for max_t, eta in ((30, 3), (81, 3), (100, 3), (17, 2.5)):
+        exp = experiment("space=minimal", "scheduler=hyperband", f"scheduler.reduction_factor={eta}", f"train.epochs={max_t}")
+        hyperband, milestones = exp.scheduler.build(exp, exp.dists), {max_t}
+        for s in range(hyperband._s_max_1):
+            if hyperband._get_r0(s) == 0:
+                continue
+            bracket = hyperband._create_bracket(s)
+            milestones.add(bracket._cumul_r)
+            while bracket._halves:
+                bracket._live_trials = {}
+                bracket.successive_halving("fitness", 1)
+                milestones.add(bracket._cumul_r)
+        assert exp.scheduler.decision_epochs(exp) == milestones, (max_t, eta)
+
+
+def test_pbt_and_optuna_skip_results_without_the_metric():
+    """Unvalidated epochs report no metric: PBT (require_attrs) and Optuna would raise on them."""
+    import pickle
+
+    pbt = _scheduler("scheduler=pbt")
+    assert pbt._require_attrs is False
+    exp = experiment("search=optuna", *SPACE, "seed=0")
+    if importlib.util.find_spec("optuna") is None:
+        pytest.skip("needs optuna")
+    search = exp.search.build(exp)
+    search.set_search_properties("fitness", "max", to_ray_space(exp.dists))
+    search.suggest("t1")
+    search.on_trial_result("t1", {"epoch": 1, "training_iteration": 1, "validated": 0})
+    search.on_trial_result("t1", {"epoch": 2, "training_iteration": 2, "validated": 1, "fitness": 0.5})
+    assert search._ot_trials["t1"].storage.get_trial(search._ot_trials["t1"]._trial_id).intermediate_values == {2: 0.5}
+    assert type(pickle.loads(pickle.dumps(search))) is type(search)  # tuner.pkl holds it

@@ -271,3 +271,22 @@ def test_plain_progress_repeats_an_unchanged_line_only_as_a_heartbeat(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed == [same.format(0), same.format(int(PLAIN_HEARTBEAT_S)),
                        "0/2 trials | 1 trial-epochs | best fitness 0.1 (a) | 9999s elapsed"]
+
+
+def test_epochs_without_validation_leave_the_best_and_last_values_to_the_validated_ones():
+    """validate=decisions: an unvalidated epoch's result has no metric (Ray's Trial then keeps its running
+    values); the progress line's best and a trial's end line read the validated epochs only."""
+    from ray.tune.experiment import Trial
+
+    trials = []
+    for trial_id, losses in (("a", [1.4, None, 1.1, None]), ("b", [1.3, None, None, None])):
+        trial = Trial("__fake", config={}, trial_id=trial_id, stub=True)
+        for epoch, loss in enumerate(losses, 1):
+            result = {"epoch": epoch, "validated": int(loss is not None), "train/box_loss": 0.1 / epoch}
+            trial.update_last_result({**result, **({"val/box_loss": loss} if loss is not None else {})})
+        trials.append(trial)
+    progress = Progress("val/box_loss", "min", total=2, epochs=4, prunes=True, now=0)
+    assert "| best val/box_loss 1.1 (a) |" in progress.line(trials, now=10)
+    analysis = trials[0].metric_analysis["val/box_loss"]
+    assert console.ended_line("a", 4, 4, "val/box_loss", analysis["last"], analysis["min"]) == \
+        "trial a finished 4 epochs: val/box_loss 1.1 (best 1.1)"

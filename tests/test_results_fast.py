@@ -71,7 +71,7 @@ def write_lines(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def build(exp_dir: Path, trials=TRIALS, iterations=ITERATIONS) -> Path:
+def build(exp_dir: Path, trials=TRIALS, iterations=ITERATIONS, rows=None) -> Path:
     (exp_dir / ".hydra").mkdir(parents=True)
     (exp_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved_config(iterations), sort_keys=False))
     events = []
@@ -84,7 +84,7 @@ def build(exp_dir: Path, trials=TRIALS, iterations=ITERATIONS) -> Path:
             if event == "errored":
                 line.update(error=ERROR, error_file=str(trial_dir / "error.txt"))
             events.append(line)
-        write_lines(trial_dir / "history.jsonl", history_rows(trial_id))
+        write_lines(trial_dir / "history.jsonl", (rows or history_rows)(trial_id))
         (trial_dir / "train").mkdir()
         (trial_dir / "train" / "args.yaml").write_text(yaml.safe_dump({"data": "/abs/shapes/data.yaml"}))
         if "errored" in spec["events"]:
@@ -457,3 +457,90 @@ def test_load_with_a_metric_that_was_never_reported_says_so(exp):
     with pytest.raises(ConfigError) as err:
         load(exp, metric="bogus").best()
     assert err.value.key == "metric" and "fitness" in err.value.allowed
+
+
+# --- epochs without validation (validate=decisions) --------------------------------------------
+
+# Per trial, epoch -> val/box_loss where validated; None: not validated (training values only). The
+# unvalidated rows of "t_stale" carry a value anyway, better than every validated one, as a writer that
+# kept Ultralytics' stale metrics would: it must never count. Each trial's best sits next to an
+# unvalidated epoch on one side, so a best taken one row off lands on a wrong epoch or value.
+PARTIAL = {
+    "t_first": {1: 0.90, 2: None, 3: 1.10, 4: None, 5: 1.00},   # best at the first validated epoch
+    "t_last": {1: 1.20, 2: None, 3: 1.05, 4: None, 5: 0.95},    # best at the last epoch
+    "t_stale": {1: 1.30, 2: 0.10, 3: 1.25, 4: 0.20, 5: 1.40},   # 2 and 4 not validated, yet with a value
+    "t_none": {1: None, 2: None},                               # stopped before any validation
+}
+STALE = {("t_stale", 2), ("t_stale", 4)}
+
+
+def partial_rows(trial_id: str) -> list:
+    rows = []
+    for epoch, loss in PARTIAL[trial_id].items():
+        done = loss is not None and (trial_id, epoch) not in STALE
+        row = {"epoch": epoch, "validated": int(done), "train/box_loss": 3.0 - epoch / 10 - len(rows) / 100,
+               "timestamp": 2000.0 + 10 * epoch, "time_this_iter_s": 10.0}
+        if loss is not None:
+            row[LOSS] = loss
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def partial(tmp_path) -> Path:
+    trials = {t: dict(events=["started", "completed"], lr0=0.01 * (n + 1), momentum=0.9, loss=[], fitness=[])
+              for n, t in enumerate(PARTIAL)}
+    return build(tmp_path / "partial", trials, iterations=len(trials), rows=partial_rows)
+
+
+def test_a_trials_best_and_last_are_over_its_validated_epochs_only(partial):
+    frame = load(partial).dataframe().set_index("trial_id")
+    assert frame[f"best_{LOSS}"].to_dict() == pytest.approx({"t_first": 0.90, "t_last": 0.95, "t_stale": 1.25,
+                                                              "t_none": float("nan")}, nan_ok=True)
+    assert frame["best_epoch"].astype("float").to_dict() == pytest.approx(
+        {"t_first": 1, "t_last": 5, "t_stale": 3, "t_none": float("nan")}, nan_ok=True)
+    assert frame[f"last_{LOSS}"].to_dict() == pytest.approx({"t_first": 1.00, "t_last": 0.95, "t_stale": 1.40,
+                                                              "t_none": float("nan")}, nan_ok=True)
+    assert frame["epochs"].to_dict() == {"t_first": 5, "t_last": 5, "t_stale": 5, "t_none": 2}
+
+
+def test_trials_are_ranked_and_the_best_chosen_over_validated_epochs_only(partial):
+    results = load(partial)
+    assert results.ranked()["trial_id"].tolist() == ["t_first", "t_last", "t_stale", "t_none"]
+    assert results.ranked()["rank"].tolist()[:3] == [1, 2, 3] and pd.isna(results.ranked()["rank"].iloc[3])
+    assert results.best()["trial_id"] == "t_first"
+    assert results.best(mode="max")["trial_id"] == "t_stale"  # 1.40 at its validated epoch 5
+    # a training loss has a value at every epoch; a trial's best is still over its validated epochs
+    by_train = results.dataframe("train/box_loss").set_index("trial_id")
+    want = {t: min(r["train/box_loss"] for r in partial_rows(t) if r["validated"]) for t in ("t_first", "t_last")}
+    assert by_train.loc[["t_first", "t_last"], "best_train/box_loss"].to_dict() == pytest.approx(want)
+    assert "validated" not in results.reported_metrics()
+
+
+def test_plots_draw_metrics_at_validated_epochs_and_the_progress_of_each_trials_best(partial):
+    results = load(partial)
+    ax = results.figure("history").axes[0]
+    lines = {line.get_label().split()[0]: line for line in ax.get_lines() if line.get_label().startswith("t_")}
+    assert {t: list(line.get_xdata()) for t, line in lines.items()} == {
+        "t_first": [1, 3, 5], "t_last": [1, 3, 5], "t_stale": [1, 3, 5]}
+    ax = results.figure("history", metric="train/box_loss").axes[0]
+    lines = {line.get_label().split()[0]: line for line in ax.get_lines() if line.get_label().startswith("t_")}
+    assert list(lines["t_first"].get_xdata()) == [1, 2, 3, 4, 5]  # training values: every epoch
+    progress = results.figure("progress").axes[0]
+    (points,) = [c for c in progress.collections if c.get_label() == "a trial's best"]
+    assert sorted(y for _, y in points.get_offsets().tolist()) == pytest.approx([0.90, 0.95, 1.25])
+    written = report.write_all(partial)
+    assert all(Path(p).is_file() for p in written.values())
+
+
+def test_an_experiment_with_no_validated_epoch_yet_has_no_best_and_writes_its_files(tmp_path):
+    """FIFO validates the last epoch only: a sweep interrupted (or errored) before has no metric at all."""
+    trials = {t: dict(events=["started", "errored"], lr0=0.01, momentum=0.9, loss=[], fitness=[])
+              for t in ("t_none",)}
+    exp_dir = build(tmp_path / "none", trials, iterations=1, rows=partial_rows)
+    results = load(exp_dir)
+    assert LOSS not in results.history() and results.best() is None and results.best_hyperparameters() is None
+    assert results.dataframe()["epochs"].tolist() == [2] and results.dataframe()[f"best_{LOSS}"].isna().all()
+    assert all(Path(p).is_file() for p in report.write_all(exp_dir).values())
+    with pytest.raises(ConfigError):  # another metric is still checked
+        results.dataframe("metrics/mAP50(B)")

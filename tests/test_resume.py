@@ -92,6 +92,8 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
         new_rows = after[name][len(before[name]):]
         assert new_rows[0]["epoch"] == checkpoint_epoch[name] + 1 > 1
         assert [r["epoch"] for r in after[name]][-1] == EPOCHS
+    for name, rows in after.items():  # FIFO validates the last epoch only, before and after the resume too
+        assert all(r["validated"] == (r["epoch"] == EPOCHS) == ("val/box_loss" in r) for r in rows), rows
     trials = pd.read_csv(exp_dir / "trials.csv")
     assert len(trials) == 3 and (trials["epochs"] == EPOCHS).all() and (trials["status"] == "TERMINATED").all()
     events = [(e["trial_id"], e["event"]) for e in layout.read_jsonl(exp_dir / layout.TRIAL_RECORD)[0]]

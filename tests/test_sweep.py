@@ -116,12 +116,18 @@ def test_python_api_grace_period_gpu_per_trial_and_resume(tmp_path, shapes_cache
     assert pd.read_csv(tmp_path / "api" / "trials.csv")["epochs"].tolist() == trials["epochs"].tolist()
 
 
-@pytest.mark.parametrize("overrides", [
-    ["scheduler=pbt", "scheduler.perturbation_interval=1", "scheduler.quantile_fraction=0.5"],
-    ["search=optuna", "search.n_startup_trials=1", "scheduler=median", "scheduler.grace_period=1"],
-    ["search=hyperopt", "search.n_initial_points=1", "scheduler=hyperband"],
-], ids=["pbt", "optuna+median", "hyperopt+hyperband"])
-def test_other_schedulers_and_searchers_run(tmp_path, shapes_cache, overrides):
+# (overrides, the epochs its trials validate under validate=decisions: where the scheduler decides)
+OTHERS = [
+    (["scheduler=pbt", "scheduler.perturbation_interval=2", "scheduler.quantile_fraction=0.5"], {2, 3}),
+    (["search=optuna", "search.n_startup_trials=1", "scheduler=median", "scheduler.grace_period=1"], {1, 2, 3}),
+    (["search=optuna", "search.n_startup_trials=1", "scheduler=fifo"], {3}),  # Optuna gets metric-less results
+    (["search=hyperopt", "search.n_initial_points=1", "scheduler=hyperband"], {1, 3}),  # max_t 3, eta 3
+]
+
+
+@pytest.mark.parametrize("overrides,decisions", OTHERS, ids=["pbt", "optuna+median", "optuna+fifo",
+                                                             "hyperopt+hyperband"])
+def test_other_schedulers_and_searchers_run(tmp_path, shapes_cache, overrides, decisions):
     from conftest import run_cli, small_sweep_overrides
 
     base = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "x", iterations=3, epochs=3)
@@ -131,8 +137,10 @@ def test_other_schedulers_and_searchers_run(tmp_path, shapes_cache, overrides):
     trials = pd.read_csv(tmp_path / "x" / "trials.csv")
     # synchronous HyperBand leaves the trials it did not promote PAUSED when the sweep ends
     assert len(trials) == 3 and trials["status"].isin(["TERMINATED", "PAUSED"]).all() and (trials["epochs"] >= 1).all()
+    history = [json.loads(line) for path in (tmp_path / "x").glob("trial_*/history.jsonl")
+               for line in path.read_text().splitlines()]
+    assert all(row["validated"] == (row["epoch"] in decisions) for row in history), history
+    assert all(("val/box_loss" in row) == (row["epoch"] in decisions) for row in history)
     if "scheduler=pbt" in overrides:  # PBT continued trials from checkpoints: every trial still reached the end
         assert (trials["epochs"] == 3).all()
-        history = [json.loads(line)["epoch"] for path in (tmp_path / "x").glob("trial_*/history.jsonl")
-                   for line in path.read_text().splitlines()]
-        assert set(history) == {1, 2, 3}
+        assert {row["epoch"] for row in history} == {1, 2, 3}

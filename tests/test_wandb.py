@@ -240,22 +240,59 @@ def test_online_accepts_the_login_wandb_would_use(no_wandb_login, monkeypatch):
     check_wandb(WandbConfig(mode="online"))
 
 
-def test_pbt_changed_hyperparameters_update_the_trial_runs_config(tmp_path):
-    from yolotune.wandb_logging import TrialRuns
+def _offline_settings(tmp_path: Path, experiment: str, epochs: int) -> dict:
+    """The driver's W&B settings (wandb_logging.settings) of an offline experiment ranked by fitness."""
+    return {"mode": "offline", "project": "yolotune", "entity": None, "group": experiment, "tags": [], "notes": None,
+            "dir": str(tmp_path), "experiment": experiment, "metric": "fitness", "metric_mode": "max",
+            "train": {"epochs": epochs}}
 
-    settings = {"mode": "offline", "project": "yolotune", "entity": None, "group": "pbt", "tags": [], "notes": None,
-                "dir": str(tmp_path), "experiment": "pbt", "metric": "fitness", "metric_mode": "max",
-                "train": {"epochs": 4}}
-    runs = TrialRuns(settings)
-    runs.log("t1", "trial_t1", {"lr0": 0.01}, {"epoch": 1, "fitness": 0.2}, 0.2)
-    runs.log("t1", "trial_t1", {"lr0": 0.02}, {"epoch": 2, "fitness": 0.1}, 0.2)  # exploited and perturbed
-    runs.close()
+
+def _the_finished_run(tmp_path: Path) -> dict:
+    """The one offline run under ``tmp_path``, once W&B's service process has written its exit record."""
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
-    for _ in range(50):  # W&B's service process writes the exit record: give it a moment under load
+    for _ in range(50):  # give it a moment under load
         run = read_run(run_dir)
         if run["exit_code"] is not None:
             break
         time.sleep(0.2)
+    return run
+
+
+def test_pbt_changed_hyperparameters_update_the_trial_runs_config(tmp_path):
+    from yolotune.wandb_logging import TrialRuns
+
+    runs = TrialRuns(_offline_settings(tmp_path, "pbt", epochs=4))
+    runs.log("t1", "trial_t1", {"lr0": 0.01}, {"epoch": 1, "fitness": 0.2}, 0.2)
+    runs.log("t1", "trial_t1", {"lr0": 0.02}, {"epoch": 2, "fitness": 0.1}, 0.2)  # exploited and perturbed
+    runs.close()
+    run = _the_finished_run(tmp_path)
     assert run["id"] == run_id("pbt", "t1") and run["exit_code"] == 0
     assert run["config"]["lr0"] == 0.02 and run["config"]["epochs"] == 4
     assert [row["epoch"] for row in run["history"]] == [1, 2] and run["summary"]["best_fitness"] == 0.2
+
+
+def test_epochs_without_validation_log_their_training_values_and_leave_the_best_alone(tmp_path):
+    """validate=decisions: an unvalidated epoch's result has no metric; its run logs what it has, the
+    best stays that of the validated epochs (Ray's running max skips the result, as its Trial does)."""
+    from ray.tune.experiment import Trial
+
+    from yolotune import layout
+    from yolotune.wandb_logging import tune_callback
+
+    callback = tune_callback(_offline_settings(tmp_path, "val", epochs=3))
+    callback.setup()
+    trial = Trial("__fake", config={"lr0": 0.01}, trial_id="t1", stub=True)
+    results = [{"epoch": 1, "validated": 1, "fitness": 0.2, "train/box_loss": 2.0},
+               {"epoch": 2, "validated": 0, "train/box_loss": 1.5},  # better training, no validation
+               {"epoch": 3, "validated": 1, "fitness": 0.1, "train/box_loss": 1.2, layout.PAST_DEADLINE: 1000}]
+    for result in results:
+        trial.update_last_result(result)  # Ray updates the trial before calling back
+        callback.on_trial_result(iteration=0, trials=[trial], trial=trial, result=result)
+    callback.on_trial_complete(iteration=0, trials=[trial], trial=trial)
+    callback.runs.close()
+    run = _the_finished_run(tmp_path)
+    assert [row["epoch"] for row in run["history"]] == [1, 2, 3]
+    assert [row.get("fitness") for row in run["history"]] == [0.2, None, 0.1]
+    assert [row["validated"] for row in run["history"]] == [1, 0, 1]
+    assert not any(layout.PAST_DEADLINE in row for row in run["history"])
+    assert run["summary"]["best_fitness"] == 0.2

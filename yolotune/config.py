@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -43,6 +43,8 @@ ADDRESS = re.compile(r"^(ray://)?[\w.-]+:\d{1,5}$")
 # A name is one safe path component under storage.
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
+# When trials validate: at the epochs their scheduler decides on (and their last), or every epoch.
+VALIDATE = ("decisions", "every")
 
 
 @dataclass
@@ -101,12 +103,21 @@ class ExperimentConfig:
     mode: str = "max"
     seed: Optional[int] = None
     verbose: str = "yolotune"  # yolotune: a live view | ray: Ray Tune's tables | quiet: the final summary only
+    validate: str = "decisions"  # decisions: only at the scheduler's decision epochs and the last | every: each epoch
     train: Dict[str, Any] = field(
         default_factory=lambda: {"epochs": DEFAULT_EPOCHS, "imgsz": 640, "batch": 16, "optimizer": "SGD"})
 
     @property
     def epochs(self) -> int:
         return self.train.get("epochs", DEFAULT_EPOCHS)
+
+    def validation_epochs(self) -> Optional[List[int]]:
+        """The epochs a trial validates (sorted), or None: every epoch. A trial also validates the epoch
+        that ends past the time budget (trainable.py), and Ultralytics always validates its final one."""
+        if self.validate == "every" or self.search.replaces_scheduler:  # BOHB: its own HyperBand, every epoch
+            return None
+        epochs = self.scheduler.decision_epochs(self)
+        return None if epochs is None else sorted(epochs)
 
     @cached_property
     def dists(self) -> Dict[str, Dist]:
@@ -234,6 +245,9 @@ def validate(exp: ExperimentConfig) -> None:
     _check_optimizer(exp)
     if exp.verbose not in VERBOSE:
         raise ConfigError("verbose", exp.verbose, f"one of {', '.join(VERBOSE)}")
+    if exp.validate not in VALIDATE:
+        raise ConfigError("validate", exp.validate, f"one of {', '.join(VALIDATE)} (decisions: only at the epochs "
+                                                    "the scheduler decides on, and the last)")
 
     for group in (*GROUPS, *PLAIN_GROUPS):
         getattr(exp, group).check(exp)

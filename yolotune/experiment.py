@@ -21,7 +21,7 @@ from yolotune.storage import Location
 
 # What a resume may change: how trials run, not what they search.
 RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "verbose",
-                  "budget",
+                  "budget", "validate",
                   "hydra")
 
 

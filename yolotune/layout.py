@@ -32,6 +32,9 @@ PROVENANCE = "provenance.yaml"
 # (Ray's own result.json is written by the driver and copied back over on pause/restore, which
 # can drop epochs under PBT and HyperBand.)
 HISTORY = "history.jsonl"
+# In a trial's report (not its history) when its epoch ended past the time budget's deadline (its
+# value): the trial stops there.
+PAST_DEADLINE = "past_deadline"
 TRAIN_LOG = "train.log"
 CONSOLE_LOG = "yolotune.log"
 TRIAL_RECORD = "trials.jsonl"

@@ -15,7 +15,7 @@ from typing import Dict, Iterable
 import pandas as pd
 
 from yolotune.layout import write_atomic
-from yolotune.results import better, lower_is_better
+from yolotune.results import better, lower_is_better, measured
 
 KINDS = ("history", "params", "progress")
 DPI = 110
@@ -53,7 +53,8 @@ def _new_figure(width: float, height: float):
 
 
 def _history(results, metric: str, mode: str):
-    """The metric at every epoch of every trial: early-stopped trials end early, the best is highlighted."""
+    """The metric at every epoch of every trial that has it (validation metrics: the validated epochs; training
+    losses: every epoch): early-stopped trials end early, the best is highlighted."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -73,7 +74,7 @@ def _history(results, metric: str, mode: str):
     few = len(ids) <= 10  # few trials: one colour and legend entry each; many: grey, only the best named
     colors = dict(zip(ids, _cycle(len(ids)))) if few else {}
     ends = set()
-    by_trial = dict(tuple(history.dropna(subset=[metric]).groupby("trial_id", sort=False)))
+    by_trial = dict(tuple(measured(history, metric).groupby("trial_id", sort=False)))
     for trial_id in ids:
         runs = by_trial.get(trial_id)
         if runs is None:
@@ -181,13 +182,13 @@ def _progress(results, metric: str, mode: str):
     """Best-so-far metric as trials complete, by count and by wall time: is the search still improving?"""
     title = f"Search progress: best {metric} so far ({better(mode)}): experiment {results.path.name}"
     history = results.history()
-    if metric not in history or history[metric].isna().all():
+    done = _completions(results, history, metric, mode)
+    if done.empty:
         return _empty(title, f"no trial has reported {metric} yet")
     fig = _new_figure(11, 4.8)
     by_count, by_time = fig.subplots(1, 2, sharey=True)
     fig.suptitle(title)
 
-    done = _completions(history, metric, mode)
     best_so_far = done["value"].cummin() if lower_is_better(mode) else done["value"].cummax()
     improved = best_so_far.ne(best_so_far.shift())
     scale, unit = _time_unit(done["elapsed"].max())
@@ -208,13 +209,16 @@ def _progress(results, metric: str, mode: str):
     return fig
 
 
-def _completions(history: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial that reported ``metric``: its best value and when it last reported, in that order."""
-    reported = history.dropna(subset=[metric])
-    started = (reported["timestamp"] - reported["time_this_iter_s"]).min()
-    per_trial = reported.groupby("trial_id").agg(
-        value=(metric, "min" if lower_is_better(mode) else "max"), last=("timestamp", "max"))
-    per_trial["elapsed"] = per_trial["last"] - started
+def _completions(results, history: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """One row per trial that reported ``metric``: its best value (the results' own, over its validated
+    epochs) and when it last reported, in that order."""
+    if metric not in history:
+        return pd.DataFrame(columns=["trial_id", "value", "last", "elapsed"])
+    trials = results.dataframe(metric, mode).set_index("trial_id")
+    last = history.groupby("trial_id")["timestamp"].max()
+    per_trial = pd.DataFrame({"value": trials[f"best_{metric}"], "last": last})
+    per_trial = per_trial.dropna(subset=["value", "last"]).rename_axis("trial_id")
+    per_trial["elapsed"] = per_trial["last"] - (history["timestamp"] - history["time_this_iter_s"]).min()
     return per_trial.sort_values(["last", "trial_id"]).reset_index()
 
 

@@ -30,6 +30,7 @@ from yolotune.storage import Location
 # or never started (PENDING).
 ENDED = ("TERMINATED", "ERROR", "PAUSED")
 STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING", "PAUSED")  # Ray's trial statuses
+TRAINING_VALUES = ("train/", "lr/")  # reported at every epoch, validated or not (trainable.py)
 
 
 def default_mode(metric: str) -> str:
@@ -51,6 +52,19 @@ def better(mode: str) -> str:
 def best_index(values: pd.Series, mode: str):
     """The index label of the best of ``values`` (NaN skipped)."""
     return values.idxmin() if lower_is_better(mode) else values.idxmax()
+
+
+def validated(history: pd.DataFrame) -> pd.DataFrame:
+    """The epochs that validated (``validated`` 1; every epoch of a history from before the column): the
+    only ones whose metrics count, for a trial's best and last value, rankings and plots."""
+    return history[history["validated"] != 0] if "validated" in history else history
+
+
+def measured(history: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows that hold a measured value of ``metric``: a training value (``train/...``, ``lr/...``) at
+    every epoch, a validation metric at the validated epochs only."""
+    rows = history if metric.startswith(TRAINING_VALUES) else validated(history)
+    return rows.dropna(subset=[metric]) if metric in rows else rows.iloc[:0]
 
 
 class UnreadableExperiment(ValueError):
@@ -118,13 +132,14 @@ class ExperimentResults:
         return self.path / layout.trial_dirname(trial_id)
 
     def history(self) -> pd.DataFrame:
-        """One row per reported epoch of every trial: trial_id, epoch and everything the trial reported."""
+        """One row per reported epoch of every trial: trial_id, epoch and everything the trial reported
+        (``validated`` 0: training values only, no validation metrics; see ``validated()``)."""
         return self._history.copy()
 
     def reported_metrics(self) -> List[str]:
         """The numeric values the trials reported (besides the epoch), e.g. to rank by."""
-        return [c for c in self._history.columns
-                if c not in ("trial_id", "epoch") and pd.api.types.is_numeric_dtype(self._history[c])]
+        return [c for c in self._history.columns if c not in ("trial_id", "epoch", "validated")
+                and pd.api.types.is_numeric_dtype(self._history[c])]
 
     @property
     def params(self) -> List[str]:
@@ -136,11 +151,12 @@ class ExperimentResults:
         return parse_space(OmegaConf.to_container(self.config.space, resolve=True))
 
     def dataframe(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:
-        """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` and the
-        epoch of the best, node, error. Trials that have not reported yet have empty values."""
+        """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` (over the
+        validated epochs) and the epoch of the best, node, error. Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
         reported = self.reported_metrics()
-        if len(self._history) and metric not in reported:
+        # The experiment's own metric is known good, though no epoch may have validated yet (validate=decisions).
+        if len(self._history) and metric not in reported and metric != self.config.metric:
             raise ConfigError("metric", metric, f"not reported by this experiment; reported: {', '.join(reported)}")
         if (metric, mode) not in self._frames:
             self._frames[metric, mode] = self._trial_frame(metric, mode)
@@ -153,7 +169,7 @@ class ExperimentResults:
         rows = []
         for trial in self._trials:
             runs = by_trial.get(trial.trial_id, history.iloc[:0])
-            values = runs[metric].dropna() if metric in runs else pd.Series(dtype=float)
+            values = validated(runs)[metric].dropna() if metric in runs else pd.Series(dtype=float)
             best_at = best_index(values, mode) if len(values) else None
             rows.append({
                 "trial_id": trial.trial_id, "status": trial.status,
@@ -231,7 +247,7 @@ class ExperimentResults:
         return "stopped by budget" if layout.stopped_by_budget(self.path) else "unfinished"
 
     def best(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[pd.Series]:
-        """The best trial's row (by its best value of ``metric`` over all epochs), or None."""
+        """The best trial's row (by its best value of ``metric`` over its validated epochs), or None."""
         metric, mode = self._resolve(metric, mode)
         frame = self.dataframe(metric, mode).dropna(subset=[f"best_{metric}"])
         if frame.empty:

@@ -34,6 +34,9 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # How long a reused worker may take to end its trial (trainable._release); Ray's 2 s can be too short
 # for data loader processes to exit on a busy machine, and the next trial then fails to start.
 os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+# Epochs without validation report no metric (trainable.py; validate=decisions): not an error here.
+# The driver checks results; yolotune checks the metric's name itself (config.validate).
+os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads from its weights dir
 
 
@@ -159,16 +162,18 @@ def _build_time_budget():
                 return
             if not self.expired:
                 self.expired = True
-                # Not those already past it (Ray's result timestamp: whole seconds, like the deadline):
-                # they wait for the stop (trainable.py).
+                # Not those whose last epoch already ended past it (they said so): they wait for the stop
+                # (trainable.py).
                 self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"
-                                and (t.last_result or {}).get("timestamp", 0) < self.deadline}
+                                and (t.last_result or {}).get(layout.PAST_DEADLINE) != self.deadline}
             if not self.waiting:  # checked a step after the last report: Ray has saved its checkpoint
                 self.stopped = True
                 os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop, save the experiment state
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.waiting.discard(trial.trial_id)
+            # The trial decides, from when its epoch's training ended: before the deadline, it trains on.
+            if result.get(layout.PAST_DEADLINE) == self.deadline:
+                self.waiting.discard(trial.trial_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.waiting.discard(trial.trial_id)
@@ -331,7 +336,8 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
         train.setdefault("deterministic", False)
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
     job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
-           "checkpoint_every": exp.checkpoint.every, "image_cache_mb": exp.resources.image_cache_mb}
+           "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs(),
+           "image_cache_mb": exp.resources.image_cache_mb}
     return job, resources
 
 

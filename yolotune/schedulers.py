@@ -7,8 +7,9 @@ one YAML file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 from omegaconf import MISSING
 
@@ -29,6 +30,11 @@ class SchedulerConfig:
     def trial_epochs(self, exp) -> int:
         """The most epochs a trial trains."""
         return getattr(self, "max_t", None) or exp.epochs
+
+    def decision_epochs(self, exp) -> Optional[Set[int]]:
+        """The epochs at which the scheduler may read the metric (trials validate only there, see
+        ``validate``), the last included; None: any epoch (every epoch validates)."""
+        return None
 
     def check(self, exp) -> None:
         """Raise ConfigError for values Ray would reject (or that make no sense for ``exp``)."""
@@ -65,6 +71,16 @@ class AshaConfig(SchedulerConfig):
         check_reduction_factor("scheduler.reduction_factor", self.reduction_factor)
         check_range("scheduler.brackets", self.brackets, 1, 10, "an integer from 1 to 10", integer=True)
 
+    def decision_epochs(self, exp) -> Set[int]:
+        # Ray's rungs (async_hyperband._Bracket), bracket s: grace * rf^(k+s); a trial's result counts
+        # at a rung from the first epoch >= it, which is its ceiling.
+        import numpy as np  # Ray's arithmetic, to the last bit
+
+        max_t, rf = self.trial_epochs(exp), self.reduction_factor
+        rungs = {math.ceil(self.grace_period * rf ** (k + s)) for s in range(self.brackets)
+                 for k in range(int(np.log(max_t / self.grace_period) / np.log(rf) - s + 1))}
+        return rungs | {max_t}
+
     def build(self, exp, space):
         from ray.tune.schedulers import ASHAScheduler
 
@@ -78,6 +94,9 @@ class FifoConfig(SchedulerConfig):
     type: str = "fifo"
     needs_validation = False
     stops_early = False
+
+    def decision_epochs(self, exp) -> Set[int]:
+        return {exp.epochs}  # the final result ranks the trial
 
     def build(self, exp, space):
         from ray.tune.schedulers import FIFOScheduler
@@ -95,6 +114,24 @@ class HyperbandConfig(SchedulerConfig):
     def check(self, exp) -> None:
         _check_epochs("scheduler.max_t", self.max_t, exp.epochs)
         check_reduction_factor("scheduler.reduction_factor", self.reduction_factor)
+
+    def decision_epochs(self, exp) -> Set[int]:
+        # Ray's brackets (hyperband.HyperBandScheduler / _Bracket): bracket s starts at r0 = int(max_t * rf^-s)
+        # and pauses its trials at r0, then r = int(min(r * rf, max_t)) for s halvings; a trial trains
+        # epoch after epoch from its last checkpoint, so it reports each milestone itself.
+        import numpy as np  # Ray's arithmetic, to the last bit
+
+        max_t, rf = self.trial_epochs(exp), self.reduction_factor
+        milestones = {max_t}
+        for s in range(int(np.round(np.log(max_t) / np.log(rf))) + 1):
+            r = int(max_t * rf ** (-s))
+            if r == 0:  # Ray skips such a bracket
+                continue
+            milestones.add(r)
+            for _ in range(s):
+                r = int(min(r * rf, max_t))
+                milestones.add(r)
+        return milestones
 
     def build(self, exp, space):
         from ray.tune.schedulers import HyperBandScheduler
@@ -145,11 +182,17 @@ class PbtConfig(SchedulerConfig):
         if grids:
             raise ConfigError(f"space.{grids[0]}.dist", "grid", "pbt mutates sampled values; use choice")
 
+    def decision_epochs(self, exp) -> Set[int]:
+        # PBT decides at the first result with the metric once perturbation_interval epochs have passed
+        # since its last decision: from epoch 0, the multiples of the interval.
+        return set(range(self.perturbation_interval, exp.epochs + 1, self.perturbation_interval)) | {exp.epochs}
+
     def build(self, exp, space):
         from ray.tune.schedulers import PopulationBasedTraining
 
+        # require_attrs=False: epochs without validation report no metric, which PBT then skips.
         return PopulationBasedTraining(
-            time_attr="epoch", perturbation_interval=self.perturbation_interval,
+            time_attr="epoch", perturbation_interval=self.perturbation_interval, require_attrs=False,
             hyperparam_mutations=to_ray_space(space), custom_explore_fn=ClipToSpace(space),
             quantile_fraction=self.quantile_fraction, resample_probability=self.resample_probability)
 

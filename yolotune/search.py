@@ -6,6 +6,7 @@ builds its searcher.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Optional
@@ -61,10 +62,34 @@ class OptunaSearchConfig(SearchConfig):
         super().check(exp)
 
     def build(self, exp, max_concurrent: Optional[int] = None):
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
+        return optuna_search(exp.seed, self.n_startup_trials)
 
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=exp.seed, n_startup_trials=self.n_startup_trials))
+
+def optuna_search(seed: Optional[int], n_startup_trials: int):
+    """Ray's OptunaSearch with TPE, skipping the results of epochs without validation (no metric, see
+    trainable.py), on which Ray's would raise. Ray saves and restores its state apart from the object
+    (Searcher.save): a pickled one (tuner.pkl) is built again from its settings."""
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    searcher = _validated_optuna_search()(sampler=sampler)
+    searcher.rebuild = (seed, n_startup_trials)
+    return searcher
+
+
+@functools.lru_cache(maxsize=None)
+def _validated_optuna_search():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ValidatedOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id, result):
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+        def __reduce__(self):
+            return optuna_search, self.rebuild
+
+    return ValidatedOptunaSearch
 
 
 @dataclass

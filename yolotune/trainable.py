@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import ray
 from ray import tune
 
-from yolotune.layout import HISTORY, TRAIN_LOG, append_jsonl, trial_dirname
+from yolotune.layout import HISTORY, PAST_DEADLINE, TRAIN_LOG, append_jsonl, trial_dirname
 from yolotune.storage import Location, is_uri, node_dataset, node_file
 
 
@@ -73,7 +73,9 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, device:
 
     # Ray uploads the whole trial dir when it is in an object store: checkpoints are staged beside it.
     scratch = trial_dir.parent if Location(job["experiment_dir"]).remote else trial_dir
-    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), scratch, job.get("deadline"))
+    reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), scratch, job.get("deadline"),
+                              job.get("validate_epochs"), job["train"].get("val", True) is not False)
+    model.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
     model.add_callback("on_model_save", reporter.on_model_save)
     try:
         model.train(**args)
@@ -227,31 +229,60 @@ class _EpochReporter:
     """Reports each finished epoch to Ray, with the trial's last.pt as its checkpoint every
     ``every`` epochs, at the trial's last epoch and at the first epoch end past the time budget.
 
+    Validation runs only at the epochs in ``validate_epochs`` (None: every epoch), at the epoch that
+    ends past the time budget (the trial stops there) and, as Ultralytics always does, at the final
+    one. Decided from the epoch number alone, so a resumed trial validates where a fresh one would.
+    An epoch without validation reports its training losses and ``validated: 0``, without the
+    validation metrics (nor ``fitness``): schedulers and searchers skip a result without the metric.
+
+    ``on_train_epoch_end`` fires after training, before Ultralytics decides whether to validate;
     ``on_model_save`` fires once per epoch, right after last.pt is written, and (unlike
     ``on_fit_epoch_end``) not again for the final validation of best.pt.
     """
 
-    def __init__(self, trial_dir: Path, gpu: str, every: int, scratch: Path, deadline: Optional[float]):
+    def __init__(self, trial_dir: Path, gpu: str, every: int, scratch: Path, deadline: Optional[float],
+                 validate_epochs: Optional[list] = None, val: bool = True):
         # Where the trial ran: the node, the worker process (shared by trials when actors are reused)
         # and the physical GPUs (CUDA_VISIBLE_DEVICES as Ray set it; "" on the CPU).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                      "pid": os.getpid(), "gpu": gpu}
         self.trial_dir, self.every, self.scratch, self.last_report = trial_dir, every, scratch, time.time()
         self.deadline = deadline  # the time budget's end: the run stops after this epoch, keep it
+        self.validate_epochs = None if validate_epochs is None else set(validate_epochs)
+        self.val = val  # train.val=false: only Ultralytics' final validation
+        self.ended_at = time.time()  # when this epoch's training ended: before or after the deadline
+
+    def on_train_epoch_end(self, trainer) -> None:
+        self.ended_at = time.time()
+        wanted = self.validate_epochs is None or trainer.epoch + 1 in self.validate_epochs or self._out_of_time()
+        trainer.args.val = self.val and wanted
+        # Ultralytics keeps the last validation's values when it skips one: mark them stale. Validation,
+        # if it runs, sets both; an unvalidated epoch then neither counts as the best (best.pt) nor
+        # feeds Ultralytics' early stopping.
+        trainer.fitness = None
+        trainer.metrics = {k: float("nan") for k in trainer.metrics or {}}
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and self.ended_at >= self.deadline
 
     def on_model_save(self, trainer) -> None:
+        validated = trainer.fitness is not None
         metrics = {
             **trainer.label_loss_items(trainer.tloss, prefix="train"),
-            **trainer.metrics,
+            **(trainer.metrics if validated else {}),
             **trainer.lr,
         }
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update(fitness=float(trainer.fitness or 0.0), epoch=trainer.epoch + 1, **self.node)
+        if validated:
+            metrics["fitness"] = float(trainer.fitness)
+        metrics.update(epoch=trainer.epoch + 1, validated=int(validated), **self.node)
         now = time.time()
         append_jsonl(self.trial_dir / HISTORY,
                      {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
         self.last_report = now
-        out_of_time = self.deadline is not None and now >= self.deadline
+        out_of_time = self._out_of_time()
+        if out_of_time:  # this trial stops here (validated): the time budget's driver waits for this report
+            metrics[PAST_DEADLINE] = self.deadline
         if (trainer.epoch + 1) % self.every and not trainer.stop and not out_of_time:
             tune.report(metrics)
             return

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
+from yolotune import layout
 from yolotune.errors import ConfigError
 
 MODES = ("disabled", "offline", "online")
@@ -193,7 +194,8 @@ def _callback_class():
             metric, mode = self.settings["metric"], self.settings["metric_mode"]
             # What the trainable reported (metrics and epoch), not Ray's bookkeeping (time, pid, done, ...).
             row = {k: v for k, v in result.items()
-                   if k not in AUTO_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   if k not in AUTO_RESULT_KEYS and k != layout.PAST_DEADLINE and isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
             # Ray's running min/max over the trial's earlier results, kept across a resume.
             values = [trial.metric_analysis.get(metric, {}).get(mode), row.get(metric)]
             values = [v for v in values if v is not None]
