@@ -134,7 +134,8 @@ def run_yolotune(run_dir: Path, data: str, train: dict, setup: str, space: str, 
         train = {k: v for k, v in train.items() if k != "mosaic"}
     yolotune.tune(model="yolo11n.yaml", data=data, space=SPECS if space == "minimal" else None, grace_period=1,
                   iterations=iterations, storage=str(run_dir.parent), name=run_dir.name, resume=resume,
-                  overrides=[] if resume else [*SETUPS[setup], f"seed={seed}", "resources=cpu", f"space={space}"],
+                  overrides=[] if resume else [*SETUPS[setup], f"seed={seed}", "resources=cpu", f"space={space}",
+                                                "validate=every"],  # anytime curves: fitness at every epoch
                   **train)
     return yolotune.load(run_dir).history()
 
