@@ -130,11 +130,16 @@ class DecodedImages:
         if dataset.cache == "ram" or not self.limit:
             return  # Ultralytics keeps its own copy of every image for this trial, or the cache is off
         new = [] if self.full else [i for i in range(dataset.ni) if self.key(dataset, i) not in self.images]
-        shared = dataset.ni - len(new)
+        if new:
+            self._decode(dataset, new)
+        print(f"yolotune: {dataset.ni - len(new)} of {dataset.ni} images decoded by an earlier trial of this worker, "
+              f"{len(self.images)} held ({self.bytes / 2**20:.1f} of {self.limit / 2**20:.0f} MiB)")
+
+    def _decode(self, dataset, indices) -> None:
         augment, dataset.augment = dataset.augment, False  # decode only, no mosaic buffer bookkeeping
         try:
             with ThreadPool(self.threads) as pool:
-                for i, decoded in zip(new, pool.imap(dataset._load_image_uncached, new)):
+                for i, decoded in zip(indices, pool.imap(dataset._load_image_uncached, indices)):
                     if self.bytes + decoded[0].nbytes > self.limit:
                         self.full = True  # later datasets are not decoded twice just to find that out
                         break
@@ -142,8 +147,6 @@ class DecodedImages:
                     self.bytes += decoded[0].nbytes
         finally:
             dataset.augment = augment
-        print(f"yolotune: {shared} of {dataset.ni} images decoded by an earlier trial of this worker, "
-              f"{len(self.images)} held ({self.bytes / 2**20:.1f} of {self.limit / 2**20:.0f} MiB)")
 
     def load_image(self, dataset, i: int, rect_mode: bool = True, resize_short: bool = False):
         decoded = None if dataset.ims[i] is not None else self.images.get(self.key(dataset, i, rect_mode, resize_short))
