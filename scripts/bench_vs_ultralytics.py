@@ -3,16 +3,26 @@
 Same dataset (yolotune's synthetic ``shapes``), same space and train arguments (the quickstart's
 AdamW recipe), same iterations, epochs, ASHA settings
 (grace_period, reduction_factor 3, max_t = epochs), random search, and 1 CPU per trial. Each run is
-a fresh process, alternating A B A B. A Ray Tune callback added to both (the only instrumentation)
-times every trial from the driver.
+a fresh process; in each round Ultralytics runs first and yolotune's variants follow, in an order
+reversed every other round. A Ray Tune callback added to both (the only instrumentation) times
+every trial from the driver.
 
     python scripts/bench_vs_ultralytics.py                  # defaults below, 2 rounds
-    python scripts/bench_vs_ultralytics.py --rounds 3 --iterations 12 --epochs 8
-    python scripts/bench_vs_ultralytics.py --validate every  # yolotune validates every epoch, as Ultralytics
+    python scripts/bench_vs_ultralytics.py --iterations 6 --epochs 4 --grace-period 1 --train-images 64 --imgsz 96
+    python scripts/bench_vs_ultralytics.py --variants yolotune,validate-every,no-image-cache,refresh-at-end
 
-Printed per run and as means: wall time, trials finished, trial-epochs, trial start -> first
-training step (estimated as the first result's delay minus a steady epoch), last epoch -> trial
-end, best mAP50-95; then the ratios yolotune / Ultralytics.
+yolotune's variants, each with one of its savings turned off, to measure that saving on its own:
+``validate-every`` (validate=every: every epoch, as Ultralytics; default validate=decisions),
+``no-image-cache`` (resources.image_cache_mb=0: each trial decodes its images again),
+``refresh-at-end`` (the live report is also rewritten as the last trial ends, just before the
+final report, as it was before that was cut).
+
+Printed per run and as means: wall time, trials, trial-epochs, the fixed costs (process start ->
+first trial start, -> first training step, last epoch -> process end), the efficiency (the trials'
+training and validation time over wall time x trial slots), best mAP50-95; then each variant's
+wall-time ratio to Ultralytics and its saving's share of yolotune's gain. A trial's first epoch is
+timed as a steady epoch of its kind (validated or not): the rest of its first result's delay is
+start-up.
 """
 
 from __future__ import annotations
@@ -27,8 +37,15 @@ import tempfile
 import time
 from pathlib import Path
 
-TOOLS = ("ultralytics", "yolotune")
+from yolotune.data import ShapesDataConfig, make_shapes
+
 METRIC = "metrics/mAP50-95(B)"
+VARIANTS = {  # yolotune's overrides per variant
+    "yolotune": [],
+    "validate-every": ["validate=every"],
+    "no-image-cache": ["resources.image_cache_mb=0"],
+    "refresh-at-end": [],
+}
 
 
 def main() -> None:
@@ -40,68 +57,86 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=256)
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="round r samples with seed + r, the same for both tools")
-    parser.add_argument("--validate", choices=("decisions", "every"), default="decisions",
-                        help="yolotune's validate=: decisions (at ASHA's rungs and the last epoch) or every epoch, "
-                             "as Ultralytics does; measures what validating only at decisions saves")
-    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help="round r samples with seed + r, the same for all runs")
+    parser.add_argument("--variants", default="yolotune",
+                        help=f"comma-separated yolotune variants to run besides Ultralytics: {', '.join(VARIANTS)}")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; one of {', '.join(VARIANTS)}")
+    tools = ["ultralytics", *variants]
+    slots = os.cpu_count()  # 1 CPU per trial
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    print(f"work dir: {workdir}; {os.cpu_count()} CPUs; {args.iterations} trials x {args.epochs} epochs, "
+    print(f"work dir: {workdir}; {slots} CPUs; {args.iterations} trials x {args.epochs} epochs, "
           f"ASHA grace {args.grace_period} rf 3, shapes {args.train_images} images at {args.imgsz} px; "
-          f"yolotune validate={args.validate}")
-    runs = {tool: [] for tool in TOOLS}
+          f"runs: {', '.join(tools)}")
+    runs = {tool: [] for tool in tools}
     for round_ in range(args.rounds):
-        for tool in TOOLS:
+        order = ["ultralytics", *(variants if round_ % 2 == 0 else variants[::-1])]
+        for tool in order:
             run_dir = workdir / f"{tool}-{round_}"
             run_dir.mkdir()
             cmd = [sys.executable, __file__, "--child", tool, "--workdir", str(run_dir), *_passthrough(args),
                    f"--seed={args.seed + round_}"]
-            start = time.perf_counter()
+            start = time.time()
             subprocess.run(cmd, check=True, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            stats = summarise(json.loads((run_dir / "trials.json").read_text()), time.perf_counter() - start)
+            stats = summarise(json.loads((run_dir / "trials.json").read_text()), start, time.time(), slots)
             runs[tool].append(stats)
-            print(f"round {round_ + 1} {tool:11s} " + "  ".join(f"{k} {v:.3g}" for k, v in stats.items()), flush=True)
+            print(f"round {round_ + 1} {tool:15s} " + "  ".join(f"{k} {v:.3g}" for k, v in stats.items()), flush=True)
 
-    means = {tool: {k: statistics.mean(s[k] for s in runs[tool]) for k in runs[tool][0]} for tool in TOOLS}
+    means = {tool: {k: statistics.mean(s[k] for s in runs[tool]) for k in runs[tool][0]} for tool in tools}
     print("\nmeans:")
-    for key in means["yolotune"]:
-        print(f"  {key:28s} ultralytics {means['ultralytics'][key]:9.3f}   yolotune {means['yolotune'][key]:9.3f}")
-    u, y = means["ultralytics"], means["yolotune"]
-    print("\nratios yolotune / Ultralytics:")
-    print(f"  wall time                  {y['wall_s'] / u['wall_s']:.2f}  (target <= 0.70)")
-    print(f"  trial-epochs per minute    {y['epochs_per_min'] / u['epochs_per_min']:.2f}")
-    print(f"  best {METRIC:22s}{y['best_map'] - u['best_map']:+.4f} (difference)")
+    print(f"  {'':24s}" + "".join(f"{tool:>16s}" for tool in tools))
+    for key in means["ultralytics"]:
+        print(f"  {key:24s}" + "".join(f"{means[tool][key]:16.3f}" for tool in tools))
+    u = means["ultralytics"]["wall_s"]
+    print("\nwall time / Ultralytics' (per round), and the saving's share of yolotune's gain:")
+    for tool in variants:
+        per_round = " ".join(f"{y['wall_s'] / x['wall_s']:.2f}" for x, y in zip(runs["ultralytics"], runs[tool]))
+        line = f"  {tool:16s} {means[tool]['wall_s'] / u:.2f}  ({per_round})"
+        if tool != "yolotune" and "yolotune" in means:
+            y = means["yolotune"]["wall_s"]
+            line += f"  turning it off costs {means[tool]['wall_s'] - y:+.1f} s, {(means[tool]['wall_s'] - y) / (u - y):.0%} of the gain"
+        print(line)
 
 
 def _passthrough(args) -> list:
     return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "workdir", "rounds", "seed") and v is not None]
+            if k not in ("child", "workdir", "rounds", "seed", "variants") and v is not None]
 
 
-def summarise(trials: list, wall: float) -> dict:
-    """Per-run figures from the driver-side trial timings."""
-    epochs = sum(len({r["epoch"] for r in t["results"]}) for t in trials)
-    start_overheads, end_overheads = [], []
+def summarise(trials: list, started: float, ended: float, slots: int) -> dict:
+    """One run's figures from the driver-side trial timings (``trials``: _TrialTimer's records) and
+    the wall-clock times its process started and ended."""
+    steady = {}  # validated (1) or not (0) -> the median of the epochs after trials' first
+    for kind in (0, 1):
+        times = [r["time_this_iter_s"] for t in trials for r in t["results"][1:] if r["validated"] == kind]
+        if times:
+            steady[kind] = statistics.median(times)
+    first_steps, busy = [], 0.0
     for t in trials:
         if not t["results"]:
             continue
-        steps = [r["time_this_iter_s"] for r in t["results"][1:]] or [t["results"][0]["time_this_iter_s"]]
-        start_overheads.append(t["results"][0]["at"] - t["start"] - statistics.median(steps))
-        if t.get("end"):
-            end_overheads.append(t["end"] - t["results"][-1]["at"])
-    warm = [o for t, o in zip(trials, start_overheads) if t.get("warm")]
-    best = max((r.get(METRIC, 0.0) for t in trials for r in t["results"]), default=0.0)
+        first = t["results"][0]
+        first_epoch = steady.get(first["validated"], steady.get(1 - first["validated"], first["time_this_iter_s"]))
+        first_epoch = min(first_epoch, first["time_this_iter_s"])
+        first_steps.append(first["at"] - first_epoch)
+        busy += first_epoch + sum(r["time_this_iter_s"] for r in t["results"][1:])
+    results = [r for t in trials for r in t["results"]]
+    wall = ended - started
     return {
-        "wall_s": wall, "trials": len(trials), "trial_epochs": epochs, "epochs_per_min": epochs / wall * 60,
-        "start_overhead_s": statistics.mean(start_overheads),
-        "warm_start_overhead_s": statistics.mean(warm) if warm else float("nan"),
-        "end_overhead_s": statistics.mean(end_overheads) if end_overheads else float("nan"),
-        "best_map": best,
+        "wall_s": wall, "trials": len(trials), "trial_epochs": len(results),
+        "to_first_trial_s": min(t["start"] for t in trials) - started,
+        "to_first_step_s": min(first_steps) - started,
+        "after_last_epoch_s": ended - max(r["at"] for r in results),
+        "efficiency": busy / (wall * slots),
+        "best_map": max(r[METRIC] for r in results),
     }
 
 
@@ -110,9 +145,6 @@ def run_child(args) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import numpy as np
     from ray import tune
-
-    from yolotune.config import ShapesDataConfig
-    from yolotune.data import make_shapes
 
     data = str(make_shapes(ShapesDataConfig(train_images=args.train_images, val_images=args.train_images // 4,
                                             imgsz=args.imgsz, cache_dir=str(args.workdir.parent / "datasets")))
@@ -136,9 +168,11 @@ def run_child(args) -> None:
     else:
         import yolotune
 
+        if args.child == "refresh-at-end":
+            _refresh_at_the_last_trial_end()
         yolotune.tune(model="yolo11n.yaml", data=data, space=space, grace_period=args.grace_period,
                       iterations=args.iterations, storage=str(args.workdir), name="yolotune",
-                      overrides=[f"metric='{METRIC}'", "resources=cpu", f"validate={args.validate}"], **train)
+                      overrides=[f"metric='{METRIC}'", "resources=cpu", *VARIANTS[args.child]], **train)
     (args.workdir / "trials.json").write_text(json.dumps(list(timer.trials.values())))
 
 
@@ -157,16 +191,27 @@ class _TrialTimer:
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 t = timer.trials[trial.trial_id]
                 t["results"].append({"at": time.time(), "time_this_iter_s": result["time_this_iter_s"],
-                                     "epoch": result.get("epoch"), METRIC: result.get(METRIC, 0.0)})
-                pid = result.get("pid")  # yolotune reports its worker's pid: trials after a worker's first are warm
-                if pid is not None and len(t["results"]) == 1:
-                    t["warm"] = pid in timer.pids
-                    timer.pids.add(pid)
+                                     "epoch": result.get("epoch"), METRIC: result.get(METRIC, 0.0),
+                                     "validated": int(result.get("validated", 1))})  # Ultralytics: every epoch
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 timer.trials[trial.trial_id]["end"] = time.time()
 
-        self.trials, self.pids, self.callback = {}, set(), Hook()
+        self.trials, self.callback = {}, Hook()
+
+
+def _refresh_at_the_last_trial_end() -> None:
+    """The live view without the trial count (a display-only figure otherwise) refreshes the report
+    as every trial ends, the last one too: as before that refresh was cut."""
+    from yolotune import console
+
+    init = console.Progress.__init__
+
+    def without_total(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.total = 0
+
+    console.Progress.__init__ = without_total
 
 
 def _add_callback_to_every_tuner(timer: _TrialTimer) -> None:

@@ -205,6 +205,21 @@ def test_live_view_pickles_its_settings_only(tmp_path):
     assert not any(k.startswith("_") for k in vars(copy))
 
 
+def test_the_live_report_is_refreshed_as_trials_end_but_the_last(tmp_path, capsys):
+    """The runner writes the final report right after the last trial: a refresh then would only delay it."""
+    refreshes = []
+    view = console.live_view(tmp_path, "fitness", "max", 2, False, "yolotune", lambda: refreshes.append(1))
+    view.setup(total_num_samples=3)
+    trials = [SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={"epoch": 2}, metric_analysis={})
+              for i in range(3)]
+    for i, trial in enumerate(trials):
+        trial.status = "TERMINATED"
+        view.on_trial_complete(0, trials, trial)
+        time.sleep(0.3)
+        assert len(refreshes) == min(i + 1, 2), f"after trial {i + 1} of 3"
+    view.on_experiment_end(trials)
+
+
 def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path):
     from ultralytics.utils import LOGGER
 

@@ -432,8 +432,10 @@ def _build_live_view():
         def _ended(self, trials, trial, line: str, errored: bool) -> None:
             self._progress.end(trial.trial_id, errored)
             self._screen.event(line)
-            self._screen.progress(self._progress.line(trials), self._progress.done(trials), force=True)
-            self._refresher.request()
+            done = self._progress.done(trials)
+            self._screen.progress(self._progress.line(trials), done, force=True)
+            if not self._progress.total or done < self._progress.total:  # after the last: the runner's final report
+                self._refresher.request()
             self._last_ended = True
 
     LiveView.__qualname__ = "LiveView"
