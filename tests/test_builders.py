@@ -72,8 +72,8 @@ def test_pbt_mutates_the_space_and_clips_to_it():
     scheduler = exp.scheduler.build(exp, exp.dists)
     assert {name: type(d) for name, d in scheduler._hyperparam_mutations.items()} == {
         name: type(d) for name, d in to_ray_space(exp.dists).items()}
-    clip = scheduler._custom_explore_fn
-    assert isinstance(clip, ClipToSpace) and set(clip.bounds) == {n for n, d in exp.dists.items() if d.dist != "choice"}
+    clip = scheduler._custom_explore_fn  # a bound method: picklable into tuner.pkl, mapped by mutmut to its tests
+    assert isinstance(clip.__self__, ClipToSpace) and set(clip.__self__.bounds) == {n for n, d in exp.dists.items() if d.dist != "choice"}
     assert clip({"lr0": 0.12, "dropout": 0.1, "close_mosaic": 11.6}) == {"lr0": 0.1, "dropout": 0.1, "close_mosaic": 10}
     assert clip({"lr0": 5e-5, "close_mosaic": -1.2}) == {"lr0": 1e-4, "close_mosaic": 0}
     assert clip({"lr0": 0.05, "close_mosaic": 4}) == {"lr0": 0.05, "close_mosaic": 4}  # inside: untouched

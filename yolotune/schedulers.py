@@ -193,7 +193,7 @@ class PbtConfig(SchedulerConfig):
         # require_attrs=False: epochs without validation report no metric, which PBT then skips.
         return PopulationBasedTraining(
             time_attr="epoch", perturbation_interval=self.perturbation_interval, require_attrs=False,
-            hyperparam_mutations=to_ray_space(space), custom_explore_fn=ClipToSpace(space),
+            hyperparam_mutations=to_ray_space(space), custom_explore_fn=ClipToSpace(space).clip,
             quantile_fraction=self.quantile_fraction, resample_probability=self.resample_probability)
 
 
@@ -204,7 +204,7 @@ class ClipToSpace:
     def __init__(self, space: Dict[str, Dist]):
         self.bounds = {name: d for name, d in space.items() if d.dist in RANGE_DISTS}
 
-    def __call__(self, config: Dict[str, Any]) -> Dict[str, Any]:
+    def clip(self, config: Dict[str, Any]) -> Dict[str, Any]:
         for name, d in self.bounds.items():
             if name in config:
                 value = min(max(config[name], d.low), d.high)
