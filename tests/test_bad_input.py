@@ -283,7 +283,7 @@ CASES = [
     ("storage-newline", ["storage='runs\nx'"], "storage"),
     ("storage-unknown-scheme", ["storage=nosuchfs://bucket/x"], "storage"),
     ("storage-credentials-in-uri", ["storage=s3://AKIAX:secret@bucket/x"], "storage"),
-    ("storage-credentials-in-query", ["storage=s3://bucket/x?secret_key=abc"], "storage"),
+    ("storage-credentials-in-query", ["storage='s3://bucket/x?secret_key=abc'"], "storage"),  # quoted: '=' in a value
     ("storage-empty", ["storage=''"], "storage"),
     ("ray-address-garbage", ["ray.address=not an address"], "ray.address"),
     ("ray-address-no-port", ["ray.address=somehost"], "ray.address"),
