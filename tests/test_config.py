@@ -128,6 +128,16 @@ def test_the_yolotune_local_resolver_is_where_yolotune_writes_a_storage(storage,
     assert cfg.sweep_dir == f"{want}/multirun"
 
 
+@pytest.mark.parametrize("where,key", [("", "1"), ("scheduler", "scheduler.1")])
+def test_a_number_as_a_key_of_a_saved_config_is_named(where, key):
+    """YAML reads `1: x` as an int key: refused as unknown, like any other (it raised TypeError)."""
+    saved = _saved()
+    (saved[where] if where else saved)[1] = "x"
+    with pytest.raises(ConfigError) as err:
+        to_experiment(saved)
+    assert (err.value.key, err.value.value) == (key, "x")
+
+
 def test_a_saved_config_keeps_train_and_space_as_given():
     """Merging them into the schema's defaults would bring back keys the experiment removed."""
     exp = to_experiment(_saved(train={"epochs": 3}, space={"lr0": "uniform(0.1, 0.2)"}))
