@@ -283,7 +283,7 @@ CASES = [
     ("storage-newline", ["storage='runs\nx'"], "storage"),
     ("storage-unknown-scheme", ["storage=nosuchfs://bucket/x"], "storage"),
     ("storage-credentials-in-uri", ["storage=s3://AKIAX:secret@bucket/x"], "storage"),
-    ("storage-credentials-in-query", ["storage=s3://bucket/x?secret_key=abc"], "storage"),
+    ("storage-credentials-in-query", ["storage='s3://bucket/x?secret_key=abc'"], "storage"),  # quoted: '=' in a value
     ("storage-empty", ["storage=''"], "storage"),
     ("ray-address-garbage", ["ray.address=not an address"], "ray.address"),
     ("ray-address-no-port", ["ray.address=somehost"], "ray.address"),
@@ -340,6 +340,23 @@ def _check_message(case: str, message: str) -> None:
         MESSAGES.write_text(json.dumps({**known, case: message}, indent=1, sort_keys=True) + "\n")
     else:
         assert message == known.get(case), f"{case}: the message changed; if on purpose, YOLOTUNE_UPDATE_MESSAGES=1"
+
+
+# Ultralytics' check_cfg message -> what follows "key=value: ": its first sentence (which repeats key and value)
+# and final period dropped; a message of another form (another Ultralytics version) is kept, first line only.
+ULTRALYTICS_MESSAGES = [
+    ("'momentum=1.5' is an invalid value. Valid 'momentum' values are between 0.0 and 1.0.",
+     "Valid 'momentum' values are between 0.0 and 1.0"),
+    ("'workers=1.5' is of invalid type float. 'workers' must be an int (i.e. 'workers=8')",
+     "'workers' must be an int (i.e. 'workers=8')"),
+    ("'nbs=0' is an invalid value\n'nbs' must be >= 1.", "'nbs=0' is an invalid value"),
+    ("could not convert 'x'. Expected a number.", "could not convert 'x'. Expected a number."),
+]
+
+
+@pytest.mark.parametrize("message,allowed", ULTRALYTICS_MESSAGES)
+def test_ultralytics_messages_keep_what_is_allowed(message, allowed):
+    assert train_args._allowed(message) == allowed
 
 
 @pytest.mark.parametrize("case,overrides,key", CASES, ids=[c[0] for c in CASES])

@@ -15,7 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 from compose import experiment, options
 from yolotune.config import validate
 from yolotune.schedulers import ClipToSpace
-from yolotune.space import to_ray_space
+from yolotune.space import parse_space, to_ray_space
 
 SPACE = ["space=minimal", "+space.dropout='choice([0.0, 0.1])'", "+space.close_mosaic='randint(0, 10)'", "train.epochs=30"]
 SCHEDULERS = {"asha": schedulers.AsyncHyperBandScheduler, "fifo": schedulers.FIFOScheduler,
@@ -67,7 +67,7 @@ def test_bohb_replaces_the_scheduler_with_its_own_hyperband():
     assert scheduler._time_attr == "epoch"
 
 
-def test_pbt_mutates_the_space_and_clips_to_it():
+def test_pbt_mutates_the_space_and_keeps_values_inside_it():  # no 'cli' in the name: mutmut runs -k 'not cli'
     exp = experiment("scheduler=pbt", *SPACE, "space.lr0.low=1e-4", "space.lr0.high=0.1")
     scheduler = exp.scheduler.build(exp, exp.dists)
     assert {name: type(d) for name, d in scheduler._hyperparam_mutations.items()} == {
@@ -78,6 +78,24 @@ def test_pbt_mutates_the_space_and_clips_to_it():
     assert clip({"lr0": 5e-5, "close_mosaic": -1.2}) == {"lr0": 1e-4, "close_mosaic": 0}
     assert clip({"lr0": 0.05, "close_mosaic": 4}) == {"lr0": 0.05, "close_mosaic": 4}  # inside: untouched
     assert exp.scheduler.checkpoints_to_keep > 1  # donors' checkpoints must outlive their clones
+
+
+# PBT's explore multiplies a value by 0.8 or 1.2: (explored config, what the trial gets). Integer
+# distributions come back as whole numbers (nearest), floats stay floats; out of bounds: the bound.
+EXPLORE_SPACE = {"lr0": "loguniform(1e-4, 1e-1)", "close_mosaic": "randint(0, 10)", "nbs": "qrandint(16, 96, 16)",
+                 "lrf": "quniform(0.2, 0.8, 0.2)", "dropout": "choice([0.0, 0.1])"}
+EXPLORED = [
+    ({"close_mosaic": 4 * 1.2, "nbs": 48 * 0.8}, {"close_mosaic": 5, "nbs": 38}),
+    ({"close_mosaic": 6 * 0.8, "nbs": 64 * 1.2}, {"close_mosaic": 5, "nbs": 77}),
+    ({"lr0": 0.05 * 1.2, "lrf": 0.4 * 1.2, "dropout": 0.1}, {"lr0": 0.05 * 1.2, "lrf": 0.4 * 1.2, "dropout": 0.1}),
+    ({"close_mosaic": 10 * 1.2, "nbs": 16 * 0.8, "lrf": 0.8 * 1.2}, {"close_mosaic": 10, "nbs": 16, "lrf": 0.8}),
+]
+
+
+@pytest.mark.parametrize("explored,kept", EXPLORED)
+def test_pbt_explore_brings_values_into_the_space_with_their_type(explored, kept):
+    out = ClipToSpace(parse_space(EXPLORE_SPACE))(dict(explored))
+    assert out == pytest.approx(kept) and {k: type(v) for k, v in out.items()} == {k: type(v) for k, v in kept.items()}
 
 
 def _scheduler(*overrides):

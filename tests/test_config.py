@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -66,12 +67,24 @@ def _saved(**changes):
     return plain
 
 
-@pytest.mark.parametrize("key,value", [("iterations", "ten"), ("seed", "abc"), ("scheduler.grace_period", "soon"),
-                                       ("resources.cpu_per_trial", "many"), ("failure.max_failures", "x")])
-def test_a_saved_config_with_a_wrong_type_names_the_key(key, value):
+# (key, saved value, the first line of OmegaConf's message: what the user reads after "key='': ")
+SAVED_ERRORS = [
+    ("iterations", "ten", "Value 'ten' of type 'str' could not be converted to Integer"),
+    ("seed", "abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("scheduler.grace_period", "soon", "Value 'soon' of type 'str' could not be converted to Integer"),
+    ("resources.cpu_per_trial", "many", "Value 'many' of type 'str' could not be converted to Float"),
+    ("failure.max_failures", "x", "Value 'x' of type 'str' could not be converted to Integer"),
+    ("name", "${nowhere}", "Interpolation key 'nowhere' not found"),
+    ("scheduler.max_t", "${nowhere}", "Interpolation key 'nowhere' not found"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", SAVED_ERRORS, ids=[f"{k}={v}" for k, v, _ in SAVED_ERRORS])
+def test_a_saved_config_with_a_wrong_type_or_interpolation_names_the_key(key, value, message):
     with pytest.raises(ConfigError) as err:
         to_experiment(_saved(**{key: value}))
-    assert err.value.key == key and "\n" not in str(err.value), str(err.value)
+    assert (err.value.key, err.value.value, err.value.allowed) == (key, "", message)
+    assert str(err.value) == f"{key}='': {message}"  # one line: OmegaConf's full_key/object_type lines dropped
 
 
 @pytest.mark.parametrize("key,value,named", [
@@ -82,6 +95,47 @@ def test_a_damaged_saved_config_names_the_key(key, value, named):
     with pytest.raises(ConfigError) as err:
         to_experiment(_saved(**{key: value}))
     assert err.value.key == named, str(err.value)
+
+
+# A URI's credentials would be written into the saved config: every place a URI can hold one.
+CREDENTIALS = ["s3://AKIAX@bucket/x", "s3://:secret@bucket/x", "s3://AKIAX:secret@bucket/x",
+               "s3://bucket/x?access_key=AKIAX", "s3://bucket/x?secret_key=abc", "s3://bucket/x?session_token=tok",
+               "s3://bucket/x?region=us-east-1&session_token=tok"]
+
+
+@pytest.mark.parametrize("uri", CREDENTIALS)
+def test_a_storage_uri_with_credentials_is_refused(uri):
+    exp = experiment("space=minimal", f"storage='{uri}'")
+    with pytest.raises(ConfigError) as err:
+        validate(exp)
+    assert (err.value.key, err.value.value) == ("storage", uri)
+    assert err.value.allowed == ("a URI without credentials; give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                 "or AWS_PROFILE in every node's environment")
+
+
+def test_a_storage_uri_without_credentials_is_accepted():
+    """The region given: pyarrow would otherwise ask S3 for the bucket's (no network here)."""
+    validate(experiment("space=minimal", "storage='s3://bucket/prefix?region=us-east-1'"))
+
+
+@pytest.mark.parametrize("storage", ["dir", "s3://bucket/prefix?region=us-east-1"])
+def test_the_yolotune_local_resolver_is_where_yolotune_writes_a_storage(storage, tmp_path, monkeypatch):
+    """conf/hydra/yolotune.yaml puts a multirun's summary there: a directory itself, a URI's mirror in the cache."""
+    monkeypatch.setenv("YOLOTUNE_CACHE", str(tmp_path / "cache"))
+    storage = str(tmp_path / storage) if storage == "dir" else storage
+    want = tmp_path / "cache" / "s3" / "bucket" / "prefix" if "://" in storage else Path(storage).resolve()
+    cfg = OmegaConf.create({"storage": storage, "sweep_dir": "${yolotune_local:${storage}}/multirun"})
+    assert cfg.sweep_dir == f"{want}/multirun"
+
+
+@pytest.mark.parametrize("where,key", [("", "1"), ("scheduler", "scheduler.1")])
+def test_a_number_as_a_key_of_a_saved_config_is_named(where, key):
+    """YAML reads `1: x` as an int key: refused as unknown, like any other (it raised TypeError)."""
+    saved = _saved()
+    (saved[where] if where else saved)[1] = "x"
+    with pytest.raises(ConfigError) as err:
+        to_experiment(saved)
+    assert (err.value.key, err.value.value) == (key, "x")
 
 
 def test_a_saved_config_keeps_train_and_space_as_given():

@@ -5,6 +5,7 @@ Every expected value is computed here from the raw rows the fixture wrote, never
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import subprocess
@@ -17,9 +18,9 @@ import pytest
 from pyarrow.fs import LocalFileSystem
 import yaml
 
-from yolotune import layout, records, report
+from yolotune import layout, plots, records, report
 from yolotune.errors import ConfigError
-from yolotune.results import UnreadableExperiment, load
+from yolotune.results import UnreadableExperiment, better, load, measured
 from yolotune.results_cli import main as results_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +184,108 @@ def test_history_is_every_row_the_trials_wrote(exp):
         assert rows[LOSS].tolist() == [r[LOSS] for r in raw]
 
 
+def rewrite_config(exp_dir: Path, iterations=ITERATIONS, **changes) -> None:
+    """The saved config with top-level ``changes``; iterations None: not in the file (an earlier yolotune's)."""
+    config = {**saved_config(iterations), **changes}
+    if iterations is None:
+        del config["iterations"]
+    (exp_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+GRID3, GRID2 = "grid([0.001, 0.01, 0.1])", "grid([0.9, 0.95])"
+# (space, iterations (None: not saved), the trials the sweep plans): Ray runs every grid point `iterations` times.
+PLANNED = [
+    ({"lr0": GRID3, "momentum": "uniform(0.6, 0.98)"}, 2, 2 * 3),
+    ({"lr0": GRID3, "momentum": GRID2}, 1, 3 * 2),
+    ({"lr0": GRID3, "momentum": GRID2}, None, 3 * 2),  # iterations defaults to 1
+    ({"lr0": "choice([0.001, 0.01, 0.1])", "momentum": GRID2}, 4, 4 * 2),  # a choice is sampled, not a grid
+]
+
+
+@pytest.mark.parametrize("space, iterations, planned", PLANNED, ids=["grid", "two-grids", "no-iterations", "choice"])
+def test_unstarted_trials_of_a_grid_count_as_pending(exp, space, iterations, planned):
+    rewrite_config(exp, iterations, space=space)
+    results = load(exp)
+    unstarted = planned - len(TRIALS)  # 5 recorded, one of them still running
+    assert results.unstarted == unstarted and not results.finished
+    recorded = [STATUS[spec["events"][-1]] for spec in TRIALS.values()]
+    want = {s: recorded.count(s) for s in recorded}
+    assert results.status_counts() == dict(sorted({**want, "PENDING": unstarted}.items()))
+
+
+def moved_rows(trial_id: str) -> list:
+    """history_rows of a trial resumed on another node at every epoch."""
+    return [{**row, "hostname": f"node-{row['epoch']}", "node_id": f"id-{row['epoch']}", "gpu": str(row["epoch"])}
+            for row in history_rows(trial_id)]
+
+
+def test_trials_are_rows_in_record_order_on_the_node_of_their_last_epoch(tmp_path):
+    frame = load(build(tmp_path / "moved", rows=moved_rows)).dataframe()
+    assert frame["trial_id"].tolist() == list(TRIALS)  # trials.jsonl's order, not sorted by id
+    last = [moved_rows(t)[-1] for t in TRIALS]
+    assert frame[["hostname", "node_id", "gpu"]].to_dict("records") == [
+        {"hostname": r["hostname"], "node_id": r["node_id"], "gpu": r["gpu"]} for r in last]
+
+
+@pytest.mark.parametrize("metric, mode", [(None, "max"), (LOSS, "max"), (FITNESS, "min")])
+def test_a_mode_given_to_ranked_and_best_ranks_by_it(exp, metric, mode):
+    results = load(exp)  # its own ranking: LOSS, min
+    name = metric or LOSS
+    want, order = expected(name, mode), ranked_ids(name, mode)
+    ranked = results.ranked(metric, mode)
+    assert ranked["trial_id"].tolist() == order
+    assert ranked[f"best_{name}"].tolist() == pytest.approx(want.loc[order, "best"].tolist())
+    best = results.best(metric, mode)
+    assert (best["trial_id"], best[f"best_{name}"]) == (order[0], pytest.approx(want.at[order[0], "best"]))
+
+
+def test_table_holds_the_top_ranked_trials_in_the_columns_shown(exp):
+    results = load(exp)
+    columns = ["rank", "trial_id", "status", "lr0", "momentum", "epochs", f"best_{LOSS}", "best_epoch", f"last_{LOSS}"]
+    assert list(results.table().columns) == columns and results.table()["trial_id"].tolist() == ranked_ids(LOSS, "min")
+    assert results.table(top=2)["trial_id"].tolist() == ranked_ids(LOSS, "min")[:2]
+
+
+# 40 trials: more than numpy sorts by insertion (where any sort keeps ties in order); best values tied in
+# three groups (None: no value), ids not in record order.
+TIED = {f"t{(7 * n) % 40:02d}": [1.0, 2.0, None][n % 3] for n in range(40)}
+
+
+def tied_rows(trial_id: str) -> list:
+    return [] if TIED[trial_id] is None else [{"epoch": 1, LOSS: TIED[trial_id]}]
+
+
+@pytest.mark.parametrize("mode, order", [("min", [1.0, 2.0]), ("max", [2.0, 1.0])])
+def test_tied_trials_keep_their_record_order_and_those_without_a_value_come_last(tmp_path, mode, order):
+    trials = {t: dict(events=["started", "completed"], lr0=0.01, momentum=0.9) for t in TIED}
+    results = load(build(tmp_path / "tied", trials, iterations=len(trials), rows=tied_rows), mode=mode)
+    assert results.ranked()["trial_id"].tolist() == [t for value in (*order, None) for t in TIED if TIED[t] == value]
+
+
+@pytest.mark.parametrize("damage, data", [
+    ({"t_done": "data: [unclosed\n"}, "/abs/shapes/data.yaml"),  # the first args.yaml is not YAML: the next one's
+    ({"t_done": "- a list\n"}, "/abs/shapes/data.yaml"),
+    ({t: None for t in TRIALS}, None),  # no trial wrote one (None: removed): no data argument
+])
+def test_best_hyperparameters_name_the_data_of_the_first_readable_args_yaml(exp, damage, data):
+    for trial_id, text in damage.items():
+        args = exp / f"trial_{trial_id}" / "train" / "args.yaml"
+        args.unlink() if text is None else args.write_text(text)
+    hyperparameters = load(exp).best_hyperparameters()
+    assert ("data" in hyperparameters, hyperparameters.get("data")) == (data is not None, data)
+
+
+@pytest.mark.parametrize("mode, reading", [("min", "lower is better"), ("max", "higher is better")])
+def test_how_a_mode_reads(mode, reading):
+    assert better(mode) == reading
+
+
+def test_a_mode_other_than_min_or_max_is_refused(exp):
+    with pytest.raises(ValueError) as err:
+        load(exp, mode="best")
+    assert str(err.value) == "mode='best': min or max"
+
+
 # --- files: trials.csv, plots, report ---------------------------------------------------------
 
 def test_write_all_writes_trials_csv_plots_and_report(exp):
@@ -197,6 +300,24 @@ def test_write_all_writes_trials_csv_plots_and_report(exp):
     page = (exp / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
     assert all(f"<td>{t}</td>" in page for t in TRIALS) and ERROR in page
+
+
+def test_report_writes_the_page_with_the_top_trials_and_fresh_plots(exp):
+    path = load(exp).report(top=2)
+    assert path == exp.resolve() / "report.html" and (exp / "plots" / "history.png").is_file()
+    page = path.read_text()
+    assert [t for t in TRIALS if f"<td>{t}</td>" in page] == [t for t in TRIALS if t in ranked_ids(LOSS, "min")[:2]]
+    assert page.count("data:image/png;base64,") == 3
+
+
+def test_figures_and_written_plots_follow_the_metric_and_mode_asked_for(exp, tmp_path):
+    results = load(exp)
+    assert results.figure("history", mode="max").axes[0].get_ylabel() == f"{LOSS} (higher is better)"
+    written = results.plot(["params"], FITNESS, "min", directory=tmp_path / "out")
+    assert written == {"params": tmp_path / "out" / "params.png"} and not (exp / "plots").exists()
+    png = io.BytesIO()
+    results.figure("params", FITNESS, "min").savefig(png, format="png", dpi=plots.DPI)
+    assert written["params"].read_bytes() == png.getvalue()
 
 
 def test_trials_csv_keeps_the_experiments_metric_when_ranking_by_another(exp):
@@ -515,6 +636,26 @@ def test_trials_are_ranked_and_the_best_chosen_over_validated_epochs_only(partia
     want = {t: min(r["train/box_loss"] for r in partial_rows(t) if r["validated"]) for t in ("t_first", "t_last")}
     assert by_train.loc[["t_first", "t_last"], "best_train/box_loss"].to_dict() == pytest.approx(want)
     assert "validated" not in results.reported_metrics()
+
+
+def test_ranked_is_the_dataframe_with_a_leading_integer_rank_and_a_fresh_index(partial):
+    results = load(partial)
+    ranked = results.ranked()
+    assert list(ranked.columns) == ["rank", *results.dataframe().columns]
+    assert ranked.index.tolist() == list(range(len(PARTIAL)))
+    assert str(ranked["rank"].dtype) == "Int64" and ranked["rank"].iloc[-1] is pd.NA  # shown as 1, 2, 3, not 1.0
+
+
+@pytest.mark.parametrize("metric", [LOSS, "train/box_loss", FITNESS])
+def test_measured_rows_are_the_epochs_with_a_value_that_counts(partial, metric):
+    """A validation metric: validated epochs with a value; a training value: every epoch; never reported: none."""
+    history = load(partial).history()
+    counts = {LOSS: lambda t, e, v: v is not None and (t, e) not in STALE, "train/box_loss": lambda t, e, v: True,
+              FITNESS: lambda t, e, v: False}[metric]
+    want = {t: [e for e, v in PARTIAL[t].items() if counts(t, e, v)] for t in PARTIAL}
+    rows = measured(history, metric)
+    assert list(rows.columns) == list(history.columns)
+    assert {t: g["epoch"].tolist() for t, g in rows.groupby("trial_id")} == {t: e for t, e in want.items() if e}
 
 
 def test_plots_draw_metrics_at_validated_epochs_and_the_progress_of_each_trials_best(partial):

@@ -194,7 +194,8 @@ def _refuse_unknown_keys(node: dict, schema: type, prefix: str) -> None:
     known = {f.name for f in dataclasses.fields(schema)}
     for key, value in node.items():
         if key not in known:
-            raise ConfigError(prefix + key, value, unknown_key_hint(prefix + key, f"not in '{schema.__name__}'"))
+            name = f"{prefix}{key}"  # a saved config edited by hand may have a number as a key
+            raise ConfigError(name, value, unknown_key_hint(name, f"not in '{schema.__name__}'"))
 
 
 def literal(value: Any) -> Any:
