@@ -1,6 +1,6 @@
 """validate=decisions: a real sweep's trials validate exactly at their scheduler's decision epochs and
 at their last, report every epoch, and the results rank over the validated epochs; validate=every
-validates each epoch."""
+validates each epoch, and the trials train exactly as they do then."""
 
 from __future__ import annotations
 
@@ -67,7 +67,13 @@ def _check_best(exp_dir):
     assert (exp_dir / "best.pt").is_file() and (exp_dir / layout.DONE_MARKER).exists()
 
 
-def test_trials_validate_at_the_decision_epochs_only_and_every_epoch_on_request(tmp_path, shapes_cache):
+def _by_params(exp_dir):
+    """Each trial's history, keyed by its sampled values (trial ids differ between experiments)."""
+    return {(trial_dir / "params.json").read_text(): _rows(trial_dir, layout.HISTORY)
+            for trial_dir in exp_dir.glob("trial_*")}
+
+
+def test_trials_validate_at_the_decision_epochs_only_and_train_as_with_every_epoch(tmp_path, shapes_cache):
     overrides = small_sweep_overrides(tmp_path, shapes_cache, "decisions", iterations=3, epochs=EPOCHS)
     proc = run_cli(*overrides, "resources=cpu")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -75,9 +81,22 @@ def test_trials_validate_at_the_decision_epochs_only_and_every_epoch_on_request(
     assert 3 in reached  # a trial trained the epoch between the rungs without validating it
     _check_best(tmp_path / "decisions")
 
-    overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "every", iterations=2, epochs=3)
-                 if not o.startswith("scheduler")]  # FIFO: without validate=every, only the last epoch
+    # The same trials (seed=0) under FIFO, validating every epoch: every trial runs all epochs.
+    overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "every", iterations=3, epochs=EPOCHS)
+                 if not o.startswith("scheduler")]
     proc = run_cli(*overrides, "resources=cpu", "validate=every", "scheduler=fifo")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert _check_trials(tmp_path / "every", None) == {1, 2, 3}
+    assert _check_trials(tmp_path / "every", None) == set(range(1, EPOCHS + 1))
     _check_best(tmp_path / "every")
+
+    # The same training: a skipped validation leaves the next epochs' random augmentations as they are
+    # after a validation. Epoch 4 follows the unvalidated epoch 3 (ASHA's trials stop at different
+    # epochs from run to run, but the first trial at each rung goes on: one reaches epoch 4).
+    decisions, every = _by_params(tmp_path / "decisions"), _by_params(tmp_path / "every")
+    assert decisions.keys() == every.keys() and EPOCHS in reached
+    for params, history in decisions.items():
+        for row, full in zip(history, every[params]):
+            assert {k: v for k, v in row.items() if k.startswith("train/")} == {
+                k: v for k, v in full.items() if k.startswith("train/")}, (params, row["epoch"])
+            if row["validated"]:
+                assert all(row[key] == full[key] for key in VAL_KEYS), (params, row["epoch"])

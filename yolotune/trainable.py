@@ -13,6 +13,7 @@ import ctypes
 import gc
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -259,6 +260,8 @@ class _EpochReporter:
         self.ended_at = time.time()
         wanted = self.validate_epochs is None or trainer.epoch + 1 in self.validate_epochs or self._out_of_time()
         trainer.args.val = self.val and wanted
+        if self.val and not _validates(trainer):
+            _draw_as_validation_would(trainer)
         # Ultralytics keeps the last validation's values when it skips one: mark them stale. Validation,
         # if it runs, sets both; an unvalidated epoch then neither counts as the best (best.pt) nor
         # feeds Ultralytics' early stopping.
@@ -392,6 +395,23 @@ def _prepare_resume(ckpt: Dict[str, Any], save_dir: Path, args: Dict[str, Any]) 
     target = save_dir / "weights" / "resume.pt"
     torch.save(ckpt, target)
     return target
+
+
+def _validates(trainer) -> bool:
+    """Whether Ultralytics validates after this epoch (its own condition, in BaseTrainer._do_train)."""
+    return bool(trainer.args.val or trainer.epoch + 1 >= trainer.epochs or trainer.stopper.possible_stop
+                or trainer.stop)
+
+
+def _draw_as_validation_would(trainer) -> None:
+    """Ultralytics' Format transform draws ``random.uniform`` for every image it formats, validation
+    images included: without loader processes, a validation advances the random state that the next
+    epoch's augmentations draw from. A skipped validation draws as many, so that training goes on
+    exactly as it would with every epoch validated (validate=every, and Ultralytics' own tuner)."""
+    loader = trainer.test_loader
+    if loader is not None and loader.num_workers == 0:
+        for _ in range(len(loader.dataset)):
+            random.uniform(0, 1)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
