@@ -395,6 +395,7 @@ def test_storage_that_is_a_file(data_files, tmp_path, shapes_cache):
     assert err.value.key == "storage"
 
 
+@pytest.mark.subprocess
 def test_storage_not_writable(tmp_path):
     """As a user types it. Root writes into any directory it can reach, so as root (CI) the directory
     is made unwritable the one way that holds for root too: a read-only mount, in a mount namespace
@@ -524,6 +525,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("overrides,key", CLI_CASES, ids=[c[0][0] for c in CLI_CASES])
 def test_cli_prints_one_line_and_exits_2(overrides, key, tmp_path, shapes_cache):
     proc = run_cli(f"storage={tmp_path}/runs", "name=bad", "data=shapes", f"data.cache_dir={shapes_cache}", *BASE, *overrides,
@@ -552,6 +554,7 @@ def test_ray_address_auto_reads_the_cluster_recorded_in_rays_temp_dir(recorded, 
                                      "ray.address=auto: no running Ray cluster found on this machine")
 
 
+@pytest.mark.subprocess
 def test_multirun_runs_the_valid_jobs_and_lists_the_bad_one(tmp_path, shapes_cache):
     """iterations=ten does not compose and train.imgsz=big fails validation: both are failed rows, while
     the valid job's config is composed and reaches its run (here refused at preflight by cpu_per_trial)."""

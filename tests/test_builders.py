@@ -67,7 +67,7 @@ def test_bohb_replaces_the_scheduler_with_its_own_hyperband():
     assert scheduler._time_attr == "epoch"
 
 
-def test_pbt_mutates_the_space_and_keeps_values_inside_it():  # no 'cli' in the name: mutmut runs -k 'not cli'
+def test_pbt_mutates_the_space_and_keeps_values_inside_it():
     exp = experiment("scheduler=pbt", *SPACE, "space.lr0.low=1e-4", "space.lr0.high=0.1")
     scheduler = exp.scheduler.build(exp, exp.dists)
     assert {name: type(d) for name, d in scheduler._hyperparam_mutations.items()} == {

@@ -184,6 +184,7 @@ def test_compact_string_form():
     assert exp.dists["lr0"].dist == "loguniform" and (exp.dists["lr0"].low, exp.dists["lr0"].high) == (1e-5, 1e-1)
 
 
+@pytest.mark.subprocess
 def test_cfg_job_is_fast_and_shows_the_default_space(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "yolotune", "--cfg", "job"], cwd=tmp_path, capture_output=True,
@@ -195,6 +196,7 @@ def test_cfg_job_is_fast_and_shows_the_default_space(tmp_path):
     print(f"--cfg job took {elapsed:.2f}s")
 
 
+@pytest.mark.subprocess
 def test_cfg_job_imports_no_heavy_module(tmp_path):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "yolotune", "--cfg", "job"], cwd=tmp_path,
                           capture_output=True, text=True)
@@ -202,6 +204,7 @@ def test_cfg_job_imports_no_heavy_module(tmp_path):
     assert not imported & {"torch", "ray", "ultralytics", "wandb", "cv2"}
 
 
+@pytest.mark.subprocess
 def test_worker_module_imports_no_hydra(tmp_path):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import yolotune.trainable"], cwd=tmp_path,
                           capture_output=True, text=True)
@@ -211,6 +214,7 @@ def test_worker_module_imports_no_hydra(tmp_path):
     assert not imported & {"hydra", "omegaconf"}
 
 
+@pytest.mark.subprocess
 def test_help_lists_real_groups_and_options_only():
     proc = run_cli("--help")
     assert proc.returncode == 0
@@ -219,6 +223,7 @@ def test_help_lists_real_groups_and_options_only():
     assert "schema" not in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_group_key_typo_fails_at_composition():
     proc = run_cli("--cfg", "job", "scheduler.grace_periood=3")
     assert proc.returncode == 2

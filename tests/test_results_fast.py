@@ -412,6 +412,7 @@ def test_bad_path_or_metric_is_one_line_and_exit_2(exp, tmp_path, capsys, case):
     assert err.startswith("yolotune results: error: ") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", [["-m", "yolotune", "results"], ["-m", "yolotune.results"]])
 def test_the_command_forms(exp, tmp_path, command):
     proc = subprocess.run([sys.executable, *command, str(exp), "--format", "json"], cwd=REPO, capture_output=True,
