@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mutmut >/dev/null || { echo "mutation.sh: pip install mutmut" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" YOLO_OFFLINE=1 WANDB_MODE=offline
+# mutmut forks a child per mutant; torch's thread pool does not survive a fork (a test that builds a
+# model would hang until mutmut's timeout, which counts as killed): one thread, no pool.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 nice -n 10 mutmut run --max-children "${MUTATION_JOBS:-2}" "$@" >mutants-run.log 2>&1 || { tail -30 mutants-run.log; exit 1; }
 mutmut export-cicd-stats >/dev/null
 python scripts/mutation_score.py
