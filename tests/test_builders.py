@@ -94,7 +94,7 @@ EXPLORED = [
 
 @pytest.mark.parametrize("explored,kept", EXPLORED)
 def test_pbt_explore_brings_values_into_the_space_with_their_type(explored, kept):
-    out = ClipToSpace(parse_space(EXPLORE_SPACE))(dict(explored))
+    out = ClipToSpace(parse_space(EXPLORE_SPACE)).clip(dict(explored))
     assert out == pytest.approx(kept) and {k: type(v) for k, v in out.items()} == {k: type(v) for k, v in kept.items()}
 
 
