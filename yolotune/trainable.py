@@ -408,10 +408,14 @@ def _draw_as_validation_would(trainer) -> None:
     images included: without loader processes, a validation advances the random state that the next
     epoch's augmentations draw from. A skipped validation draws as many, so that training goes on
     exactly as it would with every epoch validated (validate=every, and Ultralytics' own tuner)."""
+    from ultralytics.data.augment import Format
+
     loader = trainer.test_loader
-    if loader is not None and loader.num_workers == 0:
-        for _ in range(len(loader.dataset)):
-            random.uniform(0, 1)
+    if loader is None or loader.num_workers:
+        return  # no validation loader, or one whose processes do the drawing
+    transforms = getattr(getattr(loader.dataset, "transforms", None), "transforms", [])
+    for _ in range(len(loader.dataset) * sum(isinstance(t, Format) for t in transforms)):
+        random.uniform(0, 1)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
