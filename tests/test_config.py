@@ -122,6 +122,8 @@ def test_a_storage_uri_without_credentials_is_accepted():
 def test_the_yolotune_local_resolver_is_where_yolotune_writes_a_storage(storage, tmp_path, monkeypatch):
     """conf/hydra/yolotune.yaml puts a multirun's summary there: a directory itself, a URI's mirror in the cache."""
     monkeypatch.setenv("YOLOTUNE_CACHE", str(tmp_path / "cache"))
+    OmegaConf.clear_resolver("yolotune_local")
+    register_configs()  # registers it (importing yolotune did too, before a mutation test's mutant was active)
     storage = str(tmp_path / storage) if storage == "dir" else storage
     want = tmp_path / "cache" / "s3" / "bucket" / "prefix" if "://" in storage else Path(storage).resolve()
     cfg = OmegaConf.create({"storage": storage, "sweep_dir": "${yolotune_local:${storage}}/multirun"})
