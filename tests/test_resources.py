@@ -8,7 +8,7 @@ import os
 import pytest
 
 from yolotune.errors import ConfigError
-from yolotune.resources import ResourcesConfig, TrialResources, local_cpus, plan
+from yolotune.resources import ResourcesConfig, TrialResources, check_autobatch, local_cpus, plan
 from yolotune.trainable import claim_device
 
 R = ResourcesConfig
@@ -110,3 +110,17 @@ def test_trials_get_their_own_gpus_from_ray():
     assert sorted(gpu for (_, gpu), _ in whole) == ["0", "1", "2", "3"]
     assert all(device == "0" and visible == gpu for (device, gpu), visible in whole + quarter)
     assert cpu == (("cpu", ""), "")
+
+
+@pytest.mark.parametrize("gpu,refused", [(None, False), (0.0, False), (0.25, True), (0.999, True), (1.0, False)])
+def test_autobatch_is_refused_only_on_a_shared_gpu(gpu, refused):
+    """batch=-1 sizes the batch from the whole card: fine on the CPU (gpu 0) and on whole GPUs."""
+    from compose import experiment
+
+    exp = experiment("train.batch=-1")
+    if refused:
+        with pytest.raises(ConfigError) as err:
+            check_autobatch(exp, gpu)
+        assert (err.value.key, err.value.value) == ("train.batch", -1)
+    else:
+        check_autobatch(exp, gpu)
