@@ -53,6 +53,9 @@ def test_grid_is_a_grid_search():
     ("randint(1, 10)", {"dist": "randint", "low": 1, "high": 10}),
     ("choice([16, 32])", {"dist": "choice", "values": [16, 32]}),
     ("grid('SGD', 'AdamW')", {"dist": "grid", "values": ["SGD", "AdamW"]}),
+    ("choice([true, false, null])", {"dist": "choice", "values": [True, False, None]}),  # YAML's spellings
+    ("grid(true, null)", {"dist": "grid", "values": [True, None]}),
+    ("choice(5)", {"dist": "choice", "values": [5]}),  # one value that is not a list
 ])
 def test_compact_string_form(text, expected):
     assert parse_dist("space.x", text) == parse_dist("space.x", expected)
@@ -73,6 +76,22 @@ def test_bad_specs_name_the_key(spec, key):
     with pytest.raises(ConfigError) as err:
         parse_dist("space.x", spec)
     assert err.value.key == key
+
+
+SUGAR_DISTS = "uniform, loguniform, quniform, randint, qrandint, choice, grid"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("uniform 0 1", f"space.x=uniform 0 1: expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {SUGAR_DISTS}"),
+    ("", f"space.x='': expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {SUGAR_DISTS}"),
+    ("uniform()", "space.x=uniform(): uniform takes (low, high)"),  # no arguments: none, not a syntax error
+    ("qrandint( )", "space.x=qrandint( ): qrandint takes (low, high, q)"),
+    ("choice()", "space.x.values=[]: choice needs a non-empty list of values"),
+])
+def test_malformed_compact_strings_say_what_is_expected(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_dist("space.x", text)
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("domain", [
