@@ -579,6 +579,103 @@ def test_load_with_a_metric_that_was_never_reported_says_so(exp):
     with pytest.raises(ConfigError) as err:
         load(exp, metric="bogus").best()
     assert err.value.key == "metric" and "fitness" in err.value.allowed
+    assert str(err.value) == f"metric=bogus: not reported by this experiment; reported: {', '.join(numeric_values())}"
+
+
+def numeric_values() -> list:
+    """The numeric values history_rows reports besides the epoch, in the order written."""
+    return [k for k, v in history_rows("t_done")[0].items() if k != "epoch" and isinstance(v, (int, float))]
+
+
+def test_reported_metrics_are_the_numeric_values_the_trials_wrote(exp):
+    assert load(exp).reported_metrics() == numeric_values()
+
+
+def test_the_dataframe_holds_each_errored_trials_error(exp):
+    frame = load(exp).dataframe().set_index("trial_id")
+    assert frame["error"].dropna().to_dict() == {t: ERROR for t, s in TRIALS.items() if "errored" in s["events"]}
+
+
+def test_an_experiment_with_no_trial_started_yet_has_empty_frames_with_their_columns(tmp_path):
+    results = load(build(tmp_path / "empty", {}, iterations=3))
+    assert list(results.history().columns) == ["trial_id", "epoch"] and results.reported_metrics() == []
+    assert list(results.dataframe().columns) == ["trial_id", "status", "lr0", "momentum", "epochs", f"last_{LOSS}",
+                                                 f"best_{LOSS}", "best_epoch", "hostname", "node_id", "gpu", "error"]
+    assert results.dataframe().empty and results.best() is None and results.status_counts() == {"PENDING": 3}
+
+
+# Per trial, (epoch, val/box_loss) in the order written: a resume re-ran epochs 2 and 3 of "t_b" with other
+# values; "t_a" (after "t_b" in the record, before it by id) wrote its epochs as floats.
+RERUN = {"t_b": [(1, 1.5), (2, 1.4), (3, 1.3), (2, 1.2), (3, 1.1), (4, 1.0)], "t_a": [(1.0, 0.9), (2.0, 0.8)]}
+
+
+def rerun_rows(trial_id: str) -> list:
+    return [{"epoch": epoch, LOSS: loss} for epoch, loss in RERUN[trial_id]]
+
+
+def test_history_keeps_the_latest_run_of_each_epoch_by_trial_and_integer_epoch(tmp_path):
+    trials = {t: dict(events=["started", "completed"], lr0=0.01, momentum=0.9) for t in RERUN}
+    history = load(build(tmp_path / "rerun", trials, iterations=len(trials), rows=rerun_rows)).history()
+    want = []
+    for trial_id in sorted(RERUN):
+        latest = {int(epoch): loss for epoch, loss in RERUN[trial_id]}  # a later run overwrites an earlier
+        want += [{"trial_id": trial_id, "epoch": epoch, LOSS: latest[epoch]} for epoch in sorted(latest)]
+    pd.testing.assert_frame_equal(history, pd.DataFrame(want))  # columns, int64 epochs, a 0..n-1 index
+
+
+@pytest.mark.parametrize("metric, mode", [(LOSS, "max"), (FITNESS, "min")])
+def test_the_saved_metric_ranks_by_the_saved_mode_even_against_its_name(exp, metric, mode):
+    rewrite_config(exp, metric=metric, mode=mode)
+    results = load(exp)
+    assert (results.metric, results.mode) == (metric, mode)
+    assert results.ranked()["trial_id"].tolist() == ranked_ids(metric, mode)
+    assert load(exp, metric=metric).mode == mode
+
+
+def test_a_directory_without_saved_config_is_not_an_experiment(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load(tmp_path)
+    assert str(err.value) == f"{tmp_path} is not a yolotune experiment (no .hydra/config.yaml)"
+
+
+def test_the_saved_config_is_read_without_hydras_keys_and_despite_bytes_not_utf8(exp):
+    config_file = exp / ".hydra" / "config.yaml"
+    config_file.write_bytes(config_file.read_bytes() + b"# caf\xe9, written by another locale\n")
+    config = load(exp).config
+    assert sorted(config) == sorted(set(saved_config()) - {"defaults", "hydra"})
+    assert config.metric == LOSS and config.train.epochs == EPOCHS
+
+
+def yaml_problem(text: str) -> str:
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return "not YAML: " + " ".join(str(e).split())
+    raise AssertionError(f"{text!r} is YAML")
+
+
+CONFIG_PROBLEMS = [
+    ("", "empty"),
+    ("# nothing\n", "empty"),
+    ("- a\n- list\n", "not a mapping but list"),
+    ("42\n", "not a mapping but int"),
+    ("metric: [unclosed\n", yaml_problem("metric: [unclosed\n")),
+    (yaml.safe_dump({**saved_config(), "mode": "best"}), "no metric, or mode not min/max"),
+    (yaml.safe_dump({**saved_config(), "metric": 3}), "no metric, or mode not min/max"),
+    (yaml.safe_dump({**saved_config(), "train": None}), "no train mapping"),
+    (yaml.safe_dump({**saved_config(), "iterations": "many"}), "iterations='many': not a number"),
+    (yaml.safe_dump({**saved_config(), "space": {"lr0": "gauss(0, 1)"}}),
+     "space.lr0.dist=gauss: allowed: uniform, loguniform, quniform, randint, qrandint, choice, grid"),
+]
+
+
+@pytest.mark.parametrize("text, problem", CONFIG_PROBLEMS, ids=[p for _, p in CONFIG_PROBLEMS])
+def test_an_unreadable_saved_config_is_named_with_its_problem(exp, text, problem):
+    config_file = exp / ".hydra" / "config.yaml"
+    config_file.write_text(text)
+    with pytest.raises(UnreadableExperiment) as err:
+        load(exp)
+    assert str(err.value) == f"{config_file}: {problem}"
 
 
 # --- epochs without validation (validate=decisions) --------------------------------------------
