@@ -351,6 +351,7 @@ ULTRALYTICS_MESSAGES = [
      "'workers' must be an int (i.e. 'workers=8')"),
     ("'nbs=0' is an invalid value\n'nbs' must be >= 1.", "'nbs=0' is an invalid value"),
     ("could not convert 'x'. Expected a number.", "could not convert 'x'. Expected a number."),
+    ("'optimizer=X' is invalid. Valid 'optimizer' values are SGD or MuonX.", "Valid 'optimizer' values are SGD or MuonX"),
 ]
 
 

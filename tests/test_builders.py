@@ -169,6 +169,21 @@ DECISIONS = [
 ]
 
 
+# (overrides, the most epochs a trial trains): scheduler.max_t where the scheduler has one and it is set, else train.epochs
+TRIAL_EPOCHS = [
+    (["scheduler=fifo"], 10), (["scheduler=median"], 10), (["scheduler=pbt"], 10), (["scheduler=asha"], 10),
+    (["scheduler=asha", "scheduler.max_t=6", "scheduler.grace_period=2"], 6),
+    (["scheduler=hyperband", "scheduler.max_t=8"], 8),
+]
+
+
+@pytest.mark.parametrize("overrides,epochs", TRIAL_EPOCHS, ids=[" ".join(o) for o, _ in TRIAL_EPOCHS])
+def test_a_trial_trains_the_schedulers_max_t_else_train_epochs(overrides, epochs):
+    exp = experiment("space=minimal", *overrides, "train.epochs=10")
+    validate(exp)
+    assert exp.scheduler.trial_epochs(exp) == epochs
+
+
 @pytest.mark.parametrize("overrides,expected", DECISIONS, ids=[" ".join(o) for o, _ in DECISIONS])
 def test_trials_validate_at_their_schedulers_decision_epochs(overrides, expected):
     exp = experiment("space=minimal", *overrides)
