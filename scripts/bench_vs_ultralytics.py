@@ -98,7 +98,7 @@ def main() -> None:
     u = means["ultralytics"]["wall_s"]
     print("\nwall time / Ultralytics' (per round), and the saving's share of yolotune's gain:")
     for tool in variants:
-        per_round = " ".join(f"{y['wall_s'] / x['wall_s']:.2f}" for x, y in zip(runs["ultralytics"], runs[tool]))
+        per_round = " ".join(f"{mine['wall_s'] / theirs['wall_s']:.2f}" for theirs, mine in zip(runs["ultralytics"], runs[tool]))
         line = f"  {tool:16s} {means[tool]['wall_s'] / u:.2f}  ({per_round})"
         if tool != "yolotune" and "yolotune" in means:
             y = means["yolotune"]["wall_s"]
@@ -177,7 +177,7 @@ def run_child(args) -> None:
 
 
 class _TrialTimer:
-    """Driver-side wall times of each trial's start, results and end."""
+    """Driver-side wall times of each trial's start and results."""
 
     def __init__(self):
         from ray.tune import Callback
@@ -193,9 +193,6 @@ class _TrialTimer:
                 t["results"].append({"at": time.time(), "time_this_iter_s": result["time_this_iter_s"],
                                      "epoch": result.get("epoch"), METRIC: result.get(METRIC, 0.0),
                                      "validated": int(result.get("validated", 1))})  # Ultralytics: every epoch
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                timer.trials[trial.trial_id]["end"] = time.time()
 
         self.trials, self.callback = {}, Hook()
 
