@@ -234,6 +234,7 @@ CASES = [
     ("optimizer-unset-is-auto", ["~train.optimizer"], "train.optimizer"),
     ("train-unknown", ["+train.epoch=3"], "train.epoch"),
     ("train-unknown-no-plus", ["train.momentun=0.9"], "train.momentun"),
+    ("train-unknown-nothing-close", ["+train.zzzz=3"], "train.zzzz"),
     ("bare-unknown", ["momentun=0.9"], "momentun"),
     ("train-owned-data", ["+train.data=coco8.yaml"], "train.data"),
     ("train-owned-model", ["+train.model=x.pt"], "train.model"),
@@ -297,6 +298,7 @@ CASES = [
     ("space-model", ["+space.model='choice([\"a.pt\"])'"], "space.model"),
     ("space-epochs", ["+space.epochs='randint(1, 3)'"], "space.epochs"),
     ("space-unknown", ["+space.lr00={dist:uniform,low:0,high:1}"], "space.lr00"),
+    ("space-unknown-compact", ["+space.lr00='uniform(0, 1)'"], "space.lr00"),
     # 8. space entries: no silent coercion
     ("qrandint-fractional-q", ["+space.close_mosaic='qrandint(0, 10, 2.5)'"], "space.close_mosaic.q"),
     ("quniform-off-grid-high", ["space.lrf='quniform(0.2, 0.95, 0.2)'"], "space.lrf.high"),

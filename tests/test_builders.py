@@ -4,6 +4,7 @@ object with the configured values (table driven over conf/<group>/*.yaml)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 from ray.tune import schedulers
@@ -14,6 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from compose import experiment, options
 from yolotune.config import validate
+from yolotune.errors import ConfigError
 from yolotune.schedulers import ClipToSpace
 from yolotune.space import parse_space, to_ray_space
 
@@ -31,6 +33,17 @@ def test_every_scheduler_option_builds(option):
     scheduler = exp.scheduler.build(exp, exp.dists)
     assert type(scheduler) is SCHEDULERS[exp.scheduler.type]
     assert getattr(scheduler, "_time_attr", "epoch") == "epoch"
+
+
+@pytest.mark.parametrize("option,missing", [("optuna", "optuna"), ("hyperopt", "hyperopt"), ("bohb", "hpbandster"),
+                                            ("bohb", "ConfigSpace")])
+def test_a_search_whose_package_is_missing_names_the_extra(option, missing, monkeypatch):
+    monkeypatch.setitem(sys.modules, missing, None)  # import machinery's own "not installed" mark
+    exp = experiment(f"search={option}", *SPACE)
+    with pytest.raises(ConfigError) as err:
+        validate(exp)
+    assert (err.value.key, err.value.value, err.value.allowed) == (
+        "search", option, f"needs {missing}: pip install 'yolotune[{option}]'")
 
 
 @pytest.mark.parametrize("option", options("search"))

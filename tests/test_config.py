@@ -113,6 +113,42 @@ def test_a_storage_uri_with_credentials_is_refused(uri):
                                  "or AWS_PROFILE in every node's environment")
 
 
+def test_a_storage_under_a_file_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    storage = str(tmp_path / "a_file" / "runs")
+    with pytest.raises(ConfigError) as err:
+        validate(experiment("space=minimal", f"storage={storage}"))
+    assert (err.value.key, err.value.value, err.value.allowed) == (
+        "storage", storage, f"a directory; {tmp_path / 'a_file'} is a file")
+
+
+def test_a_storage_in_a_directory_without_write_and_search_permission_is_refused(tmp_path, monkeypatch):
+    """Root may write anywhere, so the permission is denied by os.access itself (the CLI test in
+    test_bad_input.py uses a read-only mount). Both write and search (x) are needed to create runs/."""
+    import os
+
+    real_access = os.access
+    for denied in (os.W_OK, os.X_OK):
+        monkeypatch.setattr(os, "access", lambda path, mode, denied=denied: (
+            not (Path(path) == tmp_path and mode & denied) and real_access(path, mode)))
+        storage = str(tmp_path / "runs")
+        with pytest.raises(ConfigError) as err:
+            validate(experiment("space=minimal", f"storage={storage}"))
+        assert (err.value.key, err.value.value, err.value.allowed) == (
+            "storage", storage, f"a writable directory; {tmp_path} is not writable")
+    monkeypatch.setattr(os, "access", real_access)
+    validate(experiment("space=minimal", f"storage={tmp_path / 'runs'}"))
+
+
+@pytest.mark.parametrize("prefix,key", [("", "config"), ("search.", "search")])
+def test_an_error_that_names_no_key_is_given_the_group_or_config(prefix, key):
+    """Any exception (not only OmegaConf's, which name their key) becomes one line."""
+    from yolotune.config import _omegaconf_error
+
+    error = _omegaconf_error(ValueError("first line\nsecond line"), prefix=prefix)
+    assert (error.key, error.value, error.allowed) == (key, "", "first line")
+
+
 def test_a_storage_uri_without_credentials_is_accepted():
     """The region given: pyarrow would otherwise ask S3 for the bucket's (no network here)."""
     validate(experiment("space=minimal", "storage='s3://bucket/prefix?region=us-east-1'"))

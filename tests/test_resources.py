@@ -47,6 +47,7 @@ PLANS = [
     (R(cpu_per_trial=16), 16, 0, 10, (16, 0, 1)),      # the whole machine: allowed
     (R(cpu_per_trial=0, gpu_per_trial=0.25), 2, 1, 10, (0, 0.25, 4)),  # no CPU limit
     (R(cpu_per_trial=2, gpu_per_trial=1), 16, 4, 10, (2, 1, 4)),
+    (R(gpu_per_trial=1), 16, 1, 10, (16, 1, 1)),       # every GPU there is: allowed
 ]
 
 
@@ -57,16 +58,19 @@ def test_plan(res, cpus, gpus, iterations, expected):
     assert planned.max_concurrent_trials == res.max_concurrent_trials
 
 
-@pytest.mark.parametrize("res,cpus,gpus,key", [
-    (R(gpu_per_trial=1), 2, 0, "resources.gpu_per_trial"),      # no GPU here
-    (R(gpu_per_trial=0.25), 2, 0, "resources.gpu_per_trial"),
-    (R(gpu_per_trial=1), 16, 0.5, "resources.gpu_per_trial"),   # more than the cluster has
-    (R(cpu_per_trial=17), 16, 0, "resources.cpu_per_trial"),
+@pytest.mark.parametrize("res,cpus,gpus,key,value,allowed", [
+    (R(gpu_per_trial=1), 2, 0, "resources.gpu_per_trial", 1, "this machine has no GPU; use resources=cpu (or "
+                                                              "resources.gpu_per_trial=0)"),
+    (R(gpu_per_trial=0.25), 2, 0, "resources.gpu_per_trial", 0.25, "this machine has no GPU; use resources=cpu (or "
+                                                                    "resources.gpu_per_trial=0)"),
+    (R(gpu_per_trial=1), 16, 0.5, "resources.gpu_per_trial", 1, "at most the 0.5 GPUs available"),  # more than there is
+    (R(gpu_per_trial=3), 16, 2, "resources.gpu_per_trial", 3, "at most the 2 GPUs available"),
+    (R(cpu_per_trial=17), 16, 0, "resources.cpu_per_trial", 17, "at most the 16 CPUs available"),
 ])
-def test_plan_beyond_the_machine(res, cpus, gpus, key):
+def test_plan_beyond_the_machine(res, cpus, gpus, key, value, allowed):
     with pytest.raises(ConfigError) as err:
         plan(res, cpus, gpus, 10)
-    assert err.value.key == key
+    assert (err.value.key, err.value.value, err.value.allowed) == (key, value, allowed)
 
 
 @pytest.mark.parametrize("cpu,workers", [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 2), (16, 7)])
@@ -78,6 +82,18 @@ def test_loader_workers_stay_within_the_trials_cpus(cpu, workers):
 
 def test_local_cpus_follow_the_process_affinity():
     assert local_cpus() == len(os.sched_getaffinity(0)) <= os.cpu_count()
+
+
+def test_local_cpus_are_the_affinity_else_the_cpu_count_else_one(monkeypatch):
+    """A process pinned to fewer CPUs than the machine has (taskset, a container) may use those only;
+    systems without affinity (macOS) have the CPU count, which may be unknown (None)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert local_cpus() == 1
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert local_cpus() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert local_cpus() == 1
 
 
 @pytest.mark.parametrize("gpu_ids,visible,expected", [
