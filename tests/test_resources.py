@@ -140,3 +140,21 @@ def test_autobatch_is_refused_only_on_a_shared_gpu(gpu, refused):
         assert (err.value.key, err.value.value) == ("train.batch", -1)
     else:
         check_autobatch(exp, gpu)
+
+
+@pytest.mark.parametrize("batch,refused", [(-1, True), (0.5, True), (0.999, True), (1, False), (16, False),
+                                           (0.0, False), (1.0, False)])
+def test_autobatch_rule_refuses_autobatch_values_only(batch, refused):
+    """-1 and fractions in (0, 1) are AutoBatch; 0.0 and 1.0 are not, and get the batch rule's own
+    message from train_args.check_values instead of this one."""
+    from compose import experiment
+
+    exp = experiment(f"train.batch={batch}")
+    if refused:
+        with pytest.raises(ConfigError) as err:
+            check_autobatch(exp, 0.5)
+        assert (err.value.key, err.value.value) == ("train.batch", batch)
+        assert err.value.allowed == ("a fixed batch size: AutoBatch sizes it from the whole GPU's free memory, but "
+                                     "gpu_per_trial=0.5 shares the GPU with other trials")
+    else:
+        check_autobatch(exp, 0.5)
