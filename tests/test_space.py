@@ -61,24 +61,55 @@ def test_compact_string_form(text, expected):
     assert parse_dist("space.x", text) == parse_dist("space.x", expected)
 
 
-@pytest.mark.parametrize("spec,key", [
-    ("uniform(0)", "space.x"),
-    ("exec('1')", "space.x"),
-    ("uniform(__import__('os'), 1)", "space.x"),
-    ({"dist": "uniform", "low": 1, "high": 0}, "space.x.low"),
-    ({"dist": "uniform", "low": 0, "hi": 1}, "space.x.hi"),
-    ({"dist": "randint", "low": 0.5, "high": 2}, "space.x.low"),
-    ({"dist": "qrandint", "low": 0, "high": 2, "q": -1}, "space.x.q"),
-    ({"dist": "choice", "values": []}, "space.x.values"),
-    ({"dist": "uniform", "low": "a", "high": 1}, "space.x.low"),
+SUGAR_DISTS = "uniform, loguniform, quniform, randint, qrandint, choice, grid"
+MISSING = "missing: the distribution needs low and high (and q for quniform and qrandint)"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("uniform(0)", "space.x=uniform(0): uniform takes (low, high)"),
+    ("exec('1')", f"space.x=exec('1'): expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {SUGAR_DISTS}"),
+    ("Uniform(0, 1)", f"space.x=Uniform(0, 1): expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {SUGAR_DISTS}"),
+    ("uniform(__import__('os'), 1)", "space.x=uniform(__import__('os'), 1): arguments must be literal numbers or a "
+                                     "list of literals"),
+    ({"dist": "uniform", "low": 1, "high": 0}, "space.x.low=1: must be < space.x.high (0)"),
+    ({"dist": "uniform", "low": 1, "high": 1}, "space.x.low=1: must be < space.x.high (1)"),
+    ({"dist": "uniform", "low": 0, "hi": 1}, "space.x.hi=1: allowed fields: dist, high, low, q, values"),
+    ({"dist": "randint", "low": 0.5, "high": 2}, "space.x.low=0.5: randint needs integer low and high"),
+    ({"dist": "qrandint", "low": 0.5, "high": 10, "q": 1}, "space.x.low=0.5: qrandint needs integer low and high"),
+    ({"dist": "qrandint", "low": 0, "high": 2, "q": -1}, "space.x.q=-1: an integer > 0"),
+    ({"dist": "qrandint", "low": 0, "high": 2, "q": 0.5}, "space.x.q=0.5: an integer > 0"),
+    ({"dist": "quniform", "low": 0, "high": 1, "q": 0}, "space.x.q=0: a number > 0"),
+    ({"dist": "quniform", "low": 0, "high": 1}, f"space.x.q=None: {MISSING}"),
+    ({"dist": "quniform", "low": 0, "high": 1, "q": "a"}, "space.x.q=a: a finite number"),
+    # Off the grid by more than 1e-9 (relative above 1): Ray's rounded samples could leave [low, high].
+    ({"dist": "quniform", "low": 1.0000000015, "high": 5, "q": 1},
+     "space.x.low=1.0000000015: a multiple of q (1), so that samples stay in [low, high]"),
+    ({"dist": "quniform", "low": 0, "high": 1000000.002, "q": 1},
+     "space.x.high=1000000.002: a multiple of q (1), so that samples stay in [low, high]"),
+    ({"dist": "choice", "values": []}, "space.x.values=[]: choice needs a non-empty list of values"),
+    ({"dist": "uniform", "low": "a", "high": 1}, "space.x.low=a: a finite number"),
+    ({"dist": "uniform", "low": 0}, f"space.x.high=None: {MISSING}"),
 ])
-def test_bad_specs_name_the_key(spec, key):
+def test_bad_specs_name_the_key_and_what_is_allowed(spec, message):
     with pytest.raises(ConfigError) as err:
         parse_dist("space.x", spec)
-    assert err.value.key == key
+    assert str(err.value) == message
 
 
-SUGAR_DISTS = "uniform, loguniform, quniform, randint, qrandint, choice, grid"
+@pytest.mark.parametrize("spec", [
+    {"dist": "quniform", "low": 1.0000000005, "high": 5, "q": 1},     # within 1e-9 of the grid
+    {"dist": "quniform", "low": 0, "high": 1000000.0005, "q": 1},     # within 1e-9 relative
+    {"dist": "quniform", "low": 0, "high": 123456.7, "q": 0.1},       # 1.5e-11 off in floating point
+])
+def test_bounds_on_the_grid_up_to_rounding_are_accepted(spec):
+    assert parse_dist("space.x", spec).high == spec["high"]
+
+
+@pytest.mark.parametrize("text", ["randint(0.0, 10.0)", "qrandint(0.0, 10.0, 2.0)"])
+def test_integer_distributions_have_integer_bounds(text):
+    """Whatever the spelling of the bounds: trials pass samples to Ultralytics' integer arguments."""
+    dist = parse_dist("space.x", text)
+    assert [type(v) for v in (dist.low, dist.high, dist.q) if v is not None] == [int] * (2 + (dist.q is not None))
 
 
 @pytest.mark.parametrize("text,message", [
