@@ -67,8 +67,8 @@ MISSING = "missing: the distribution needs low and high (and q for quniform and 
 
 @pytest.mark.parametrize("spec,message", [
     ("uniform(0)", "space.x=uniform(0): uniform takes (low, high)"),
-    ("exec('1')", f"space.x=exec('1'): expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {SUGAR_DISTS}"),
-    ("Uniform(0, 1)", f"space.x=Uniform(0, 1): expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {SUGAR_DISTS}"),
+    ("exec('1')", f"space.x.dist=exec: allowed: {SUGAR_DISTS}"),  # not "exec takes (low, high)"
+    ("Uniform(0, 1)", f"space.x.dist=Uniform: allowed: {SUGAR_DISTS}"),
     ("uniform(__import__('os'), 1)", "space.x=uniform(__import__('os'), 1): arguments must be literal numbers or a "
                                      "list of literals"),
     ({"dist": "uniform", "low": 1, "high": 0}, "space.x.low=1: must be < space.x.high (0)"),

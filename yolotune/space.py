@@ -95,9 +95,11 @@ def _number(key: str, field: str, value: Any) -> float:
 def _parse_sugar(key: str, text: str) -> Dict[str, Any]:
     """``loguniform(1e-5, 1e-1)`` -> mapping, with ast.literal_eval (never eval)."""
     match = _SUGAR.match(text)
-    if not match or match[1] not in DISTS:
+    if not match:
         raise ConfigError(key, text, f"expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {', '.join(DISTS)}")
     dist, args_text = match.groups()
+    if dist not in DISTS:
+        raise ConfigError(f"{key}.dist", dist, f"allowed: {', '.join(DISTS)}")
     args_text = _PYTHON_LITERALS.sub(lambda m: {"true": "True", "false": "False", "null": "None"}[m.group(0)], args_text)
     try:
         args = ast.literal_eval(f"({args_text},)") if args_text.strip() else ()
