@@ -87,14 +87,48 @@ def test_a_saved_config_with_a_wrong_type_or_interpolation_names_the_key(key, va
     assert str(err.value) == f"{key}='': {message}"  # one line: OmegaConf's full_key/object_type lines dropped
 
 
-@pytest.mark.parametrize("key,value,named", [
-    ("name", "${nowhere}", "name"), ("scheduler.type", "ashaa", "scheduler.type"), ("search.type", None, "search.type"),
-    ("scheduler.foo", 1, "scheduler.foo"), ("colour", "red", "colour"), ("train", [1], "train"), ("space", 3, "space"),
+SCHEDULERS, SEARCHES = "asha, fifo, hyperband, median, pbt", "random, optuna, hyperopt, bohb"
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("name", "${nowhere}", "name='': Interpolation key 'nowhere' not found"),
+    ("scheduler.type", "ashaa", f"scheduler.type=ashaa: one of {SCHEDULERS}"),
+    ("search.type", None, f"search.type=None: one of {SEARCHES}"),
+    ("scheduler", "asha", f"scheduler.type=None: one of {SCHEDULERS}"),  # a group that is not a mapping
+    ("scheduler.foo", 1, "scheduler.foo=1: not a key of scheduler=asha (its keys: grace_period, reduction_factor, "
+                         "max_t, brackets)"),
+    ("colour", "red", "colour=red: not a key of the experiment nor an Ultralytics train argument (README lists the "
+                      "keys)"),
+    ("train", [1], "train=[1]: a mapping"), ("train", None, "train=None: a mapping"),
+    ("space", 3, "space=3: a mapping"), ("space", None, "space=None: a mapping"),
 ])
-def test_a_damaged_saved_config_names_the_key(key, value, named):
+def test_a_damaged_saved_config_names_the_key(key, value, message):
     with pytest.raises(ConfigError) as err:
         to_experiment(_saved(**{key: value}))
-    assert err.value.key == named, str(err.value)
+    assert str(err.value) == message
+
+
+def test_a_saved_config_that_is_not_a_mapping_is_refused():
+    with pytest.raises(ConfigError) as err:
+        to_experiment(OmegaConf.create([1, 2]))
+    assert (err.value.key, err.value.value, err.value.allowed) == ("config", [1, 2], "a mapping")
+
+
+@pytest.mark.parametrize("key", ["train", "space"])
+def test_a_saved_config_without_train_or_space_names_it(key):
+    saved = _saved()
+    del saved[key]
+    with pytest.raises(ConfigError) as err:
+        to_experiment(saved)
+    assert str(err.value) == f"{key}=None: a mapping"
+
+
+def test_a_saved_config_keeps_escaped_interpolations_and_ignores_hydras_keys():
+    """``\\${...}`` in a saved config is the text ``${...}``, in lists too; Hydra's own nodes are not
+    experiment keys."""
+    exp = to_experiment(_saved(**{"wandb.tags": ["a\\${b}", "c"], "hydra": {"job": {"name": "x"}},
+                                  "defaults": ["_self_"]}))
+    assert exp.wandb.tags == ["a${b}", "c"]
 
 
 # A URI's credentials would be written into the saved config: every place a URI can hold one.
