@@ -98,8 +98,8 @@ def _parse_sugar(key: str, text: str) -> Dict[str, Any]:
     if not match:
         raise ConfigError(key, text, f"expected DIST(args), e.g. uniform(0.0, 1.0); DIST one of {', '.join(DISTS)}")
     dist, args_text = match.groups()
-    if dist not in DISTS:
-        raise ConfigError(f"{key}.dist", dist, f"allowed: {', '.join(DISTS)}")
+    if dist not in DISTS:  # parse_dist refuses it, naming the allowed ones, before any argument is read
+        return {"dist": dist}
     args_text = _PYTHON_LITERALS.sub(lambda m: {"true": "True", "false": "False", "null": "None"}[m.group(0)], args_text)
     try:
         args = ast.literal_eval(f"({args_text},)") if args_text.strip() else ()
