@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -159,8 +160,6 @@ def test_a_storage_under_a_file_is_refused(tmp_path):
 def test_a_storage_in_a_directory_without_write_and_search_permission_is_refused(tmp_path, monkeypatch):
     """Root may write anywhere, so the permission is denied by os.access itself (the CLI test in
     test_bad_input.py uses a read-only mount). Both write and search (x) are needed to create runs/."""
-    import os
-
     real_access = os.access
     for denied in (os.W_OK, os.X_OK):
         monkeypatch.setattr(os, "access", lambda path, mode, denied=denied: (
