@@ -1,27 +1,45 @@
-"""GPU packing: trial-epochs per minute, GPU and CPU use, against ``gpu_per_trial``.
+"""GPU packing, yolotune against Ultralytics' ``model.tune(use_ray=True)``: trial-epochs per minute,
+GPU utilisation and memory at 1, 2, 4 and 8 trials per GPU.
 
-The reference workload of ANCHORS.md: YOLO11n from scratch, 640 px, batch 32, 1024 synthetic train
-images, 3 epochs per trial, 16 trials (FIFO: every trial runs all its epochs). Each configuration
-runs as one yolotune experiment in a fresh process, after a warm-up experiment (dataset cache, CUDA
-and cuDNN set-up) that is not timed. Throughput comes from the trials' own epoch timestamps
-(history.jsonl): trial-epochs between the first and the last epoch end, so Ray's start-up and shut-
-down are not counted. Every GPU is sampled by nvidia-smi each second (utilisation, memory, and each
-process's memory); CPU use of the whole machine by psutil. An errored trial fails the run (exit 1).
+Both tools get the same call on the same work, each run in a fresh process: YOLO11n from scratch
+(yolo11n.yaml), the synthetic shapes dataset written here once (label caches built before any run),
+batch 32, the same 5-parameter space (conf/space/minimal.yaml's), ``gpu_per_trial`` = 1 / trials per
+GPU, ``grace_period`` = epochs (ASHA stops no trial: every trial runs every epoch), random search,
+offline (nothing to download; the AMP check, whose weights are absent, is skipped as Ultralytics does
+offline). Each tool then does what it does: yolotune plans the CPUs (a node's CPUs shared among the
+trials at once, loader workers from them) and validates at the last epoch only; Ultralytics asks
+min(8, cores - 1) CPUs per trial and has no setting for it nor for concurrency, so on 16 cores Ray
+would run only 2 of its trials at once: its Ray is told of enough CPUs for the GPU shares alone to
+decide (the trials at once are printed, measured).
 
-``--quick`` (about 5 minutes on one GPU): 8 trials x 2 epochs at 320 px, gpu_per_trial 1 and 0.25,
-placement (which GPU each trial used) and the reused workers' memory per trial.
+Figures, from each result as the driver received it (a Ray Tune callback in both tools' Tuner):
 
-Without a GPU it says so and exits 0.
+- trial-epochs/min, steady: the epochs after each trial's first (whose time includes the trial's
+  start-up), over the time during which at least one of them ran;
+- trial-epochs/min, end to end: every epoch, over the time from the run's start to its last epoch;
+- GPU utilisation (each GPU) while trials train steadily, and peak memory (all GPUs; one process),
+  sampled by nvidia-smi each second; the machine's CPU use by psutil.
 
-    python scripts/bench_gpu.py
+An errored trial or a failed run makes it exit 1. Without a GPU it says so and exits 0.
+
+``--quick`` (about 7 minutes on one H100/H200-class GPU, estimated, not yet measured): one wave of
+trials (8, 4, 2, 1 per GPU, the most packed first), 2 epochs, 512 images at 640 px: about
+10 s of start-up per process, 20-30 s to the trials' first step, 2-10 s per epoch, 40-70 s a run, 8
+runs; ``--budget-min`` (7.5 with --quick) stops a run still going then and skips the rest. Target (YOLO11n,
+640 px, 1,024 images): at least 30 trial-epochs per minute; 512 images take half as long an epoch.
+
     python scripts/bench_gpu.py --quick
-    python scripts/bench_gpu.py --fractions 0.25 --trials 8
+    python scripts/bench_gpu.py                       # 16 trials x 3 epochs, 1024 images
+    python scripts/bench_gpu.py --per-gpu 4 --trials 8 --tools yolotune
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,87 +51,242 @@ from pathlib import Path
 
 import psutil
 
-QUICK = {"fractions": [1, 0.25], "trials": 8, "epochs": 2, "images": 256, "imgsz": 320}
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this working tree's yolotune, here and (PYTHONPATH) in the runs
+
+from yolotune.layout import read_jsonl  # noqa: E402 - from this working tree
+
+TOOLS = ("yolotune", "ultralytics")
+EVENTS = "epochs.jsonl"  # a run's trial-epochs and errored trials, as its driver saw them
+QUICK = {"per_gpu": [8, 4, 2, 1], "trials": 0, "epochs": 2, "images": 512, "imgsz": 640, "budget_min": 7.5}
+COLUMNS = [("tool", 11, "s"), ("per GPU", 7, "g"), ("trials", 6, "d"), ("at once", 7, "d"),
+           ("t-e/min steady", 14, ".1f"), ("t-e/min e2e", 11, ".1f"), ("GPU util %", 14, "s"),
+           ("peak GPU GB", 11, ".1f"), ("GB/process", 10, ".2f"), ("CPU %", 5, ".0f"), ("wall s", 6, ".0f"),
+           ("errored", 7, "d")]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="about 5 minutes on one GPU")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1, 0.5, 0.25, 0.125])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="about 7 minutes on one GPU (see above)")
+    parser.add_argument("--per-gpu", type=int, nargs="+", default=[1, 2, 4, 8], help="trials per GPU")
+    parser.add_argument("--trials", type=int, default=16, help="trials per run (0: one wave, per GPU x GPUs)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=1024, help="train images (val: an eighth)")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--budget-min", type=float, help="minutes: a run still going then is stopped, the rest skipped")
+    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return run_child(args)
     if args.quick:
         vars(args).update(QUICK)
     gpus = _gpus()
     if not gpus:
         print("No GPU found (nvidia-smi lists none): nothing to measure; exiting.")
         return 0
-    print(f"GPUs: {', '.join(gpus)}; {args.trials} trials x {args.epochs} epochs, {args.images} images at "
-          f"{args.imgsz} px, batch {args.batch}")
-    storage = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    started = time.time()
+    deadline = started + args.budget_min * 60 if args.budget_min else math.inf
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     failed = False
     try:
-        _experiment(storage, "warmup", args, fraction=1, trials=1, epochs=1)  # not timed
-        print(f"{'gpu_per_trial':>13} {'trial-epochs/min':>16} {'GPU util % (each)':>24} {'peak GPU mem GB':>15}"
-              f" {'peak mem/process GB':>19} {'CPU util %':>10} {'errored':>7}")
-        for fraction in args.fractions:
-            sampler = _Sampler(len(gpus))
-            exp_dir, returncode = _experiment(storage, f"gpu{fraction:g}", args, fraction, args.trials, args.epochs)
-            sampler.stop()
-            rows = _history(exp_dir)
-            errored = len(list(exp_dir.glob("trial_*/error.txt")))
-            failed |= returncode != 0 or errored > 0
-            times = [r["timestamp"] for r in rows]
-            rate = (len(rows) - 1) / (max(times) - min(times)) * 60 if len(rows) > 1 else float("nan")
-            utils = " ".join(f"{u:.0f}" for u in sampler.mean_util())
-            print(f"{fraction:>13g} {rate:>16.1f} {utils:>24} {sampler.peak_mem_gb():>15.1f}"
-                  f" {sampler.peak_process_mem_gb():>19.2f} {sampler.mean_cpu():>10.0f} {errored:>7}", flush=True)
-            _placement_and_memory(rows, sampler)
+        data = _dataset(work, args)
+        print(f"GPUs: {', '.join(gpus)}; {args.epochs} epochs, {args.images} images at {args.imgsz} px, batch "
+              f"{args.batch}; dataset ready after {time.time() - started:.0f} s")
+        print(header(), flush=True)
+        for per_gpu in args.per_gpu:
+            trials = args.trials or per_gpu * len(gpus)
+            for tool in args.tools:
+                if time.time() >= deadline:
+                    print(f"{tool} at {per_gpu} per GPU: skipped, past --budget-min", flush=True)
+                    continue
+                m = _measure(tool, per_gpu, trials, len(gpus), data, work, args, deadline)
+                failed |= m["failed"] or m["errored"] > 0
+                print(row(m), flush=True)
+                _placement_and_memory(m["epochs"], m["sampler"])
     finally:
-        shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"total {time.time() - started:.0f} s")
     if failed:
-        print("FAILED: a run exited non-zero or a trial errored.")
+        print("FAILED: a run exited non-zero or timed out, or a trial errored.")
     return 1 if failed else 0
 
 
-def _experiment(storage: Path, name: str, args, fraction: float, trials: int, epochs: int):
-    proc = subprocess.run([
-        sys.executable, "-m", "yolotune", f"storage={storage}", f"name={name}", f"iterations={trials}",
-        "data=shapes", f"data.train_images={args.images}", f"data.val_images={max(1, args.images // 8)}",
-        f"data.imgsz={args.imgsz}", f"data.cache_dir={storage / 'datasets'}", "model=yolo11n-scratch",
-        "space=minimal", "scheduler=fifo", f"train.epochs={epochs}", f"train.imgsz={args.imgsz}",
-        f"train.batch={args.batch}", f"resources.gpu_per_trial={fraction}"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-    return storage / name, proc.returncode
+def _dataset(work: Path, args) -> str:
+    """The shapes dataset and its label caches, once for every run (trials of a run would race to write them)."""
+    from yolotune.data import ShapesDataConfig, build_label_caches, make_shapes
+
+    data = str(make_shapes(ShapesDataConfig(train_images=args.images, val_images=max(1, args.images // 8),
+                                            imgsz=args.imgsz, cache_dir=str(work / "datasets"))) / "data.yaml")
+    build_label_caches(data)
+    return data
 
 
-def _history(exp_dir: Path) -> list:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from yolotune.layout import read_jsonl
+def _measure(tool: str, per_gpu: int, trials: int, gpus: int, data: str, work: Path, args, deadline: float) -> dict:
+    """One run of ``tool`` in a fresh process, sampled while it runs; its figures."""
+    out = work / f"{tool}-{per_gpu}"
+    out.mkdir()
+    cmd = [sys.executable, __file__, "--child", tool, "--data", data, "--out", str(out), "--per-gpu", str(per_gpu),
+           "--trials", str(trials), "--epochs", str(args.epochs), "--imgsz", str(args.imgsz),
+           "--batch", str(args.batch)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "YOLO_OFFLINE": "1"}
+    sampler = _Sampler(gpus)
+    started = time.time()
+    with open(out / "run.log", "w") as log:  # its own session: a run past the budget is killed with its Ray
+        proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            ending = "exit %d" % proc.wait(timeout=None if deadline == math.inf else max(1.0, deadline - started))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            ending = "stopped at --budget-min"
+    wall = time.time() - started
+    sampler.stop()
+    events = read_jsonl(out / EVENTS)[0]
+    epochs = [e for e in events if not e.get("errored")]
+    if ending != "exit 0":
+        print(f"{tool} at {per_gpu} per GPU: {ending} after {wall:.0f} s\n"
+              f"{(out / 'run.log').read_text()[-2000:]}")
+    window = steady_window(epochs)
+    return {"tool": tool, "per GPU": per_gpu, "trials": trials, "at once": most_at_once(epochs),
+            "t-e/min steady": steady_rate(epochs), "t-e/min e2e": end_to_end_rate(epochs, started),
+            "GPU util %": " ".join(f"{u:.0f}" for u in sampler.mean_util(*window)),
+            "peak GPU GB": sampler.peak_mem_gb(), "GB/process": sampler.peak_process_mem_gb(),
+            "CPU %": sampler.mean_cpu(), "wall s": wall, "errored": len(events) - len(epochs),
+            "failed": ending != "exit 0",
+            "epochs": epochs, "sampler": sampler}
 
-    return [{**row, "trial": d.name} for d in exp_dir.glob("trial_*") for row in read_jsonl(d / "history.jsonl")[0]]
+
+def _epoch_intervals(epochs: list, steady: bool) -> list:
+    """(trial, start, end) of each trial-epoch, from when the driver received it and the trial's time
+    for it; ``steady``: without each trial's first epoch, whose time includes the trial's start-up."""
+    firsts = {}
+    for e in epochs:
+        if e["trial"] not in firsts or e["at"] < firsts[e["trial"]]["at"]:
+            firsts[e["trial"]] = e
+    return [(e["trial"], e["at"] - e["seconds"], e["at"]) for e in epochs
+            if not steady or e is not firsts[e["trial"]]]
 
 
-def _placement_and_memory(rows: list, sampler) -> None:
-    """Trials per physical GPU, and each reused worker's peak GPU memory in each of its trials, in
-    order (a worker whose memory grows trial after trial keeps something of its old trials)."""
+def steady_rate(epochs: list) -> float:
+    """Trial-epochs per minute after each trial's first epoch: their number over the time during
+    which at least one of them ran (trials started together end their epochs together: the time
+    from the first epoch end to the last would count a whole wave as done in an instant)."""
+    intervals = sorted((start, end) for _, start, end in _epoch_intervals(epochs, steady=True))
+    covered, reach = 0.0, -math.inf
+    for start, end in intervals:
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return len(intervals) / covered * 60 if covered else math.nan
+
+
+def steady_window(epochs: list) -> tuple:
+    """From the start of the first steady epoch to the end of the last: when trials train."""
+    intervals = _epoch_intervals(epochs, steady=True)
+    return (min(s for _, s, _ in intervals), max(e for _, _, e in intervals)) if intervals else (math.nan, math.nan)
+
+
+def end_to_end_rate(epochs: list, started: float) -> float:
+    """Every trial-epoch, over the time from the run's start to its last epoch (start-up included)."""
+    return len(epochs) / (max(e["at"] for e in epochs) - started) * 60 if epochs else math.nan
+
+
+def most_at_once(epochs: list) -> int:
+    """The most trials that ran at one moment, each from its first epoch's start to its last epoch's end."""
+    spans = defaultdict(lambda: [math.inf, -math.inf])
+    for trial, start, end in _epoch_intervals(epochs, steady=False):
+        spans[trial] = [min(spans[trial][0], start), max(spans[trial][1], end)]
+    # an end before a start at the same moment: trials that only touch did not overlap
+    events = sorted([(start, 1) for start, _ in spans.values()] + [(end, -1) for _, end in spans.values()])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def header() -> str:
+    return " ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)
+
+
+def row(measurement: dict) -> str:
+    return " ".join(f"{measurement[name]:>{width}{kind}}" for name, width, kind in COLUMNS)
+
+
+def _placement_and_memory(epochs: list, sampler) -> None:
+    """Trials per physical GPU (yolotune records it), and each worker process's peak GPU memory in
+    each of its trials, in order (a reused worker whose memory grows trial after trial keeps
+    something of its old trials)."""
     per_gpu = defaultdict(set)
-    for row in rows:
-        per_gpu[row.get("gpu", "?")].add(row["trial"])
-    print("    trials per GPU:", {gpu or "cpu": len(t) for gpu, t in sorted(per_gpu.items())})
-    windows = defaultdict(lambda: [float("inf"), 0.0])  # (pid, trial) -> first and last epoch end
-    for row in rows:
-        w = windows[row["pid"], row["trial"]]
-        w[0], w[1] = min(w[0], row["timestamp"] - row["time_this_iter_s"]), max(w[1], row["timestamp"])
+    for e in epochs:
+        if e["gpu"] is not None:
+            per_gpu[e["gpu"]].add(e["trial"])
+    if per_gpu:
+        print("    trials per GPU:", {gpu or "cpu": len(t) for gpu, t in sorted(per_gpu.items())})
+    windows = defaultdict(lambda: [math.inf, -math.inf])  # (pid, trial) -> its first epoch's start, last end
+    for e in epochs:
+        w = windows[e["pid"], e["trial"]]
+        w[0], w[1] = min(w[0], e["at"] - e["seconds"]), max(w[1], e["at"])
     for pid in sorted({pid for pid, _ in windows}):
         peaks = [max((m for t, p, m in sampler.process_mem if p == pid and start <= t <= end), default=0) / 1024
                  for (p, _), (start, end) in sorted(windows.items(), key=lambda kv: kv[1][0]) if p == pid]
         print(f"    worker {pid}: peak GPU GB per trial", [round(m, 2) for m in peaks])
+
+
+def run_child(args) -> int:
+    """One run of one tool (--child TOOL) in this fresh process, the same call for both, its
+    trial-epochs and errored trials written as they come (``_EpochTimer``)."""
+    import ray
+    from bench_vs_ultralytics import _add_callback_to_every_tuner  # a child runs as a script: scripts/ is on its path
+    from ray import tune
+
+    space = {"lr0": tune.loguniform(1e-4, 1e-1), "lrf": tune.uniform(0.01, 1.0), "momentum": tune.uniform(0.6, 0.98),
+             "weight_decay": tune.uniform(0.0, 0.001), "warmup_epochs": tune.uniform(0.0, 5.0)}
+    call = {"data": args.data, "space": space, "gpu_per_trial": 1 / args.per_gpu[0], "iterations": args.trials,
+            "grace_period": args.epochs, "epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch}
+    timer = _EpochTimer(args.epochs, args.out / EVENTS)
+    _add_callback_to_every_tuner(timer)
+    if args.child == "ultralytics":
+        from ultralytics import YOLO
+        from ultralytics.utils import NUM_THREADS
+
+        # Ultralytics asks NUM_THREADS CPUs per trial: declared for every trial, the GPU shares decide
+        ray.init(address="local", num_cpus=max(os.cpu_count(), args.trials * NUM_THREADS), include_dashboard=False,
+                 log_to_driver=False)
+        YOLO("yolo11n.yaml").tune(use_ray=True, search_alg="random", project=str(args.out), **call)
+    else:
+        import yolotune
+
+        yolotune.tune(model="yolo11n.yaml", storage=str(args.out), name="yolotune", **call)
+    return 0
+
+
+class _EpochTimer:
+    """Driver-side, appended to ``events`` as they come (a run stopped by the budget keeps its
+    figures so far): each trial-epoch (up to ``epochs``; Ultralytics reports its final validation as
+    one more) when its result arrived, with the trial's time for it, its process and (yolotune) GPU;
+    each trial that errored."""
+
+    def __init__(self, epochs: int, events: Path):
+        from ray.tune import Callback
+
+        from yolotune.layout import append_jsonl
+
+        class Hook(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if result.get("epoch", 0) <= epochs:
+                    append_jsonl(events, {"trial": trial.trial_id, "at": time.time(),
+                                          "seconds": result["time_this_iter_s"], "pid": result.get("pid"),
+                                          "gpu": result.get("gpu")})
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                append_jsonl(events, {"trial": trial.trial_id, "errored": True})
+
+        self.callback = Hook()
 
 
 def _gpus() -> list:
@@ -136,9 +309,9 @@ class _Sampler:
 
     def _run(self):
         while not self._done.wait(1.0):
-            self.gpu.append([[float(v) for v in line.split(",")] for line in _smi(
-                "--query-gpu=utilization.gpu,memory.used").splitlines() if line.strip()])
             now = time.time()
+            self.gpu.append((now, [[float(v) for v in line.split(",")] for line in _smi(
+                "--query-gpu=utilization.gpu,memory.used").splitlines() if line.strip()]))
             self.process_mem += [(now, int(pid), float(mem)) for pid, mem in (line.split(",") for line in _smi(
                 "--query-compute-apps=pid,used_memory").splitlines() if line.strip())]
             self.cpu.append(psutil.cpu_percent())
@@ -147,17 +320,18 @@ class _Sampler:
         self._done.set()
         self._thread.join()
 
-    def mean_util(self) -> list:
-        return [statistics.mean(s[i][0] for s in self.gpu) if self.gpu else float("nan") for i in range(self.n_gpus)]
+    def mean_util(self, since: float, until: float) -> list:
+        samples = [s for t, s in self.gpu if since <= t <= until]
+        return [statistics.mean(s[i][0] for s in samples) if samples else math.nan for i in range(self.n_gpus)]
 
     def peak_mem_gb(self) -> float:
-        return max((sum(m for _, m in s) for s in self.gpu), default=float("nan")) / 1024
+        return max((sum(m for _, m in s) for _, s in self.gpu), default=math.nan) / 1024
 
     def peak_process_mem_gb(self) -> float:
-        return max((m for _, _, m in self.process_mem), default=float("nan")) / 1024
+        return max((m for _, _, m in self.process_mem), default=math.nan) / 1024
 
     def mean_cpu(self) -> float:
-        return statistics.mean(self.cpu) if self.cpu else float("nan")
+        return statistics.mean(self.cpu) if self.cpu else math.nan
 
 
 def _smi(query: str) -> str:

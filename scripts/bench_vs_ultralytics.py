@@ -19,7 +19,8 @@ final report, as it was before that was cut).
 
 Printed per run and as means: wall time, trials, trial-epochs, the fixed costs (process start ->
 first trial start, -> first training step, last epoch -> process end), the efficiency (the trials'
-training and validation time over wall time x trial slots), best mAP50-95; then each variant's
+training and validation time over wall time x trial slots), best mAP50-95, MiB the trial workers
+wrote per trial-epoch (checkpoints, weights, logs); then each variant's
 wall-time ratio to Ultralytics and its saving's share of yolotune's gain. A trial's first epoch is
 timed as a steady epoch of its kind (validated or not): the rest of its first result's delay is
 start-up.
@@ -85,8 +86,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", tool, "--workdir", str(run_dir), *_passthrough(args),
                    f"--seed={args.seed + round_}"]
             start = time.time()
-            subprocess.run(cmd, check=True, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            stats = summarise(json.loads((run_dir / "trials.json").read_text()), start, time.time(), slots)
+            child = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            written = trial_workers_written(child)
+            if child.returncode:
+                raise subprocess.CalledProcessError(child.returncode, cmd)
+            stats = summarise(json.loads((run_dir / "trials.json").read_text()), start, time.time(), slots, written)
             runs[tool].append(stats)
             print(f"round {round_ + 1} {tool:15s} " + "  ".join(f"{k} {v:.3g}" for k, v in stats.items()), flush=True)
 
@@ -111,9 +115,33 @@ def _passthrough(args) -> list:
             if k not in ("child", "workdir", "rounds", "seed", "variants") and v is not None]
 
 
-def summarise(trials: list, started: float, ended: float, slots: int) -> dict:
-    """One run's figures from the driver-side trial timings (``trials``: _TrialTimer's records) and
-    the wall-clock times its process started and ended."""
+def trial_workers_written(child: subprocess.Popen, every_s: float = 0.2) -> int:
+    """Bytes that the run's trial workers (Ray's ``ray::`` worker processes under ``child``, not its
+    agents) handed to write() (/proc's wchar: checkpoints, weights, logs), sampled until ``child``
+    ends; a worker's writes after its last sample are missed."""
+    import psutil
+
+    written = {}
+    while child.poll() is None:
+        try:
+            processes = psutil.Process(child.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for process in processes:
+            try:
+                name = process.cmdline()[0]
+                if name.startswith("ray::") and not name.endswith("Agent"):
+                    written[process.pid] = process.io_counters().write_chars
+            except (psutil.Error, IndexError):  # ended meanwhile
+                continue
+        time.sleep(every_s)
+    child.wait()
+    return sum(written.values())
+
+
+def summarise(trials: list, started: float, ended: float, slots: int, written: int) -> dict:
+    """One run's figures from the driver-side trial timings (``trials``: _TrialTimer's records), the
+    wall-clock times its process started and ended, and the bytes its trial workers wrote."""
     steady = {}  # validated (1) or not (0) -> the median of the epochs after trials' first
     for kind in (0, 1):
         times = [r["time_this_iter_s"] for t in trials for r in t["results"][1:] if r["validated"] == kind]
@@ -137,6 +165,7 @@ def summarise(trials: list, started: float, ended: float, slots: int) -> dict:
         "after_last_epoch_s": ended - max(r["at"] for r in results),
         "efficiency": busy / (wall * slots),
         "best_map": max(r[METRIC] for r in results),
+        "written_mb_per_epoch": written / 2**20 / len(results),
     }
 
 

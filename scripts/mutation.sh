@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Mutation testing of the pure modules (space, config, schedulers, search, resources, results,
-# train_args, errors) against the fast in-process tests, with mutmut (pip install mutmut; 3.x).
+# Mutation testing against the fast in-process tests, with mutmut (pip install mutmut; 3.x): the pure
+# modules (space, config, schedulers, search, resources, results, train_args, errors), the runtime
+# modules (records, storage, console, layout) and the functions of runner.py and trainable.py that
+# decide without Ray running (listed below; the rest runs only inside sweeps, in slow tests).
 # The modules and tests are in pyproject.toml's [tool.mutmut]; results and survivors: docs/mutation.md.
 #
 #   scripts/mutation.sh            mutate, run, print the score per module and the surviving mutants
@@ -15,6 +17,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" YOLO_OFFLINE=1 WANDB_MODE=of
 # mutmut forks a child per mutant; torch's thread pool does not survive a fork (a test that builds a
 # model would hang until mutmut's timeout, which counts as killed): one thread, no pool.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+if [ $# -eq 0 ]; then
+  set -- yolotune.{space,config,schedulers,search,resources,results,train_args,errors}.'*' \
+         yolotune.{records,storage,console,layout}.'*' \
+         yolotune.runner.x_{export_best,resume_command,check_reachable,amp_check_weights,_ray_init_args}__'*' \
+         yolotune.trainable.x_{_trial_dir,_resume_point,_newest,claim_device,_move_staged_checkpoints}__'*' \
+         yolotune.trainable.xǁ{BestEpoch,_FinishedLines}ǁ'*' yolotune.trainable.xǁDecodedImagesǁ{add,_decode,key}__'*'
+fi
 nice -n 10 mutmut run --max-children "${MUTATION_JOBS:-2}" "$@" >mutants-run.log 2>&1 || { tail -30 mutants-run.log; exit 1; }
 mutmut export-cicd-stats >/dev/null
 python scripts/mutation_score.py

@@ -21,16 +21,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("YOLOTUNE_SHARED", REPO.parent / "shared")) / "datasets"
 
-# Tests never touch the network, the user's W&B account or their Ultralytics settings.
-os.environ.update(YOLO_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", RAY_AUTH_MODE="disabled")
+# Tests never touch the network, the user's W&B account or their Ultralytics settings: Ultralytics
+# writes its settings at first import (its weights and datasets dirs relative to where it ran), so
+# they go to a fresh folder of the test run's own, set before any test module can import it.
+TEST_HOME = Path(tempfile.mkdtemp(prefix="yolotune-tests-"))
+os.environ.update(YOLO_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", RAY_AUTH_MODE="disabled",
+                  YOLO_CONFIG_DIR=str(TEST_HOME / "ultralytics"), WANDB_DIR=str(TEST_HOME / "wandb"))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    os.environ["YOLO_CONFIG_DIR"] = str(home / "ultralytics")
-    os.environ["WANDB_DIR"] = str(home / "wandb")
-    yield home
+def _remove_test_home():
+    yield
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -517,6 +517,21 @@ def test_preflight_passes_a_valid_experiment(tmp_path, shapes_cache):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides,seed,deterministic", [
+    ([], None, False), (["seed=3"], 3, False), (["seed=3", "+train.deterministic=true"], 3, True),
+    (["+train.deterministic=true"], None, True), (["+train.seed=5"], 5, False),
+])
+def test_a_seed_leaves_deterministic_gpu_training_off_unless_asked(overrides, seed, deterministic, tmp_path,
+                                                                    shapes_cache):
+    """Ultralytics trains deterministically by default (slow on GPUs); a seed fixes the sampling and the
+    trials' seeds, deterministic algorithms only with train.deterministic=true."""
+    from yolotune.runner import preflight
+
+    exp = attempt(tmp_path / "runs", shapes_cache, *BASE, *overrides, preflight=False)
+    job, _ = preflight(exp, tmp_path / "runs" / "bad")
+    assert (job["train"].get("seed"), job["train"]["deterministic"]) == (seed, deterministic)
+
+
 # As a user types them: one line on stderr, exit 2, no traceback, nothing written.
 CLI_CASES = [
     (["iterations=ten"], "iterations"),

@@ -25,7 +25,7 @@ def test_fixed_costs_efficiency_and_best_from_trial_timings():
         {"start": 106.0, "results": [_result(111.0, 5.0, 0), _result(115.0, 4.0, 1, 0.2)]},
         {"start": 120.0, "results": [_result(123.0, 3.0, 1, 0.1)]},  # a first epoch shorter than a steady one
     ]
-    stats = bench.summarise(trials, started=100.0, ended=140.0, slots=2)
+    stats = bench.summarise(trials, started=100.0, ended=140.0, slots=2, written=12 * 2**20)
     assert stats["wall_s"] == 40.0 and stats["trials"] == 3 and stats["trial_epochs"] == 6
     assert stats["to_first_trial_s"] == 5.0
     # First steps: 113 - 4 (a validated epoch), 111 - 2 (unvalidated), 123 - 3 (its whole delay)
@@ -34,6 +34,7 @@ def test_fixed_costs_efficiency_and_best_from_trial_timings():
     busy = (4 + 2 + 4) + (2 + 4) + 3
     assert stats["efficiency"] == pytest.approx(busy / (40 * 2))
     assert stats["best_map"] == 0.3
+    assert stats["written_mb_per_epoch"] == 2.0  # 12 MiB over 6 trial-epochs
 
 
 @pytest.mark.parametrize("variant", list(bench.VARIANTS))

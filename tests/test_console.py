@@ -20,6 +20,13 @@ from yolotune import console
 from yolotune.console import Progress, Refresher, Screen, Throttle
 
 
+@pytest.fixture(autouse=True)
+def _fresh_live_view_class(monkeypatch):
+    """Each test builds ``console.LiveView`` anew (``__getattr__`` caches it in the module): mutmut forks its
+    mutants from a process that already built it, so a mutant of its builder would otherwise never run."""
+    monkeypatch.delitem(console.__dict__, "LiveView", raising=False)
+
+
 def _trial(trial_id, status="RUNNING", epoch=0, best=None, metric="val/box_loss"):
     analysis = {metric: {"min": best, "max": best, "last": best}} if best is not None else {}
     return SimpleNamespace(trial_id=trial_id, status=status, last_result={"epoch": epoch} if epoch else {},
@@ -33,6 +40,52 @@ def test_durations_and_values_are_short():
     many = {f"param{i}": 0.123456 for i in range(20)}
     line = console.sampled(many, width=60)
     assert line.startswith("param0=0.123 param1=0.123") and line.endswith("more)") and len(line) < 80
+
+
+@pytest.mark.parametrize("seconds, text", [(59.4, "59s"), (59.5, "1m00s"), (60, "1m00s"), (61, "1m01s"),
+                                           (3599, "59m59s"), (3600, "1h00m"), (3659, "1h00m"), (3660, "1h01m"),
+                                           (7199, "1h59m"), (7200, "2h00m"),
+                                           (36000 + 59 * 60, "10h59m")])
+def test_duration_boundaries(seconds, text):
+    assert console.duration(seconds) == text
+
+
+@pytest.mark.parametrize("value, text", [("a" * 16, "a" * 16), ("a" * 17, "a" * 15 + "…"),
+                                         (123456789012345678, "123456789012345…"), (0.000123456, "0.000123"),
+                                         (1234.5, "1.23e+03"), (2.0, "2"), (None, "None")])
+def test_short_values(value, text):
+    assert console.short(value) == text
+
+
+def test_sampled_values_fit_the_width():
+    def config(first: int, n: int) -> dict:  # parts k0=vv..., then "k1=vvvvvv" (9 characters) each
+        return {f"k{i}": "v" * (first if i == 0 else 6) for i in range(n)}
+
+    assert len(" ".join(f"{k}={v}" for k, v in list(config(7, 10).items()))) == 100
+    assert console.sampled(config(7, 10)) == " ".join(f"{k}={v}" for k, v in config(7, 10).items())  # 100: all
+    assert console.sampled(config(7, 11)) == console.sampled(config(7, 10)) + " (+1 more)"
+    assert console.sampled(config(8, 12)) == " ".join(f"{k}={v}" for k, v in config(8, 9).items()) + " (+3 more)"
+    assert console.sampled(config(7, 11), width=9) == "k0=vvvvvvv (+10 more)"  # the first part always
+    assert console.sampled({"lr0": 0.0066912, "momentum": 0.9, "optimizer": "SGD", "mosaic": 1}) == \
+        "lr0=0.00669 momentum=0.9 optimizer=SGD mosaic=1"
+    assert console.sampled({}) == ""
+
+
+@pytest.mark.parametrize("text, line", [
+    ("Traceback (most recent call last):\n  File x\nValueError: bad lr0\n  \n", "ValueError: bad lr0"),
+    ("  KeyError: 'x'  ", "KeyError: 'x'"), ("", "unknown error"), (None, "unknown error"), ("\n  \n", "unknown error"),
+    ("E" * 160, "E" * 160), ("E" * 161, "E" * 159 + "…"),
+])
+def test_error_of_is_the_last_line_cut_to_160(text, line):
+    assert console.error_of(text) == line
+
+
+def test_numbers_and_epochs():
+    assert [console._number(v) for v in (None, 0, 0.123456, 12345.6, 1.1)] == ["-", "0", "0.1235", "1.235e+04", "1.1"]
+    epochs = [SimpleNamespace(last_result=r) for r in (None, {}, {"epoch": None}, {"epoch": 0}, {"epoch": 3.0})]
+    assert [console._epoch(t) for t in epochs] == [0, 0, 0, 0, 3]
+    assert console._epoch(SimpleNamespace(last_result={"epoch": 7})) == 7 and \
+        isinstance(console._epoch(SimpleNamespace(last_result={"epoch": 3.0})), int)
 
 
 def test_trial_event_lines():
@@ -82,6 +135,11 @@ def test_remaining_time_of_the_last_trials_is_that_of_the_longest():
     tail.result("a", 30)
     tail.result("a", 10)
     assert tail.line(trials, now=50).endswith("~1m00s left")  # b's 6 epochs of 10 s, not (1 + 6) / 2 of them
+    last = Progress("fitness", "max", total=2, epochs=3, prunes=False, now=0)
+    last.result("a", 30)
+    last.result("a", 10)
+    trials = [_trial("a", epoch=3), _trial("b", epoch=5)]  # ran all their epochs (b: a resumed run of fewer)
+    assert last.line(trials, now=50) == "0/2 trials | 8 trial-epochs | best fitness - | 50s elapsed | ~0s left"
 
 
 def test_throttle():
@@ -124,6 +182,106 @@ def test_terminal_screen_redraws_one_line_and_logs_plain_lines(tmp_path, monkeyp
     log = (tmp_path / "yolotune.log").read_text().splitlines()[1:]
     assert log == ["1 of 2 trials", "trial t0 finished", "2 of 2 trials"]
 
+
+class _Recording:
+    """A stream that records its writes and flushes, in order."""
+
+    def __init__(self, tty=False):
+        self.calls, self.tty = [], tty
+
+    def write(self, text):
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self):
+        self.calls.append("<flush>")
+
+    def isatty(self):
+        return self.tty
+
+
+def test_plain_screen_flushes_each_line_to_the_stdout_it_was_made_with(monkeypatch):
+    stream, later = _Recording(), _Recording()
+    monkeypatch.setattr(sys, "stdout", stream)
+    screen = Screen(echo=True, total=2)
+    monkeypatch.setattr(sys, "stdout", later)
+    screen.event("trial a started")
+    screen.progress("0/2 trials", done=0, now=0)
+    screen.close("1/2 trials", shown=False)
+    assert stream.calls == ["trial a started", "\n", "<flush>", "0/2 trials", "\n", "<flush>",
+                            "1/2 trials", "\n", "<flush>"]
+    assert later.calls == []
+
+
+@pytest.mark.parametrize("echo, tty, drawn", [(True, True, None), (True, False, "2/5 trials\n"), (False, True, ""),
+                                              (False, False, "")])
+def test_screen_draws_a_bar_on_a_terminal_it_echoes_to(tmp_path, monkeypatch, echo, tty, drawn):
+    terminal = _Recording(tty)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with console.log_to(tmp_path / "yolotune.log"):
+        screen = Screen(echo=echo, total=5)
+        bar = screen.bar
+        screen.progress("2/5 trials", done=2, now=0)
+        screen.close("2/5 trials", shown=True)
+        assert screen.bar is None
+    assert (tmp_path / "yolotune.log").read_text().splitlines()[1:] == ["2/5 trials"]  # the bar: not in the log
+    out = "".join(call for call in terminal.calls if call != "<flush>")
+    if drawn is not None:
+        assert bar is None and out == drawn
+        return
+    assert (bar.total, bar.n, bar.leave) == (5, 2, False) and bar.dynamic_ncols  # follows the terminal's width
+    assert out.startswith("\r") and " 2/5 trials\r" in out and "%" not in out and "it/s" not in out  # bar, line
+    assert out.endswith("\r2/5 trials\n") and out.count("\n") == 1  # the bar cleared, the final line once
+    assert terminal.calls[-3:] == ["2/5 trials", "\n", "<flush>"]
+
+
+def test_screen_without_echo_writes_its_progress_lines_to_the_log_only(tmp_path, capsys):
+    with console.log_to(tmp_path / "yolotune.log"):
+        screen = Screen(echo=False, total=2)
+        screen.progress("0/2 trials", done=0, now=0)
+        screen.progress("0/2 trials", done=0, now=10)
+        screen.event("trial a finished")
+        screen.progress("1/2 trials", done=1, force=True, now=11)
+        screen.close("1/2 trials", shown=True)
+        screen.close("2/2 trials", shown=False)
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "yolotune.log").read_text().splitlines()[1:] == \
+        ["0/2 trials", "trial a finished", "1/2 trials", "2/2 trials"]
+
+
+def test_the_console_log_answers_for_the_terminal(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with console.log_to(tmp_path / "yolotune.log"):
+        assert sys.stdout.isatty() and sys.stdout.getvalue() == "" and sys.stdout.terminal is terminal
+        print("x")
+        assert sys.stdout.getvalue() == "x\n"
+
+
+@pytest.mark.parametrize("verbose, shown", [("yolotune", True), ("ray", True), ("quiet", False)])
+def test_announce_prints_unless_quiet_and_always_logs(tmp_path, capsys, verbose, shown):
+    with console.log_to(tmp_path / "yolotune.log"):
+        console.announce("plan: 4 trials on 2 GPUs", verbose)
+    assert capsys.readouterr().out == ("plan: 4 trials on 2 GPUs\n" if shown else "")
+    assert (tmp_path / "yolotune.log").read_text().splitlines()[1:] == ["plan: 4 trials on 2 GPUs"]
+
+
+def test_the_live_view_class_is_built_on_first_use_and_kept():
+    from ray.tune import Callback
+
+    assert "LiveView" not in vars(console)  # the autouse fixture removed it
+    cls = console.LiveView
+    assert vars(console)["LiveView"] is cls and console.LiveView is cls and issubclass(cls, Callback)
+    assert (cls.__name__, cls.__qualname__, cls.__module__) == ("LiveView", "LiveView", "yolotune.console")
+    for name in ("LiveVieww", "liveview", "XXLiveViewXX"):
+        with pytest.raises(AttributeError) as error:
+            getattr(console, name)
+        assert str(error.value) == f"module 'yolotune.console' has no attribute {name!r}"
+    assert {"liveview", "LIVEVIEW", "XXLiveViewXX"}.isdisjoint(vars(console))
+    view = console.live_view(Path("exp"), "fitness", "max", 7, True, "yolotune", print, 16)
+    assert type(view) is cls and (view.exp_dir, view.metric, view.mode, view.epochs, view.prunes, view.echo,
+                                  view.refresh) == (Path("exp"), "fitness", "max", 7, True, True, print)
+    assert console.live_view("exp", "fitness", "max", 7, False, "ray", print, 16).echo is False
 
 def test_console_log_copies_the_output_and_appends(tmp_path, capsys):
     log = tmp_path / "yolotune.log"
@@ -196,8 +354,23 @@ def test_refresher_warns_and_goes_on(monkeypatch, capsys):
     assert "warning: could not refresh the report: state file half written" in capsys.readouterr().err
 
 
+def test_a_trial_whose_batch_ultralytics_cut_is_named_once(tmp_path, capsys):
+    """Compared with the trial's sampled batch, else the experiment's; a batch AutoBatch sizes is not."""
+    view = console.live_view(tmp_path, "fitness", "max", 3, False, "yolotune", print, 32)
+    view.setup(total_num_samples=4)
+    fixed, sampled, autobatch, kept = (SimpleNamespace(trial_id=f"t{i}", config=config) for i, config in
+                                       enumerate([{"lr0": 0.01}, {"batch": 64}, {"batch": 0.7}, {"batch": 16}]))
+    for epoch in (1, 2):
+        for trial, trained in ((fixed, 16), (sampled, 8), (autobatch, 24), (kept, 16)):
+            view.on_trial_result(0, [], trial, {"epoch": epoch, "trained_batch": trained, "time_this_iter_s": 1.0})
+    assert capsys.readouterr().out.splitlines() == [
+        "trial t0: Ultralytics cut the batch from 32 to 16 after running out of GPU memory",
+        "trial t1: Ultralytics cut the batch from 64 to 8 after running out of GPU memory"]
+    view.on_experiment_end([])
+
+
 def test_live_view_pickles_its_settings_only(tmp_path):
-    view = console.live_view(tmp_path, "fitness", "max", 10, True, "yolotune", print)
+    view = console.live_view(tmp_path, "fitness", "max", 10, True, "yolotune", print, 16)
     view.setup(total_num_samples=4)
     view.on_experiment_end(trials=[])
     copy = pickle.loads(pickle.dumps(view))  # Ray keeps callbacks in tuner.pkl
@@ -208,7 +381,7 @@ def test_live_view_pickles_its_settings_only(tmp_path):
 def test_the_live_report_is_refreshed_as_trials_end_but_the_last(tmp_path, capsys):
     """The runner writes the final report right after the last trial: a refresh then would only delay it."""
     refreshes = []
-    view = console.live_view(tmp_path, "fitness", "max", 2, False, "yolotune", lambda: refreshes.append(1))
+    view = console.live_view(tmp_path, "fitness", "max", 2, False, "yolotune", lambda: refreshes.append(1), 16)
     view.setup(total_num_samples=3)
     trials = [SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={"epoch": 2}, metric_analysis={})
               for i in range(3)]
@@ -220,11 +393,223 @@ def test_the_live_report_is_refreshed_as_trials_end_but_the_last(tmp_path, capsy
     view.on_experiment_end(trials)
 
 
-def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path):
+
+# --- the LiveView callback, driven as Ray Tune drives it
+
+
+class _Requests:
+    """Stands in for Refresher: counts the refreshes the live view asks for."""
+
+    def __init__(self, refresh):
+        self.refresh, self.requests, self.closed = refresh, 0, False
+
+    def request(self):
+        self.requests += 1
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """console's clock, set by hand (the throttle, elapsed time and plain progress lines read it)."""
+    now = SimpleNamespace(t=1000.0)
+    monkeypatch.setattr(console, "time", SimpleNamespace(time=lambda: now.t, sleep=time.sleep))
+    monkeypatch.setattr(console, "Refresher", _Requests)
+    return now
+
+
+def _live_trial(trial_id, epoch=0, config=None, last=None, best=None, error_file=None):
+    """A Ray Tune trial as the live view reads it; ``best`` is the minimum, the maximum is worse than ``last``."""
+    analysis = {"val/box_loss": {"min": best, "max": 9.0, "last": last}} if best is not None else {}
+    return SimpleNamespace(trial_id=trial_id, status="RUNNING", config=config or {}, error_file=error_file,
+                           last_result={"epoch": epoch} if epoch else {}, metric_analysis=analysis)
+
+
+def _report(view, trials, trial, epoch, last, best, **result):
+    trial.last_result = {"epoch": epoch, **result}
+    trial.metric_analysis = {"val/box_loss": {"min": best, "max": 9.0, "last": last}}
+    view.on_trial_result(0, trials, trial, {"epoch": epoch, **result})
+
+
+def test_live_view_prints_trial_events_and_progress_lines(tmp_path, clock, capsys):
+    """3 trials of 4 epochs: one stopped early, one resumed, recovered and finished, one errored."""
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Failure # 1\nTraceback (most recent call last):\n  File x\nValueError: bad lr0\n")
+    refresh = print
+    with console.log_to(tmp_path / "yolotune.log"):
+        view = console.live_view(tmp_path, "val/box_loss", "min", 4, True, "yolotune", refresh, 16)
+        view.setup(total_num_samples=3)
+        t0 = _live_trial("t0", config={"lr0": 0.0123456, "optimizer": "SGD"})
+        t1 = _live_trial("t1", epoch=1, config={"lr0": 0.1}, last=1.3, best=1.3)
+        trials = [t0, t1]  # t2 not created yet
+        view.on_trial_start(0, trials, t0)
+        view.on_step_end(1, trials)
+        view.on_trial_start(1, trials, t1)
+        clock.t = 1040
+        _report(view, trials, t0, 1, 1.5, 1.5, time_this_iter_s=40.0)  # a trial's first epoch: not timed
+        _report(view, trials, t1, 2, 1.2, 1.2, time_this_iter_s=30.0)
+        clock.t = 1050
+        _report(view, trials, t0, 2, 1.3, 1.2, time_this_iter_s=10.0)
+        _report(view, trials, t1, 3, 1.1, 1.1)  # no time reported: 0 s
+        clock.t = 1060
+        view.on_step_end(3, trials)  # mean epoch 5 s; to go: t0 2, t1 1, t2 4 epochs, 2 at once: 4 epochs
+        clock.t = 1070
+        view.on_trial_complete(4, trials, t0)  # Ray calls back before it sets the status
+        t0.status = "TERMINATED"
+        t2 = _live_trial("t2", config={"lr0": 0.001}, error_file=str(error_file))
+        trials.append(t2)
+        view.on_trial_start(5, trials, t2)
+        view.on_trial_recover(6, trials, t1)
+        clock.t = 1080
+        view.on_trial_error(7, trials, t2)
+        t2.status = "ERROR"
+        clock.t = 1090
+        _report(view, trials, t1, 4, 1.15, 1.1, time_this_iter_s=5.0)
+        view.on_trial_complete(8, trials, t1)
+        t1.status = "TERMINATED"
+        view.on_experiment_end(trials)  # the last line printed was the final one
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        "trial t0 started: lr0=0.0123 optimizer=SGD",
+        "0/3 trials | 1 trial-epochs | best val/box_loss 1.3 (t1) | 0s elapsed | time left: estimating",
+        "trial t1 resumed from its checkpoint: lr0=0.1",
+        "0/3 trials | 5 trial-epochs | best val/box_loss 1.1 (t1) | 1m00s elapsed | up to 20s left",
+        "trial t0 stopped early by the scheduler at epoch 2: val/box_loss 1.3 (best 1.2)",
+        "1/3 trials | 5 trial-epochs | best val/box_loss 1.1 (t1) | 1m10s elapsed | up to 20s left",
+        "trial t2 started: lr0=0.001",
+        "trial t1 failed after 3 epochs; retrying from its last checkpoint",
+        f"trial t2 errored after 0 epochs: ValueError: bad lr0  (log: {tmp_path / 'trial_t2' / 'train.log'})",
+        "2/3 trials (1 errored) | 5 trial-epochs | best val/box_loss 1.1 (t1) | 1m20s elapsed | up to 5s left",
+        "trial t1 finished 4 epochs: val/box_loss 1.15 (best 1.1)",
+        "3/3 trials (1 errored) | 6 trial-epochs | best val/box_loss 1.1 (t1) | 1m30s elapsed",
+    ]
+    assert (tmp_path / "yolotune.log").read_text().splitlines()[1:] == printed
+    assert view._refresher.refresh is refresh and view._refresher.closed
+    assert view._refresher.requests == 2  # after t0 and t2; after the last trial the runner writes the report
+
+
+@pytest.mark.parametrize("info, total", [({"total_num_samples": 3}, 3), ({"num_samples": 5}, 5),
+                                         ({"total_num_samples": None, "num_samples": 2}, 2), ({}, 0)])
+def test_live_view_total_and_its_final_line_without_trials(tmp_path, clock, capsys, info, total):
+    view = console.live_view(tmp_path, "fitness", "max", 10, False, "yolotune", print, 16)
+    view.setup(**info)
+    clock.t += 65
+    view.on_experiment_end([])
+    left = " | time left: estimating" if total else ""
+    assert capsys.readouterr().out == f"0/{total} trials | 0 trial-epochs | best fitness - | 1m05s elapsed{left}\n"
+
+
+@pytest.mark.parametrize("events, finals", [
+    ([], 1), (["complete"], 1), (["error"], 1), (["complete", "start"], 2), (["complete", "result"], 2),
+    (["complete", "recover"], 2), (["error", "complete"], 1),
+])
+def test_live_view_prints_the_final_line_unless_it_just_did(tmp_path, clock, capsys, events, finals):
+    view = console.live_view(tmp_path, "val/box_loss", "min", 4, True, "yolotune", print, 16)
+    view.setup(total_num_samples=3)
+    trials = [_live_trial("a", epoch=2, last=1.0, best=1.0), _live_trial("b", epoch=2, last=2.0, best=2.0)]
+    ended = iter(trials)
+    for event in events:
+        if event == "complete":
+            view.on_trial_complete(0, trials, next(ended))
+        elif event == "error":
+            view.on_trial_error(0, trials, next(ended))
+        elif event == "start":
+            view.on_trial_start(0, trials, trials[1])
+        elif event == "result":
+            view.on_trial_result(0, trials, trials[1], {"epoch": 3})
+        else:
+            view.on_trial_recover(0, trials, trials[1])
+    view.on_experiment_end(trials)
+    ended, errored = len([e for e in events if e in ("complete", "error")]), "error" in events
+    final = f"{ended}/3 trials{' (1 errored)' if errored else ''} | 4 trial-epochs | best val/box_loss 1 (a)" \
+        " | 0s elapsed | time left: estimating"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed.count(final) == finals and printed[-1] == final
+
+
+def test_live_view_end_lines_without_values_or_error_file(tmp_path, clock, capsys):
+    exp_dir = tmp_path / "exp"
+    view = console.live_view(exp_dir, "val/box_loss", "min", 2, False, "yolotune", print, 16)
+    view.setup(total_num_samples=0)  # unknown: every end asks for a refresh
+    unvalidated = _live_trial("a", epoch=2)
+    other_metric = _live_trial("b", epoch=1)
+    other_metric.metric_analysis = {"fitness": {"min": 0.1, "max": 0.2, "last": 0.2}}
+    no_analysis = _live_trial("c", epoch=2)
+    no_analysis.metric_analysis = None
+    lost = _live_trial("d", epoch=1)
+    trials = [unvalidated, other_metric, no_analysis, lost]
+    for trial in trials[:3]:
+        view.on_trial_complete(0, trials, trial)
+    view.on_trial_error(0, trials, lost)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[::2] == ["trial a finished 2 epochs: val/box_loss - (best -)",
+                            "trial b stopped early by the scheduler at epoch 1: val/box_loss - (best -)",
+                            "trial c finished 2 epochs: val/box_loss - (best -)",
+                            f"trial d errored after 1 epoch: unknown error  (log: {exp_dir / 'trial_d' / 'train.log'})"]
+    assert printed[1::2] == [f"{n}/0 trials{' (1 errored)' if n == 4 else ''} | 6 trial-epochs | best val/box_loss -"
+                             " | 0s elapsed" for n in (1, 2, 3, 4)]
+    assert view._refresher.requests == 4
+
+
+def test_quiet_live_view_writes_the_log_only(tmp_path, clock, capsys):
+    with console.log_to(tmp_path / "yolotune.log"):
+        view = console.live_view(tmp_path, "fitness", "max", 3, True, "quiet", print, 16)
+        view.setup(total_num_samples=1)
+        trial = _live_trial("a", epoch=3)
+        view.on_trial_start(0, [trial], trial)
+        view.on_step_end(0, [trial])
+        view.on_trial_complete(0, [trial], trial)
+        view.on_experiment_end([trial])
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "yolotune.log").read_text().splitlines()[1:] == [
+        "trial a resumed from its checkpoint: ",
+        "0/1 trials | 3 trial-epochs | best fitness - | 0s elapsed | time left: estimating",
+        "trial a finished 3 epochs: fitness - (best -)", "1/1 trials | 3 trial-epochs | best fitness - | 0s elapsed"]
+
+
+def test_live_view_on_a_terminal_redraws_its_bar_at_most_every_second(tmp_path, clock, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with console.log_to(tmp_path / "yolotune.log"):
+        view = console.live_view(tmp_path, "fitness", "max", 3, False, "yolotune", print, 16)
+        view.setup(total_num_samples=2)
+        bar = view._screen.bar
+        assert bar.total == 2 and bar.n == 0
+        trials = [_live_trial("a"), _live_trial("b")]
+        view.on_step_end(0, trials)
+        assert bar.desc == "0/2 trials | 0 trial-epochs | best fitness - | 0s elapsed | time left: estimating"
+        trials[0].last_result = {"epoch": 1}
+        clock.t += 0.9
+        view.on_step_end(1, trials)
+        assert bar.desc.startswith("0/2 trials | 0 trial-epochs")  # not redrawn within the second
+        clock.t += 0.1
+        view.on_step_end(2, trials)
+        assert bar.desc == "0/2 trials | 1 trial-epochs | best fitness - | 1s elapsed | time left: estimating"
+        trials[0].last_result = {"epoch": 3}
+        view.on_trial_complete(3, trials, trials[0])
+        assert (bar.n, bar.desc) == \
+            (1, "1/2 trials | 3 trial-epochs | best fitness - | 1s elapsed | time left: estimating")
+        view.on_trial_complete(4, trials, trials[1])
+        assert bar.n == 2
+        view.on_experiment_end(trials)
+        assert view._screen.bar is None
+    final = "2/2 trials | 3 trial-epochs | best fitness - | 1s elapsed"
+    assert terminal.getvalue().endswith(f"\r{final}\n") and terminal.getvalue().count(final + "\n") == 1
+    assert (tmp_path / "yolotune.log").read_text().splitlines()[1:] == [
+        "0/2 trials | 0 trial-epochs | best fitness - | 0s elapsed | time left: estimating",
+        "trial a finished 3 epochs: fitness - (best -)",
+        "1/2 trials | 3 trial-epochs | best fitness - | 1s elapsed | time left: estimating",
+        "trial b stopped early by the scheduler at epoch 0: fitness - (best -)", final]
+
+def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path, monkeypatch):
     from ultralytics.utils import LOGGER
 
     from yolotune.trainable import _trial_log
 
+    for handler in LOGGER.handlers:  # imported under an earlier test's captured output, now closed
+        if type(handler) is logging.StreamHandler:
+            monkeypatch.setattr(handler, "stream", sys.stdout)
     streams = [h.stream for h in LOGGER.handlers]
     out, err = sys.stdout, sys.stderr
     log = tmp_path / "trial_x" / "train.log"

@@ -1,18 +1,23 @@
-"""Resources: the plan for a machine (table, each value worked out by hand), the loader workers a
-trial gets, and the device a trial trains on, with GPUs that Ray declares but this machine lacks."""
+"""Resources: the plan for a machine or cluster (tables, each value worked out by hand), the loader
+workers and threads a trial gets, and the device a trial trains on, with GPUs that Ray declares but
+this machine lacks."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
+import yaml
 
+from compose import REPO
+from yolotune.data import ShapesDataConfig, make_shapes
 from yolotune.errors import ConfigError
 from yolotune.resources import ResourcesConfig, TrialResources, check_autobatch, local_cpus, plan
-from yolotune.trainable import claim_device
+from yolotune.trainable import claim_device, keep_threads
 
 R = ResourcesConfig
-# (resources, CPUs, GPUs, iterations) -> (cpu per trial, gpu per trial, trials at once)
+# (resources, CPUs, GPUs of one machine, iterations) -> (cpu per trial, gpu per trial, trials at once)
 PLANS = [
     # CPU box: one trial per CPU, up to the trials there are; CPUs shared by those trials only.
     (R(), 2, 0, 10, (1, 0, 2)),                   # at once min(10, 2) = 2; 2 // 2 = 1 CPU
@@ -53,31 +58,175 @@ PLANS = [
 
 @pytest.mark.parametrize("res,cpus,gpus,iterations,expected", PLANS)
 def test_plan(res, cpus, gpus, iterations, expected):
-    planned = plan(res, cpus, gpus, iterations)
+    planned = plan(res, [(cpus, gpus)], iterations)
     assert (planned.cpu, planned.gpu, planned.at_once) == pytest.approx(expected)
     assert planned.max_concurrent_trials == res.max_concurrent_trials
 
 
-@pytest.mark.parametrize("res,cpus,gpus,key,value,allowed", [
-    (R(gpu_per_trial=1), 2, 0, "resources.gpu_per_trial", 1, "this machine has no GPU; use resources=cpu (or "
-                                                              "resources.gpu_per_trial=0)"),
-    (R(gpu_per_trial=0.25), 2, 0, "resources.gpu_per_trial", 0.25, "this machine has no GPU; use resources=cpu (or "
-                                                                    "resources.gpu_per_trial=0)"),
-    (R(gpu_per_trial=1), 16, 0.5, "resources.gpu_per_trial", 1, "at most the 0.5 GPUs available"),  # more than there is
-    (R(gpu_per_trial=3), 16, 2, "resources.gpu_per_trial", 3, "at most the 2 GPUs available"),
-    (R(cpu_per_trial=17), 16, 0, "resources.cpu_per_trial", 17, "at most the 16 CPUs available"),
+def preset(name: str) -> ResourcesConfig:
+    """A resources option as its YAML sets it, so that the table follows conf/resources/."""
+    return R(**(yaml.safe_load((REPO / "conf" / "resources" / f"{name}.yaml").read_text()) or {}))
+
+
+# GPU machines and clusters: (CPUs, GPUs) per node.
+ONE_8 = [(8, 1)]
+ONE_16 = [(16, 1)]
+FOUR_32 = [(32, 4)]
+EIGHT_64 = [(64, 8)]
+EIGHT_96 = [(96, 8)]
+TWO_FOUR_32 = [(32, 4), (32, 4)]
+MIXED = [(64, 8), (16, 0)]  # GPU trials run on the GPU node only
+MANY = 1000  # enough trials to fill every node
+# (resources, nodes, iterations) -> (cpu, gpu, at once, loader workers, threads, image cache MiB per trial).
+# Loader workers: a GPU trial's CPUs but one; image cache: 1024 MiB per node // trials on the busiest node.
+GPU_PLANS = [
+    # auto: up to 4 trials per GPU, a node's CPUs shared by the trials on it.
+    (preset("auto"), ONE_8, MANY, (2, 0.25, 4, 1, 2, 256)),     # 4 on the GPU; 8 // 4 = 2 CPUs; 1024 // 4
+    (preset("auto"), ONE_16, MANY, (4, 0.25, 4, 3, 4, 256)),    # 16 // 4 = 4 CPUs
+    (preset("auto"), FOUR_32, MANY, (2, 0.25, 16, 1, 2, 64)),   # 4 x 4; 32 // 16 = 2; 1024 // 16
+    (preset("auto"), EIGHT_64, MANY, (2, 0.25, 32, 1, 2, 32)),  # 8 x 4; 64 // 32 = 2; 1024 // 32
+    (preset("auto"), EIGHT_96, MANY, (3, 0.25, 32, 2, 3, 32)),  # 96 // 32 = 3
+    (preset("auto"), TWO_FOUR_32, MANY, (2, 0.25, 32, 1, 2, 64)),  # 16 per node: 32 // 16 = 2; 1024 // 16
+    (preset("auto"), MIXED, MANY, (2, 0.25, 32, 1, 2, 32)),     # the GPU node's 32 trials; 16 CPUs idle
+    (preset("auto"), EIGHT_64, 20, (3, 1 / 3, 20, 2, 3, 51)),   # ceil(20 / 8) = 3 per GPU; 64 // 20 = 3; 1024 // 20
+    (preset("auto"), EIGHT_96, 20, (4, 1 / 3, 20, 3, 4, 51)),   # 96 // 20 = 4
+    (preset("auto"), TWO_FOUR_32, 20, (3, 1 / 3, 20, 2, 3, 102)),  # 10 per node: 32 // 10 = 3; 1024 // 10
+    (preset("auto"), MIXED, 20, (3, 1 / 3, 20, 2, 3, 51)),      # as EIGHT_64
+    (preset("auto"), EIGHT_64, 4, (16, 1, 4, 15, 16, 256)),     # 4 trials: a whole GPU each, 64 // 4 = 16 CPUs
+    # gpu: one whole GPU per trial, the node's CPUs shared by its trials.
+    (preset("gpu"), ONE_8, MANY, (8, 1, 1, 7, 8, 1024)),
+    (preset("gpu"), ONE_16, MANY, (16, 1, 1, 15, 16, 1024)),
+    (preset("gpu"), FOUR_32, MANY, (8, 1, 4, 7, 8, 256)),       # 32 // 4 = 8
+    (preset("gpu"), EIGHT_64, MANY, (8, 1, 8, 7, 8, 128)),      # 64 // 8 = 8 (4 CPUs each left 32 idle)
+    (preset("gpu"), EIGHT_96, MANY, (12, 1, 8, 11, 12, 128)),   # 96 // 8 = 12
+    (preset("gpu"), TWO_FOUR_32, MANY, (8, 1, 8, 7, 8, 256)),   # 4 per node: 32 // 4 = 8
+    (preset("gpu"), MIXED, MANY, (8, 1, 8, 7, 8, 128)),
+    (preset("gpu"), EIGHT_64, 5, (12, 1, 5, 11, 12, 204)),      # 5 trials: 64 // 5 = 12; 1024 // 5
+    # fractional: four trials per GPU.
+    (preset("fractional"), ONE_8, MANY, (2, 0.25, 4, 1, 2, 256)),
+    (preset("fractional"), ONE_16, MANY, (4, 0.25, 4, 3, 4, 256)),
+    (preset("fractional"), FOUR_32, MANY, (2, 0.25, 16, 1, 2, 64)),
+    (preset("fractional"), EIGHT_64, MANY, (2, 0.25, 32, 1, 2, 32)),  # 2 CPUs each gave 0 loader workers
+    (preset("fractional"), EIGHT_96, MANY, (3, 0.25, 32, 2, 3, 32)),
+    (preset("fractional"), TWO_FOUR_32, MANY, (2, 0.25, 32, 1, 2, 64)),
+    (preset("fractional"), MIXED, MANY, (2, 0.25, 32, 1, 2, 32)),
+    (preset("fractional"), EIGHT_64, 20, (3, 0.25, 20, 2, 3, 51)),  # 20 of 32 quarters; 64 // 20 = 3
+    # Set by the user: kept exactly as given.
+    (R(cpu_per_trial=4, gpu_per_trial=1), EIGHT_64, MANY, (4, 1, 8, 3, 4, 128)),  # 32 CPUs idle, as asked
+    (R(cpu_per_trial=2, gpu_per_trial=0.25), EIGHT_96, MANY, (2, 0.25, 32, 1, 2, 32)),
+    (R(cpu_per_trial=6, gpu_per_trial=0.5), TWO_FOUR_32, MANY, (6, 0.5, 10, 5, 6, 204)),  # 32 // 6 = 5 per node
+    (R(cpu_per_trial=64, gpu_per_trial=1), MIXED, MANY, (64, 1, 1, 63, 64, 1024)),  # the GPU node's every CPU
+    (R(gpu_per_trial=0.5), EIGHT_64, MANY, (4, 0.5, 16, 3, 4, 64)),  # 2 per GPU; 64 // 16 = 4
+    (R(max_concurrent_trials=8), EIGHT_64, MANY, (8, 1, 8, 7, 8, 128)),  # ceil(8 / 8) = 1 per GPU
+    (R(image_cache_mb=4096), EIGHT_64, MANY, (2, 0.25, 32, 1, 2, 128)),  # 4096 // 32
+    (R(image_cache_mb=0), ONE_8, MANY, (2, 0.25, 4, 1, 2, 0)),
+    # CPU trials on every node of a cluster with GPUs: one CPU each, 80 at once, no loader workers.
+    (R(gpu_per_trial=0), MIXED, MANY, (1, 0, 80, 0, 1, 16)),    # 1024 // 64 on the GPU node
+]
+
+
+@pytest.mark.parametrize("res,nodes,iterations,expected", GPU_PLANS)
+def test_gpu_plan(res, nodes, iterations, expected):
+    planned = plan(res, nodes, iterations)
+    got = (planned.cpu, planned.gpu, planned.at_once, planned.loader_workers, planned.threads, planned.image_cache_mb)
+    assert got == pytest.approx(expected)
+    hosts = [(c, g) for c, g in nodes if g or not planned.gpu]  # GPU trials run on GPU nodes only
+    # Ray places each trial's CPUs and GPU share on one node: the trials at once fit, node by node.
+    held = [min(math.floor(c / planned.cpu) if planned.cpu else MANY,
+                math.floor(g) * math.floor(1 / planned.gpu + 1e-9) if planned.gpu else MANY) for c, g in hosts]
+    assert sum(held) >= planned.at_once
+    if res.cpu_per_trial is None and iterations == MANY and not res.max_concurrent_trials:
+        assert planned.at_once * planned.cpu >= 0.9 * sum(c for c, _ in hosts)  # the nodes' CPUs are used
+    if planned.gpu and planned.cpu >= 3:
+        assert planned.loader_workers >= 2
+    assert planned.image_cache_mb * min(max(held), planned.at_once) <= res.image_cache_mb  # per node
+
+
+def test_the_plan_in_one_line_and_in_plan_yaml():
+    eight = plan(preset("auto"), EIGHT_64, 20)
+    assert eight.summary() == ("Plan: 20 trials at once, each 3 CPUs + 0.333 GPU, 2 loader workers, 3 threads, "
+                               "image cache 51 MiB per trial (8 GPUs, 64 CPUs on 1 node)")
+    assert plan(preset("gpu"), MIXED, 2).summary() == (
+        "Plan: 2 trials at once, each 32 CPUs + 1 GPU, 31 loader workers, 32 threads, image cache 512 MiB per trial "
+        "(8 GPUs, 80 CPUs on 2 nodes, trials on 1)")
+    assert plan(R(image_cache_mb=0), [(1, 0)], 5).summary() == (
+        "Plan: 1 trial at once, each 1 CPU, 0 loader workers, 1 thread, image cache off (0 GPUs, 1 CPU on 1 node)")
+    assert eight.record() == {"trials_at_once": 20, "cpu_per_trial": 3.0, "gpu_per_trial": 1 / 3, "loader_workers": 2,
+                              "threads": 3, "image_cache_mb_per_trial": 51, "max_concurrent_trials": None,
+                              "nodes": [{"cpus": 64.0, "gpus": 8.0}]}
+
+
+def test_a_cluster_is_planned_from_its_alive_nodes(monkeypatch):
+    """A dead node's resources are gone; a node without GPUs has no "GPU" key in Ray's record."""
+    import ray
+
+    from yolotune.runner import cluster_nodes
+
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 1e11}},
+        {"Alive": True, "Resources": {"CPU": 16.0}},
+        {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}},
+    ])
+    assert cluster_nodes() == [(64.0, 8.0), (16.0, 0)]
+    assert plan(preset("auto"), cluster_nodes(), 20).summary().endswith("(8 GPUs, 80 CPUs on 2 nodes, trials on 1)")
+
+
+NO_GPU = "this machine (or cluster) has no GPU; use resources=cpu (or resources.gpu_per_trial=0)"
+
+
+@pytest.mark.parametrize("res,nodes,key,value,allowed", [
+    (R(gpu_per_trial=1), [(2, 0)], "resources.gpu_per_trial", 1, NO_GPU),
+    (R(gpu_per_trial=0.25), [(2, 0)], "resources.gpu_per_trial", 0.25, NO_GPU),
+    (R(gpu_per_trial=0.25), [(16, 0), (16, 0)], "resources.gpu_per_trial", 0.25, NO_GPU),
+    (R(gpu_per_trial=1), [(16, 0.5)], "resources.gpu_per_trial", 1, "at most the 0.5 GPUs of one node"),
+    (R(gpu_per_trial=3), [(16, 2)], "resources.gpu_per_trial", 3, "at most the 2 GPUs of one node"),
+    (R(cpu_per_trial=17), [(16, 0)], "resources.cpu_per_trial", 17, "at most the 16 CPUs of one node"),
+    # A trial's CPUs come from one node: two 32-CPU nodes do not hold a 40-CPU trial.
+    (R(cpu_per_trial=40), TWO_FOUR_32, "resources.cpu_per_trial", 40, "at most the 32 CPUs of one GPU node"),
+    # The CPU-only node is bigger, but GPU trials do not run there.
+    (R(cpu_per_trial=65), [(64, 8), (128, 0)], "resources.cpu_per_trial", 65, "at most the 64 CPUs of one GPU node"),
+    (R(cpu_per_trial=65, gpu_per_trial=0), MIXED, "resources.cpu_per_trial", 65, "at most the 64 CPUs of one node"),
 ])
-def test_plan_beyond_the_machine(res, cpus, gpus, key, value, allowed):
+def test_plan_beyond_the_machine(res, nodes, key, value, allowed):
     with pytest.raises(ConfigError) as err:
-        plan(res, cpus, gpus, 10)
+        plan(res, nodes, 10)
     assert (err.value.key, err.value.value, err.value.allowed) == (key, value, allowed)
 
 
-@pytest.mark.parametrize("cpu,workers", [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 2), (16, 7)])
-def test_loader_workers_stay_within_the_trials_cpus(cpu, workers):
-    # Training: the loop, the pin-memory thread and `workers` loaders; validation: 2 * workers loaders.
-    assert TrialResources(cpu=cpu, gpu=0.25, max_concurrent_trials=None, at_once=1).loader_workers == workers
-    assert workers == 0 or 2 * workers + 2 <= cpu < 2 * (workers + 1) + 2
+@pytest.mark.parametrize("cpu,gpu,workers", [(0, 0.25, 0), (1, 0.25, 0), (2, 0.25, 1), (3, 0.25, 2), (4, 1, 3),
+                                             (16, 1, 15), (1, 0, 0), (16, 0, 0)])
+def test_loader_workers_leave_one_cpu_for_the_training_loop(cpu, gpu, workers):
+    """Validation's loader runs while training waits for it: it needs no CPUs of its own. A CPU trial
+    has none (Ultralytics trains on the CPU without loader processes)."""
+    trial = TrialResources(cpu=cpu, gpu=gpu, max_concurrent_trials=None, at_once=1, image_cache_mb=0,
+                           nodes=((16, 1),), hosts=1)
+    assert trial.loader_workers == workers
+
+
+@pytest.mark.parametrize("step", ["training", "final validation"])
+def test_a_trial_keeps_its_threads_after_ultralytics_sets_its_own(step, shapes_cache, tmp_path, monkeypatch):
+    """select_device sets torch's threads to Ultralytics' NUM_THREADS (min(8, cores - 1)) on the CPU, in
+    the trainer's set-up and in the final validation of best.pt: a trial's own (3 here) are set back."""
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
+    from ultralytics.utils import torch_utils
+
+    monkeypatch.setattr(torch_utils, "NUM_THREADS", 8)
+    data = make_shapes(ShapesDataConfig(train_images=4, val_images=2, imgsz=64, cache_dir=str(shapes_cache)))
+    args = {"data": str(data / "data.yaml"), "device": "cpu", "imgsz": 64, "batch": 2, "plots": False,
+            "project": str(tmp_path), "name": "train"}
+    model = YOLO("yolo11n.yaml")
+    keep_threads(model, 3)
+    before = torch.get_num_threads()
+    try:
+        if step == "training":
+            DetectionTrainer(overrides={**args, "model": "yolo11n.yaml"}, _callbacks=model.callbacks)
+        else:
+            DetectionValidator(args=args, _callbacks=model.callbacks)(model=model.model)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_local_cpus_follow_the_process_affinity():
@@ -105,6 +254,11 @@ def test_claim_device(gpu_ids, visible, expected, monkeypatch):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert claim_device(gpu_ids) == expected
     assert os.environ["CUDA_VISIBLE_DEVICES"] == (visible or "")  # a CPU trial sees no GPU at all
+
+
+def test_a_trial_given_gpus_that_ray_named_nowhere_records_none(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert claim_device([2]) == ("0", "")
 
 
 @pytest.mark.slow

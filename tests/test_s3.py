@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune import Checkpoint
 
 import yolotune
 from conftest import REPO, run_cli, small_sweep_overrides
@@ -160,6 +161,55 @@ def test_node_copy_fetches_once_and_again_when_the_store_changes(s3, tmp_path):
     assert single.read_bytes() == b"b"
     with pytest.raises(FileNotFoundError):
         folder.child("nothing").node_copy()
+
+
+def test_a_location_on_rays_file_system_keeps_it(s3, tmp_path):
+    """Ray hands the driver's callbacks a trial's storage as (pyarrow file system, path)."""
+    from pyarrow.fs import LocalFileSystem
+
+    remote = Location(f"s3://yolotune/on-{tmp_path.name}")
+    on = Location.on(remote.fs, remote.fs_path)
+    assert (on.uri, on.fs, on.fs_path, on.remote) == (f"s3://yolotune/on-{tmp_path.name}", remote.fs,
+                                                       remote.fs_path, True)
+    local = LocalFileSystem()
+    on = Location.on(local, str(tmp_path / "exp"))
+    assert (on.uri, on.fs, on.fs_path, on.remote) == (str(tmp_path / "exp"), local, str(tmp_path / "exp"), False)
+
+
+def test_node_copy_fetches_a_same_size_replacement(s3, tmp_path):
+    """A dataset or weights file replaced by one of the same size: the store's time tells them apart
+    (S3 keeps it to the second: a replacement within the same second as the copy goes unseen)."""
+    client = boto3.client("s3")
+    key = f"same-{tmp_path.name}/weights.pt"
+    client.put_object(Bucket="yolotune", Key=key, Body=b"old weights")
+    single = Location(f"s3://yolotune/{key}")
+    assert single.node_copy().read_bytes() == b"old weights"
+    time.sleep(1.1)
+    client.put_object(Bucket="yolotune", Key=key, Body=b"new weights")
+    assert single.node_copy().read_bytes() == b"new weights"
+
+
+@pytest.mark.parametrize("continues", [False, True])
+def test_a_trial_on_a_fresh_node_gets_its_files_back_only_when_it_continues(s3, tmp_path, monkeypatch, continues):
+    """With an object store a trial works in Ray's local trial dir (its cwd): a trial that continues
+    from a checkpoint, possibly on another node, first gets its uploaded history and Ultralytics output
+    back; a fresh trial starts empty, even where the store holds an earlier trial's files."""
+    from yolotune.trainable import _trial_dir
+
+    trial = Location(f"s3://yolotune/fresh-node-{tmp_path.name}").child("trial_a")
+    files = {layout.HISTORY: b'{"epoch": 1}\n', "train/results.csv": b"epoch\n1\n"}
+    for name, body in files.items():
+        boto3.client("s3").put_object(Bucket="yolotune", Key=f"{trial.fs_path.split('/', 1)[1]}/{name}", Body=body)
+    node_cwd = tmp_path / "node"  # nothing of an earlier run on this node
+    node_cwd.mkdir()
+    monkeypatch.chdir(node_cwd)
+    checkpoint = None
+    if continues:
+        (tmp_path / "ckpt").mkdir()
+        checkpoint = Checkpoint.from_directory(tmp_path / "ckpt")
+    assert _trial_dir(trial, checkpoint) == node_cwd
+    found = {p.relative_to(node_cwd).as_posix(): p.read_bytes() for p in node_cwd.rglob("*") if p.is_file()}
+    assert found == (files if continues else {})
 
 
 def test_data_and_weights_in_the_store_are_checked_and_fetched_before_ray(s3, tmp_path, shapes_cache):

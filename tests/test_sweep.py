@@ -62,6 +62,29 @@ def test_best_weights_load(small_sweep):
     assert model.task == "detect"
 
 
+def _saved_epoch(weights):
+    """The metric values and the epoch that a checkpoint Ultralytics saved holds (its results.csv rows so far)."""
+    import torch
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    return ckpt["train_metrics"]["val/box_loss"], len(ckpt["train_results"]["epoch"])
+
+
+def test_best_weights_are_the_best_trials_at_its_best_epoch_by_the_metric(small_sweep):
+    """The sweep ranks by val/box_loss (min), which Ultralytics' own best.pt does not follow."""
+    from yolotune.layout import TRIAL_BEST_WEIGHTS, read_jsonl
+
+    trials = pd.read_csv(small_sweep / "trials.csv").set_index("trial_id")
+    for trial_id, trial in trials.iterrows():
+        rows = [r for r in read_jsonl(small_sweep / f"trial_{trial_id}" / "history.jsonl")[0] if r["validated"]]
+        best = min(rows, key=lambda r: r["val/box_loss"])  # from the raw history; first of ties
+        saved = _saved_epoch(small_sweep / f"trial_{trial_id}" / "train" / "weights" / TRIAL_BEST_WEIGHTS)
+        assert saved == (pytest.approx(best["val/box_loss"]), best["epoch"]), trial_id
+    winner = trials["best_val/box_loss"].idxmin()
+    assert _saved_epoch(small_sweep / "best.pt") == (pytest.approx(trials.at[winner, "best_val/box_loss"]),
+                                                      trials.at[winner, "best_epoch"])
+
+
 def test_reused_workers_train_each_trials_own_config(small_sweep):
     """With reuse_actors one process runs several trials; each must train with its own sampled values."""
     pids = set()

@@ -2,8 +2,8 @@
 
 ``live_view(...)`` is a Ray Tune callback in the driver. It keeps one progress line for the
 experiment (trials done, trial-epochs run, the best value of the metric and its trial, elapsed
-and remaining time) and prints one line per trial event: started, stopped early, finished,
-errored. It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a
+and remaining time) and prints one line per trial event: started, batch cut by Ultralytics,
+stopped early, finished, errored. It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a
 background thread, whenever a trial ends. ``log_to(path)`` copies everything printed into the
 experiment's ``yolotune.log``.
 
@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
-from yolotune.layout import TRAIN_LOG, trial_dirname
+from yolotune.layout import TRAIN_LOG, TRAINED_BATCH, trial_dirname
 
 VERBOSE = ("yolotune", "ray", "quiet")  # the config's `verbose`: our live view, Ray's tables, or nothing
 PLAIN_EVERY_S = 30.0
@@ -80,6 +80,16 @@ def started_line(trial_id: str, config: Dict, resumed: bool = False) -> str:
 def ended_line(trial_id: str, epochs: int, max_epochs: int, metric: str, last, best) -> str:
     how = f"stopped early by the scheduler at epoch {epochs}" if epochs < max_epochs else f"finished {n_epochs(epochs)}"
     return f"trial {trial_id} {how}: {metric} {_number(last)} (best {_number(best)})"
+
+
+def batch_cut_line(trial_id: str, configured, trained) -> Optional[str]:
+    """The line for a trial that trains with a smaller batch than configured (Ultralytics halves it after
+    running out of GPU memory in the first epoch); None otherwise, and for a batch AutoBatch sizes
+    (configured ``-1`` or a fraction, below any batch)."""
+    if trained is None or trained >= configured:
+        return None
+    return (f"trial {trial_id}: Ultralytics cut the batch from {configured:g} to {trained:g} after running out of "
+            "GPU memory")
 
 
 def errored_line(trial_id: str, epochs: int, error: str, log: Path) -> str:
@@ -324,6 +334,14 @@ def log_to(path: Path):
             sys.stdout, sys.stderr = out, err
 
 
+def announce(line: str, verbose: str) -> None:
+    """A line about the whole run (its plan): on the console unless quiet, in yolotune.log always."""
+    if verbose == "quiet":
+        _log_only(line)
+    else:
+        print(line)
+
+
 def _log_only(line: str) -> None:
     if isinstance(sys.stdout, _Tee):
         sys.stdout.log.write(line + "\n")
@@ -364,9 +382,11 @@ def ray_logs(verbose: str):
 
 
 def live_view(exp_dir: Path, metric: str, mode: str, epochs: int, prunes: bool, verbose: str,
-              refresh: Callable[[], None]):
-    """The callback for ``RunConfig(callbacks=...)``; ``refresh()`` rewrites the report."""
-    return sys.modules[__name__].LiveView(exp_dir, metric, mode, epochs, prunes, verbose == "yolotune", refresh)
+              refresh: Callable[[], None], batch):
+    """The callback for ``RunConfig(callbacks=...)``; ``refresh()`` rewrites the report; ``batch``: the
+    trials' batch unless their config samples one."""
+    return sys.modules[__name__].LiveView(exp_dir, metric, mode, epochs, prunes, verbose == "yolotune", refresh,
+                                          batch)
 
 
 def __getattr__(name: str):
@@ -383,9 +403,9 @@ def _build_live_view():
 
     class LiveView(Callback):
         def __init__(self, exp_dir: Path, metric: str, mode: str, epochs: int, prunes: bool, echo: bool,
-                     refresh: Callable[[], None]):
+                     refresh: Callable[[], None], batch):
             self.exp_dir, self.metric, self.mode, self.epochs = Path(exp_dir), metric, mode, epochs
-            self.prunes, self.echo, self.refresh = prunes, echo, refresh
+            self.prunes, self.echo, self.refresh, self.batch = prunes, echo, refresh, batch
 
         def __getstate__(self):  # tuner.pkl keeps the settings, not the terminal or the thread
             return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -396,6 +416,7 @@ def _build_live_view():
             self._screen = Screen(self.echo, total)
             self._refresher = Refresher(self.refresh)
             self._tick, self._last_ended = Throttle(TERMINAL_EVERY_S), False
+            self._batch_cut: set = set()  # trials whose cut batch was named
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._last_ended = False
@@ -420,6 +441,10 @@ def _build_live_view():
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self._progress.result(trial.trial_id, result.get("time_this_iter_s", 0.0))
             self._last_ended = False
+            line = batch_cut_line(trial.trial_id, trial.config.get("batch", self.batch), result.get(TRAINED_BATCH))
+            if line and trial.trial_id not in self._batch_cut:
+                self._batch_cut.add(trial.trial_id)
+                self._screen.event(line)
 
         def on_step_end(self, iteration, trials, **info):
             if self._tick(time.time()):

@@ -7,10 +7,11 @@ beyond the standard library (no Hydra, no OmegaConf, no Ray).
       .hydra/config.yaml      the composed config (re-runnable with --config-path)
       .hydra/overrides.yaml   the command line's overrides
       provenance.yaml         command, versions, git state
+      plan.yaml               the last run's resource plan: trials at once, each one's CPUs, GPU share, loaders
       trials.jsonl            yolotune's trial record: one event a line (records.py)
       trial_<id>/history.jsonl  the trial's per-epoch results, appended by the trial itself
       trial_<id>/train.log    everything the trial printed (Ultralytics' output, warnings, its traceback)
-      trial_<id>/train/       Ultralytics' output (weights/last.pt, ...)
+      trial_<id>/train/       Ultralytics' output (weights/last.pt, ...) and weights/best_by_metric.pt
       trials.csv, best_hyperparameters.yaml, best.pt, plots/, report.html   results
       yolotune.log            the console output of every run (appended on resume)
       .finished               written when every trial has ended; absent while resumable
@@ -28,6 +29,7 @@ from typing import Iterator, List, Optional, Tuple
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
 SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
 PROVENANCE = "provenance.yaml"
+PLAN = "plan.yaml"
 # Each trial's per-epoch results, appended by the trial itself before it reports the epoch to Ray.
 # (Ray's own result.json is written by the driver and copied back over on pause/restore, which
 # can drop epochs under PBT and HyperBand.)
@@ -45,6 +47,14 @@ TUNER_STATE = "tuner.pkl"  # Ray Tune's: written once the Tuner starts; what a r
 TRIALS_CSV = "trials.csv"
 BEST_HYPERPARAMETERS = "best_hyperparameters.yaml"
 BEST_WEIGHTS = "best.pt"
+# A trial's weights at its best epoch by the experiment's metric (train/weights/; Ultralytics' best.pt
+# follows its own fitness, and a PBT trial inherits its donor's best fitness): what best.pt exports.
+TRIAL_BEST_WEIGHTS = "best_by_metric.pt"
+# Reported at every epoch, validated or not (trainable.py); validation metrics only at validated epochs.
+TRAINING_VALUES = ("train/", "lr/")
+# In each history row: the batch the epoch trained with, smaller than asked when Ultralytics cut it after
+# running out of GPU memory in the first epoch.
+TRAINED_BATCH = "trained_batch"
 PLOTS_DIR = "plots"
 REPORT = "report.html"
 
@@ -80,6 +90,15 @@ def is_finished(exp_dir: Path) -> bool:
 def stopped_by_budget(exp_dir: Path) -> bool:
     """The time budget ended the last run (not finished: resume=true goes on)."""
     return (exp_dir / BUDGET_MARKER).exists() and not is_finished(exp_dir)
+
+
+def measured_value(row: dict, metric: str) -> Optional[float]:
+    """The value of ``metric`` that a history row measured (a training value at every epoch, a
+    validation metric at validated epochs only, as results.measured reads them), or None."""
+    value = row.get(metric)
+    if not isinstance(value, (int, float)) or value != value:  # absent, or NaN
+        return None
+    return float(value) if metric.startswith(TRAINING_VALUES) or row.get("validated", 1) else None
 
 
 def write_atomic(path: Path, data) -> None:

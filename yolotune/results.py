@@ -30,7 +30,6 @@ from yolotune.storage import Location
 # or never started (PENDING).
 ENDED = ("TERMINATED", "ERROR", "PAUSED")
 STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING", "PAUSED")  # Ray's trial statuses
-TRAINING_VALUES = ("train/", "lr/")  # reported at every epoch, validated or not (trainable.py)
 
 
 def default_mode(metric: str) -> str:
@@ -63,7 +62,7 @@ def validated(history: pd.DataFrame) -> pd.DataFrame:
 def measured(history: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The rows that hold a measured value of ``metric``: a training value (``train/...``, ``lr/...``) at
     every epoch, a validation metric at the validated epochs only."""
-    rows = history if metric.startswith(TRAINING_VALUES) else validated(history)
+    rows = history if metric.startswith(layout.TRAINING_VALUES) else validated(history)
     return rows.dropna(subset=[metric]) if metric in rows else rows.iloc[:0]
 
 
@@ -152,7 +151,8 @@ class ExperimentResults:
 
     def dataframe(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:
         """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` (over the
-        validated epochs) and the epoch of the best, node, error. Trials that have not reported yet have empty values."""
+        validated epochs) and the epoch of the best, the batch its last epoch trained with, node, error.
+        Trials that have not reported yet have empty values."""
         metric, mode = self._resolve(metric, mode)
         reported = self.reported_metrics()
         # The experiment's own metric is known good, though no epoch may have validated yet (validate=decisions).
@@ -178,14 +178,19 @@ class ExperimentResults:
                 f"last_{metric}": values.iloc[-1] if len(values) else None,
                 f"best_{metric}": values[best_at] if best_at is not None else None,
                 "best_epoch": int(runs.at[best_at, "epoch"]) if best_at is not None else None,
+                # smaller than configured where Ultralytics cut it after running out of GPU memory
+                layout.TRAINED_BATCH: runs[layout.TRAINED_BATCH].iloc[-1] if layout.TRAINED_BATCH in runs and len(runs)
+                else None,
                 "hostname": runs["hostname"].iloc[-1] if "hostname" in runs and len(runs) else None,
                 "node_id": runs["node_id"].iloc[-1] if "node_id" in runs and len(runs) else None,
                 "gpu": runs["gpu"].iloc[-1] if "gpu" in runs and len(runs) else None,  # physical; "" on the CPU
                 "error": errors.get(trial.trial_id),
             })
         frame = pd.DataFrame(rows, columns=["trial_id", "status", *self.params, "epochs", f"last_{metric}",
-                                            f"best_{metric}", "best_epoch", "hostname", "node_id", "gpu", "error"])
-        return frame.astype({f"last_{metric}": float, f"best_{metric}": float, "best_epoch": "Int64"})
+                                            f"best_{metric}", "best_epoch", layout.TRAINED_BATCH, "hostname", "node_id",
+                                            "gpu", "error"])
+        return frame.astype({f"last_{metric}": float, f"best_{metric}": float, "best_epoch": "Int64",
+                             layout.TRAINED_BATCH: "Int64"})
 
     def ranked(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:
         """``dataframe()`` sorted best first by ``metric``, trials without a value last, with a 1-based rank."""

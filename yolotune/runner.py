@@ -24,7 +24,7 @@ from yolotune.errors import ConfigError
 from yolotune.layout import trial_dirname
 from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
-from yolotune.storage import Location, is_uri, node_dataset
+from yolotune.storage import Location, cache_root, is_uri, node_dataset
 
 
 # Ray's TensorBoard logger only warns about Ultralytics' metric names; W&B is the dashboard here.
@@ -37,7 +37,6 @@ os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
 # Epochs without validation report no metric (trainable.py; validate=decisions): not an error here.
 # The driver checks results; yolotune checks the metric's name itself (config.validate).
 os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads from its weights dir
 
 
 def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
@@ -73,20 +72,25 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     log = contextlib.ExitStack()
     try:
         if exp.ray.address is not None:
-            total = ray.cluster_resources()
-            resources = plan(exp.resources, total.get("CPU", 1), total.get("GPU", 0), exp.iterations)
+            resources = plan(exp.resources, cluster_nodes(), exp.iterations)
             check_autobatch(exp, resources.gpu)
             local_files = [p for p in (job["data"], job["weights"]) if os.path.isabs(p)]  # not URIs: fetched per node
             check_readable_on_every_node(local_files)
         job["threads"] = resources.threads
+        job["gpu_per_trial"] = resources.gpu
+        job["image_cache_mb"] = resources.image_cache_mb
         job["train"].setdefault("workers", resources.loader_workers)  # within the trial's CPUs (GPU only)
         if resources.gpu and job["train"].get("amp", True) not in (False, "fp32", "bf16"):
             job["amp_weights_dir"] = amp_check_weights()
         if not exp.resume:
             save_config()
-            location.upload(*(p for p in exp_dir.rglob("*") if p.is_file()))
+        # This run's plan (a resume may run on other machines, or with other resources)
+        layout.write_atomic(exp_dir / layout.PLAN, yaml.safe_dump(resources.record(), sort_keys=False))
+        written = exp_dir.rglob("*") if not exp.resume else [exp_dir / layout.PLAN]
+        location.upload(*(p for p in written if p.is_file()))
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
         log.enter_context(console.ray_logs(exp.verbose))
+        console.announce(resources.summary(), exp.verbose)
         budget = time_budget(math.ceil(time.time() + exp.budget.seconds) if exp.budget.time else None)
         job["deadline"] = budget.deadline  # trials checkpoint the epoch that ends after it
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
@@ -233,7 +237,9 @@ def export_best(results, location: Location) -> List[Path]:
         return []
     written = [results.path / layout.BEST_HYPERPARAMETERS]
     layout.write_atomic(written[0], yaml.safe_dump(best_hp, sort_keys=False))
-    weights = location.fetch(f"{trial_dirname(results.best()['trial_id'])}/train/weights/best.pt")
+    trial_weights = f"{trial_dirname(results.best()['trial_id'])}/train/weights"
+    # Ultralytics' best.pt: trials from before yolotune kept their best epoch's weights by the metric.
+    weights = location.fetch(f"{trial_weights}/{layout.TRIAL_BEST_WEIGHTS}") or location.fetch(f"{trial_weights}/best.pt")
     if weights:
         from ultralytics.utils.torch_utils import strip_optimizer
 
@@ -266,10 +272,13 @@ def _ultralytics_quiet(exp: ExperimentConfig):
 def _live_view(exp: ExperimentConfig, location: Location):
     from yolotune import report
 
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
     prunes = exp.scheduler.stops_early or exp.search.replaces_scheduler
     epochs = exp.scheduler.trial_epochs(exp)
     return console.live_view(location.local, exp.metric, exp.mode, epochs, prunes, exp.verbose,
-                             partial(report.write_all_at, location.uri))
+                             partial(report.write_all_at, location.uri),
+                             exp.train.get("batch", DEFAULT_CFG_DICT["batch"]))
 
 
 def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, location: Location, budget) -> None:
@@ -284,6 +293,13 @@ def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, location: Location, b
 def resume_command(exp: ExperimentConfig, exp_dir: Path) -> str:
     storage = exp.storage if is_uri(exp.storage) else str(exp_dir.parent)
     return f"python -m yolotune resume=true name={shlex.quote(exp_dir.name)} storage={shlex.quote(storage)}"
+
+
+def cluster_nodes() -> List[Tuple[float, float]]:
+    """(CPUs, GPUs) of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [(node["Resources"].get("CPU", 0), node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
@@ -323,7 +339,7 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     resolved, absolute) and the planned resources."""
     resources = None
     if exp.ray.address is None:
-        resources = plan(exp.resources, local_cpus(), _local_gpus(), exp.iterations)
+        resources = plan(exp.resources, [(local_cpus(), _local_gpus())], exp.iterations)
         check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
@@ -332,27 +348,35 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:
         train.setdefault("seed", exp.seed)
-    if "seed" not in train:  # deterministic algorithms slow GPU training: only for a reproducible run
-        train.setdefault("deterministic", False)
+    # Ultralytics' default, deterministic algorithms, slows GPU training: a seed alone keeps the sampling
+    # and the trials' seeds reproducible; train.deterministic=true asks for bit-exact GPU training too.
+    train.setdefault("deterministic", False)
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
     job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
-           "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs(),
-           "image_cache_mb": exp.resources.image_cache_mb}
+           "metric": exp.metric, "mode": exp.mode,
+           "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs()}
     return job, resources
 
 
 def amp_check_weights() -> Optional[str]:
-    """The absolute folder holding the model of Ultralytics' AMP check, fetched here once for all
-    trials (each would fetch it into its own working dir); None if it cannot be had (offline): each
-    trial's check is then skipped with AMP on, as in Ultralytics."""
-    from ultralytics.utils import WEIGHTS_DIR
+    """The absolute folder holding the model of Ultralytics' AMP check, for all trials (each would
+    fetch it into its own working dir): Ultralytics' weights dir where it is absolute and holds it,
+    else yolotune's cache, fetched into it here once when online. Never the working dir (Ultralytics'
+    weights dir is relative for a pip install). None if it cannot be had (offline): each trial's check
+    is then skipped with AMP on, as in Ultralytics (trainable.node_amp_check)."""
+    from ultralytics.utils import ONLINE, WEIGHTS_DIR
     from ultralytics.utils.downloads import attempt_download_asset
 
-    path = WEIGHTS_DIR.resolve() / AMP_CHECK_MODEL
-    try:
-        attempt_download_asset(path)
-    except Exception:  # noqa: BLE001 - offline, or the download failed
-        pass
+    from yolotune.trainable import AMP_CHECK_MODEL
+
+    if WEIGHTS_DIR.is_absolute() and (WEIGHTS_DIR / AMP_CHECK_MODEL).is_file():
+        return str(WEIGHTS_DIR)
+    path = cache_root() / "weights" / AMP_CHECK_MODEL
+    if not path.is_file() and ONLINE:
+        try:
+            attempt_download_asset(path)
+        except Exception:  # noqa: BLE001 - the download failed
+            pass
     return str(path.parent) if path.is_file() else None
 
 

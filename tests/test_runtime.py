@@ -1,0 +1,361 @@
+"""The decisions of the modules a sweep runs through, in-process and without Ray running: where a
+trial continues from, which epoch's weights are its best, which weights best.pt exports, which
+config a trial is reported with, and which saved Ray state an old experiment is converted from.
+Each test here was checked against the bug it is for (planted, seen to fail, restored)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from pyarrow.fs import LocalFileSystem
+from ray.tune import Checkpoint
+
+from compose import experiment
+from test_results_fast import LOSS, TRIALS, build, ranked_ids
+from yolotune import layout, records
+from yolotune.results import load
+from yolotune.errors import ConfigError
+from yolotune.resources import local_cpus
+from yolotune.runner import _local_gpus, _ray_init_args, check_reachable, export_best, resume_command
+from yolotune.storage import Location
+from yolotune.trainable import BestEpoch, _resume_point
+
+# --- where a trial continues from -------------------------------------------------------------
+
+
+def _save(path: Path, epoch: int) -> Path:
+    """A checkpoint as Ultralytics writes it: tensors and pickled objects (a model) besides numbers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "model": torch.nn.Linear(1, 1), "updates": torch.tensor([epoch])}, path)
+    return path
+
+
+def _checkpoint(folder: Path, epoch: int) -> Checkpoint:
+    _save(folder / "last.pt", epoch)
+    return Checkpoint.from_directory(folder)
+
+
+# (this trial's last.pt epoch or None, its registered checkpoint's epoch or None, checkpoint from another
+#  trial (PBT donor), expected epoch or None for a fresh start)
+RESUME_POINTS = [
+    (None, None, False, None),  # a fresh trial
+    (4, None, False, 4),        # the driver died before registering any checkpoint: its own last.pt
+    (None, 3, False, 3),        # a resumed trial on another node: only the registered checkpoint
+    (4, 3, False, 4),           # last.pt is newer than the registered checkpoint (killed right after an epoch)
+    (3, 5, False, 5),           # the checkpoint is newer
+    (4, 4, False, 4),
+    (6, 2, True, 2),            # PBT: the donor's weights, even though this trial's own are newer
+    ("cut", 3, False, 3),       # last.pt cut short by a kill: the checkpoint
+    ("cut", None, False, None),  # nothing readable: a fresh start
+    ("unregistered", None, False, 5),  # last.pt moved into a checkpoint folder the driver never registered
+]
+
+
+@pytest.mark.parametrize("own,registered,donor,expected", RESUME_POINTS)
+def test_a_trial_continues_from_its_newest_readable_checkpoint(tmp_path, own, registered, donor, expected):
+    trial_dir = tmp_path / "exp" / "trial_a"
+    save_dir = trial_dir / "train"
+    if own == "cut":
+        (save_dir / "weights").mkdir(parents=True)
+        (save_dir / "weights" / "last.pt").write_bytes(b"PK\x03\x04 cut")
+    elif own == "unregistered":
+        _save(trial_dir / "checkpoint_000004" / "last.pt", 5)
+    elif own is not None:
+        _save(save_dir / "weights" / "last.pt", own)
+    checkpoint = None
+    if registered is not None:
+        checkpoint = _checkpoint((tmp_path / "exp" / "trial_b" if donor else trial_dir) / "checkpoint_000001",
+                                 registered)
+    point = _resume_point(trial_dir, save_dir, checkpoint)
+    assert (point and point["epoch"]) == expected
+
+
+# --- the best epoch's weights ------------------------------------------------------------------
+
+def _rows(values, validated=None, metric="val/box_loss"):
+    validated = validated or [1] * len(values)
+    return [{"epoch": i + 1, metric: v, **({} if ok == "absent" else {"validated": ok})}
+            for i, (v, ok) in enumerate(zip(values, validated))]
+
+
+# (metric, mode, values, validated flags, epochs that improve)
+BEST_EPOCHS = [
+    ("val/box_loss", "min", [1.5, 1.2, 1.3, 1.1, 1.1], None, [1, 2, 4]),  # a tie keeps the first, as results do
+    ("fitness", "max", [0.1, 0.3, 0.2, 0.3, 0.4], None, [1, 2, 5]),
+    ("fitness", "max", [0.1, float("nan"), 0.05, 0.2], None, [1, 4]),  # NaN is no value
+    ("val/box_loss", "min", [1.5, 0.2, 1.6, 0.9], [1, 0, 1, 1], [1, 4]),  # an unvalidated epoch holds no value
+    ("train/box_loss", "min", [1.5, 1.2, 1.3], [1, 0, 0], [1, 2]),  # training values count at every epoch
+    ("lr/pg0", "max", [0.1, 0.2], [0, 0], [1, 2]),
+    ("fitness", "max", [None, 0.2, 0.1], None, [2]),  # an epoch without the value
+    ("val/box_loss", "min", [1.5, 1.6, 1.2], ["absent"] * 3, [1, 3]),  # a history from before `validated`
+]
+
+
+@pytest.mark.parametrize("metric,mode,values,validated,improving", BEST_EPOCHS)
+def test_the_best_epoch_follows_the_metric_and_mode_over_measured_epochs(metric, mode, values, validated,
+                                                                          improving):
+    best = BestEpoch(metric, mode)
+    rows = _rows(values, validated, metric)
+    assert [row["epoch"] for row in rows if best.improves(row)] == improving
+
+
+def test_a_resumed_trial_goes_on_from_the_best_in_its_history(tmp_path):
+    history = tmp_path / layout.HISTORY
+    for row in _rows([1.5, 1.1, 1.3]):
+        layout.append_jsonl(history, row)
+    best = BestEpoch.of_history(history, "val/box_loss", "min")
+    assert best.best == 1.1
+    assert not best.improves({"val/box_loss": 1.2, "validated": 1})
+    assert best.improves({"val/box_loss": 1.0, "validated": 1})
+    assert BestEpoch.of_history(tmp_path / "none.jsonl", "fitness", "max").best is None  # a fresh trial
+
+
+def _weights(path: Path, value: float) -> None:
+    """A checkpoint as Ultralytics saves it, with one weight telling it apart."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model, "ema": None, "optimizer": {"state": 1}, "train_args": {}}, path)
+
+
+def _exported_weight(path: Path) -> float:
+    return float(torch.load(path, map_location="cpu", weights_only=False)["model"].weight.item())
+
+
+def test_best_pt_is_the_best_trials_weights_at_its_best_epoch_by_the_metric(tmp_path):
+    exp = build(tmp_path / "exp")
+    best_trial = ranked_ids(LOSS, "min")[0]
+    for trial_id in TRIALS:
+        weights = exp / f"trial_{trial_id}" / "train" / "weights"
+        _weights(weights / "last.pt", 1.0)  # its last epoch
+        _weights(weights / "best.pt", 2.0)  # Ultralytics' best, by its own fitness
+        _weights(weights / layout.TRIAL_BEST_WEIGHTS, 3.0 if trial_id == best_trial else 4.0)
+    results = load(exp)
+    written = export_best(results, Location(str(exp)))
+    assert written == [exp / layout.BEST_HYPERPARAMETERS, exp / layout.BEST_WEIGHTS]
+    best_hp = (exp / layout.BEST_HYPERPARAMETERS).read_text()  # in the order yolo train reads them
+    assert best_hp == yaml.safe_dump(results.best_hyperparameters(), sort_keys=False)
+    assert list(yaml.safe_load(best_hp))[:2] == ["model", "data"] and best_hp != yaml.safe_dump(yaml.safe_load(best_hp))
+    assert _exported_weight(exp / layout.BEST_WEIGHTS) == 3.0
+    exported = torch.load(exp / layout.BEST_WEIGHTS, map_location="cpu", weights_only=False)
+    assert exported["optimizer"] is None and exported["model"].weight.dtype == torch.float16  # for inference
+
+    # An experiment from before yolotune kept the best epoch's weights: Ultralytics' best.pt.
+    (exp / f"trial_{best_trial}" / "train" / "weights" / layout.TRIAL_BEST_WEIGHTS).unlink()
+    export_best(load(exp), Location(str(exp)))
+    assert _exported_weight(exp / layout.BEST_WEIGHTS) == 2.0
+
+
+def test_no_best_trial_exports_nothing(tmp_path):
+    exp = build(tmp_path / "exp", rows=lambda trial_id: [])
+    assert export_best(load(exp), Location(str(exp))) == []
+    assert not (exp / layout.BEST_WEIGHTS).exists() and not (exp / layout.BEST_HYPERPARAMETERS).exists()
+
+
+# --- the config a trial is reported with -------------------------------------------------------
+
+def test_a_trial_is_reported_with_its_latest_config(tmp_path):
+    """PBT changes a trial's hyperparameters when it exploits another trial: the trial restarts with
+    the new config, and results, trials.csv and best_hyperparameters show that one."""
+    exp = build(tmp_path / "exp")
+    (exp / "trials.jsonl").unlink()
+    storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(exp))  # Ray's
+    trials = {t: SimpleNamespace(trial_id=t, path=str(exp / f"trial_{t}"), status="RUNNING", error_file=None,
+                                 config={"lr0": s["lr0"], "momentum": s["momentum"], "__trial_index__": 0},
+                                 storage=storage) for t, s in TRIALS.items()}
+    recorder = records.trial_recorder()
+    for trial in trials.values():
+        recorder.on_trial_start(iteration=1, trials=list(trials.values()), trial=trial)
+    exploited = trials["t_done"]
+    exploited.config = {"lr0": 0.123, "momentum": 0.777, "__trial_index__": 0}  # PBT's new values
+    exploited.status = "PAUSED"
+    recorder.on_step_end(iteration=2, trials=list(trials.values()))
+    recorder = pickle.loads(pickle.dumps(recorder))  # a resumed sweep
+    recorder.on_trial_start(iteration=3, trials=list(trials.values()), trial=exploited)
+    recorder.on_trial_complete(iteration=4, trials=list(trials.values()), trial=exploited)
+
+    state = {t.trial_id: t for t in records.read_trials(exp)[0]}
+    assert state["t_done"].config == {"lr0": 0.123, "momentum": 0.777}
+    assert state["t_early"].config == {"lr0": TRIALS["t_early"]["lr0"], "momentum": TRIALS["t_early"]["momentum"]}
+    frame = load(exp).dataframe().set_index("trial_id")
+    assert (frame.at["t_done", "lr0"], frame.at["t_done", "momentum"]) == (0.123, 0.777)
+
+
+# --- experiments of an earlier yolotune: converted from Ray's newest saved state -----------------
+
+def _state(statuses: dict, lr0: float) -> str:
+    trial_data = [[json.dumps({"trial_id": t, "status": s, "config": {"lr0": lr0, "__trial_index__": 0}}), "{}"]
+                  for t, s in statuses.items()]
+    return json.dumps({"trial_data": trial_data})
+
+
+@pytest.mark.parametrize("names", [
+    ("experiment_state-2025-01-01_00-00-00.json", "experiment_state-2025-01-02_00-00-00.json"),
+    ("experiment_state-2025-01-01_09-00-00.json", "experiment_state-2025-01-01_10-00-00.json"),
+])
+def test_an_old_experiment_is_converted_from_the_newest_of_its_saved_states(tmp_path, names):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    older, newer = names
+    (exp / newer).write_text(_state({"a": "TERMINATED", "b": "ERROR"}, lr0=0.2))
+    (exp / older).write_text(_state({"a": "RUNNING", "b": "RUNNING", "c": "PENDING"}, lr0=0.1))
+    os.utime(exp / older, (2e9, 2e9))  # touched later: the name's timestamp decides, not the file's time
+    assert records.needs_conversion(exp)
+    records.convert(exp)
+    assert not records.needs_conversion(exp)
+    trials, skipped = records.read_trials(exp)
+    assert skipped == 0
+    assert [(t.trial_id, t.status, t.config) for t in trials] == [("a", "TERMINATED", {"lr0": 0.2}),
+                                                                    ("b", "ERROR", {"lr0": 0.2})]
+    events = layout.read_jsonl(exp / layout.TRIAL_RECORD)[0]
+    assert {e["time"] for e in events} == {(exp / newer).stat().st_mtime}  # when that state was saved
+    with pytest.raises(FileExistsError):
+        records.convert(exp)
+
+
+# --- checkpoints reach Ray without a copy of last.pt -------------------------------------------
+
+def _persist(tmp_path, monkeypatch, staged_name: str):
+    """Ray's own persisting of a reported checkpoint (what tune.report does with it), from a folder
+    staged in the trial dir; returns the staged file's inode, the persisted folder and the staged one."""
+    from ray.train._internal import storage as ray_storage
+    from ray.train._internal.storage import StorageContext
+
+    from yolotune.trainable import _move_staged_checkpoints
+
+    copy = ray_storage._pyarrow_fs_copy_files  # Ray's own, as a new worker process has it
+    monkeypatch.setattr(ray_storage, "_pyarrow_fs_copy_files", getattr(copy, "ray_copy", copy))
+    _move_staged_checkpoints()
+    storage = StorageContext(str(tmp_path / "storage"), "exp", trial_dir_name="trial_a")
+    Path(storage.experiment_fs_path, ".validate_storage_marker").touch()  # as the driver leaves it
+    staged = Path(storage.trial_fs_path) / staged_name
+    _save(staged / "last.pt", 3)
+    inode = (staged / "last.pt").stat().st_ino
+    storage.current_checkpoint_index = 0
+    persisted = storage.persist_current_checkpoint(Checkpoint.from_directory(staged))
+    return inode, Path(persisted.path), staged
+
+
+def test_a_staged_checkpoint_moves_into_the_checkpoint_folder(tmp_path, monkeypatch):
+    inode, persisted, staged = _persist(tmp_path, monkeypatch, ".ckpt-x1")
+    assert persisted.name == "checkpoint_000000"
+    assert (persisted / "last.pt").stat().st_ino == inode  # the same file: no second copy of its bytes
+    assert (persisted / "last.pt").stat().st_nlink == 1 and list(staged.iterdir()) == []
+    assert torch.load(persisted / "last.pt", weights_only=False)["epoch"] == 3
+
+
+def test_other_checkpoints_are_copied_as_ray_copies_them(tmp_path, monkeypatch):
+    inode, persisted, staged = _persist(tmp_path, monkeypatch, "mine")  # not staged by a trial: a user's, a PBT clone
+    assert (persisted / "last.pt").stat().st_ino != inode and (staged / "last.pt").is_file()
+    assert torch.load(persisted / "last.pt", weights_only=False)["epoch"] == 3
+
+
+def test_checkpoints_are_moved_by_one_patch_however_often_trials_start(monkeypatch):
+    from ray.train._internal import storage as ray_storage
+
+    from yolotune.trainable import _move_staged_checkpoints
+
+    copy = ray_storage._pyarrow_fs_copy_files
+    original = getattr(copy, "ray_copy", copy)
+    monkeypatch.setattr(ray_storage, "_pyarrow_fs_copy_files", original)
+    _move_staged_checkpoints()
+    patched = ray_storage._pyarrow_fs_copy_files
+    _move_staged_checkpoints()  # the worker's next trial
+    assert ray_storage._pyarrow_fs_copy_files is patched and patched.ray_copy is original
+
+
+# --- what a trial prints, in its train.log ------------------------------------------------------
+
+def test_a_trial_log_keeps_whole_lines_only(tmp_path):
+    from yolotune.trainable import _FinishedLines
+
+    with open(tmp_path / "train.log", "w") as raw:
+        log = _FinishedLines(raw)
+        text = "epoch 1/3 \x1b[1m 10%\r epoch 1/3  100%\nval"
+        assert log.write(text) == len(text)
+        log.flush()
+        assert (tmp_path / "train.log").read_text() == " epoch 1/3  100%\n"  # the line in progress waits
+        assert not log.isatty()
+        log.write("idation done")
+        log.close()  # the unfinished last line is kept
+    assert (tmp_path / "train.log").read_text() == " epoch 1/3  100%\nvalidation done\n"
+
+
+# --- Ray: a private local instance or a cluster that answers -----------------------------------
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], {"address": "local", "num_cpus": local_cpus(), "num_gpus": _local_gpus(), "include_dashboard": False,
+          "_node_ip_address": "127.0.0.1", "runtime_env": None, "logging_level": logging.WARNING}),
+    (["ray.address=auto", "verbose=ray", "+ray.runtime_env.env_vars.A='1'"],
+     {"address": "auto", "runtime_env": {"env_vars": {"A": "1"}}, "logging_level": logging.INFO}),
+    (["ray.address=10.0.0.1:6379", "verbose=quiet"],
+     {"address": "10.0.0.1:6379", "runtime_env": None, "logging_level": logging.WARNING}),
+])
+def test_ray_starts_privately_unless_a_cluster_is_named(overrides, expected):
+    assert _ray_init_args(experiment(*overrides)) == {"log_to_driver": False, **expected}
+
+
+def test_resume_command_names_the_experiment_and_its_storage(tmp_path):
+    exp_dir = tmp_path / "my runs" / "exp 1"
+    assert resume_command(experiment(), exp_dir) == \
+        f"python -m yolotune resume=true name='exp 1' storage='{tmp_path / 'my runs'}'"
+    remote = experiment("storage='s3://bucket/runs?region=x'")
+    assert resume_command(remote, tmp_path / "cache" / "exp") == \
+        "python -m yolotune resume=true name=exp storage='s3://bucket/runs?region=x'"
+
+
+def test_a_cluster_that_answers_passes_and_one_that_does_not_is_one_error(tmp_path, monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert check_reachable(f"127.0.0.1:{port}") is None
+        assert check_reachable(f"ray://127.0.0.1:{port}") is None
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` records the cluster
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+        assert check_reachable("auto") is None
+    with pytest.raises(ConfigError) as err:
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2)  # closed now
+    assert (err.value.key, err.value.value) == ("ray.address", f"127.0.0.1:{port}")
+    assert err.value.allowed.startswith("no Ray cluster answers there (") and err.value.allowed.endswith(
+        "start one with `ray start --head` or give the head node's host:port")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # Ray's own variable comes first
+    with pytest.raises(ConfigError) as err:
+        check_reachable("auto", timeout_s=2)
+    assert err.value.value == f"127.0.0.1:{port}"
+    monkeypatch.delenv("RAY_ADDRESS")
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    with pytest.raises(ConfigError) as err:
+        check_reachable("auto")
+    assert (err.value.key, err.value.value, err.value.allowed) == (
+        "ray.address", "auto", "no running Ray cluster found on this machine; start one with `ray start --head` or "
+                               "give host:port")
+
+
+# --- the JSON-lines files a kill can cut short ---------------------------------------------------
+
+@pytest.mark.parametrize("before,after", [
+    ("", ""),                                               # a new file
+    ('{"a": 1}\n', '{"a": 1}\n'),                           # whole lines are kept
+    ('{"a": 1}\n{"a": 2}\n{"a', '{"a": 1}\n{"a": 2}\n'),    # the line a kill cut short goes, only it
+    ('{"a": 1}\n\n{"a": 22', '{"a": 1}\n\n'),
+    ('{"a', ''),                                            # the first line cut: nothing before it
+    ('x\n{"a": 1', 'x\n'),
+])
+def test_an_append_first_cuts_off_a_line_cut_short(tmp_path, before, after):
+    path = tmp_path / "history.jsonl"
+    if before:
+        path.write_text(before)
+    layout.append_jsonl(path, {"epoch": 3})
+    assert path.read_text() == after + '{"epoch": 3}\n'
