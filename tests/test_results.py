@@ -22,12 +22,12 @@ from matplotlib.image import imread
 from PIL import Image
 
 from conftest import REPO, run_cli, small_sweep_overrides
-from yolotune import layout
+from yolotune import layout, plots
 from yolotune.results import load
 
 pytestmark = pytest.mark.slow
 
-PLOTS = ("history", "params", "progress")
+PLOTS = plots.KINDS
 METRIC = "val/box_loss"  # the small sweep's metric (mode min)
 
 
@@ -50,8 +50,8 @@ def cli_run(experiment) -> subprocess.CompletedProcess:
 
 
 def _results_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m yolotune.results ARGS` (the module form of the command)."""
-    return subprocess.run([sys.executable, "-m", "yolotune.results", *args], cwd=REPO, capture_output=True,
+    """`python -m yolotune results ARGS` (the module form of the command)."""
+    return subprocess.run([sys.executable, "-m", "yolotune", "results", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -120,7 +120,7 @@ def test_history_has_one_row_per_reported_epoch(small_sweep):
 def test_history_plot_marks_trials_the_scheduler_stopped_early(small_sweep):
     results = load(small_sweep)
     frame = results.dataframe()
-    fig = results.figure("history")
+    fig = plots.figure(results, "history")
     ax = fig.axes[0]
     assert ax.get_xlim()[1] >= 3  # the planned epochs, so that stopped trials end short of the right edge
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
@@ -137,7 +137,7 @@ def test_params_plot_uses_a_log_axis_for_loguniform_params(experiment, tmp_path,
     config = yaml.safe_load(config_file.read_text())
     config["space"]["lr0"] = spec  # a saved config may hold either form
     config_file.write_text(yaml.safe_dump(config))
-    fig = load(copy).figure("params")
+    fig = plots.figure(load(copy), "params")
     scales = {ax.get_xlabel().split()[0]: ax.get_xscale() for ax in fig.axes if ax.get_visible()}
     assert scales == {"lr0": "log", "lrf": "linear", "momentum": "linear", "weight_decay": "linear"}
 
@@ -197,7 +197,7 @@ def test_load_works_on_an_experiment_whose_driver_was_killed(tmp_path, shapes_ca
     assert results.best() is not None
     # Ray's own view, with no Ray running, holds the trials not started yet too: here PENDING
     assert len(results.result_grid) == sum(results.status_counts().values()) == len(frame) + results.unstarted
-    assert set(results.plot()) == set(PLOTS)
+    assert set(plots.save(results)) == set(PLOTS)
     cli = run_cli("results", str(storage / name), timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "(unfinished)" in cli.stdout

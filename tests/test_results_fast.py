@@ -303,7 +303,7 @@ def test_a_mode_other_than_min_or_max_is_refused(exp):
 
 def test_write_all_writes_trials_csv_plots_and_report(exp):
     written = report.write_all(exp)
-    assert set(written) == {"trials_csv", "history", "params", "progress", "report"}
+    assert set(written) == {"trials_csv", *plots.KINDS, "report"}
     assert all(Path(p).is_file() for p in written.values())
     trials = pd.read_csv(exp / "trials.csv").set_index("trial_id")
     want = expected(LOSS, "min")
@@ -311,25 +311,25 @@ def test_write_all_writes_trials_csv_plots_and_report(exp):
     assert trials[f"best_{LOSS}"].to_dict() == pytest.approx(want["best"].to_dict())
     assert trials["best_epoch"].to_dict() == want["best_epoch"].to_dict()
     page = (exp / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == len(plots.KINDS)
     assert all(f"<td>{t}</td>" in page for t in TRIALS) and ERROR in page
 
 
 def test_report_writes_the_page_with_the_top_trials_and_fresh_plots(exp):
-    path = load(exp).report(top=2)
+    path = report.write_all(load(exp), top=2)["report"]
     assert path == exp.resolve() / "report.html" and (exp / "plots" / "history.png").is_file()
     page = path.read_text()
     assert [t for t in TRIALS if f"<td>{t}</td>" in page] == [t for t in TRIALS if t in ranked_ids(LOSS, "min")[:2]]
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == len(plots.KINDS)
 
 
 def test_figures_and_written_plots_follow_the_metric_and_mode_asked_for(exp, tmp_path):
     results = load(exp)
-    assert results.figure("history", mode="max").axes[0].get_ylabel() == f"{LOSS} (higher is better)"
-    written = results.plot(["params"], FITNESS, "min", directory=tmp_path / "out")
+    assert plots.figure(results, "history", mode="max").axes[0].get_ylabel() == f"{LOSS} (higher is better)"
+    written = plots.save(results, ["params"], FITNESS, "min", directory=tmp_path / "out")
     assert written == {"params": tmp_path / "out" / "params.png"} and not (exp / "plots").exists()
     png = io.BytesIO()
-    results.figure("params", FITNESS, "min").savefig(png, format="png", dpi=plots.DPI)
+    plots.figure(results, "params", FITNESS, "min").savefig(png, format="png", dpi=plots.DPI)
     assert written["params"].read_bytes() == png.getvalue()
 
 
@@ -339,7 +339,7 @@ def test_trials_csv_keeps_the_experiments_metric_when_ranking_by_another(exp):
 
 
 def test_history_plot_draws_every_trials_raw_values_and_stars_the_best(exp):
-    fig = load(exp).figure("history")
+    fig = plots.figure(load(exp), "history")
     ax = fig.axes[0]
     lines = {line.get_label().split()[0]: line for line in ax.get_lines() if line.get_label().startswith("t_")}
     assert set(lines) == set(TRIALS)
@@ -352,7 +352,7 @@ def test_history_plot_draws_every_trials_raw_values_and_stars_the_best(exp):
 
 
 def test_params_plot_places_each_trial_at_its_sampled_value_and_best_metric(exp):
-    fig = load(exp, metric=FITNESS).figure("params")
+    fig = plots.figure(load(exp, metric=FITNESS), "params")
     lr0_ax = next(ax for ax in fig.axes if ax.get_xlabel().startswith("lr0"))
     assert lr0_ax.get_xscale() == "log"
     points = sorted(map(tuple, lr0_ax.collections[0].get_offsets().tolist()))
@@ -388,7 +388,7 @@ def test_cli_json_ranks_by_another_metric_with_its_mode(exp, capsys):
     assert [row[f"best_{FITNESS}"] for row in data["ranked"]] == [want.at[t, "best"] for t in ranked[:2]]
     assert data["best"]["trial_id"] == ranked[0] and data["best"]["epoch"] == want.at[ranked[0], "best_epoch"]
     assert data["trials"] == ITERATIONS and data["status"]["PENDING"] == 1
-    assert set(data["files"]) == {"trials_csv", "history", "params", "progress", "report"}
+    assert set(data["files"]) == {"trials_csv", *plots.KINDS, "report"}
 
 
 def test_cli_mode_overrides_and_csv_format(exp, capsys):
@@ -427,8 +427,8 @@ def test_bad_path_or_metric_is_one_line_and_exit_2(exp, tmp_path, capsys, case):
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("command", [["-m", "yolotune", "results"], ["-m", "yolotune.results"]])
-def test_the_command_forms(exp, tmp_path, command):
+def test_the_command_forms(exp, tmp_path):
+    command = ["-m", "yolotune", "results"]
     proc = subprocess.run([sys.executable, *command, str(exp), "--format", "json"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout)["best"]["trial_id"] == ranked_ids(LOSS, "min")[0]
@@ -773,14 +773,14 @@ def test_measured_rows_are_the_epochs_with_a_value_that_counts(partial, metric):
 
 def test_plots_draw_metrics_at_validated_epochs_and_the_progress_of_each_trials_best(partial):
     results = load(partial)
-    ax = results.figure("history").axes[0]
+    ax = plots.figure(results, "history").axes[0]
     lines = {line.get_label().split()[0]: line for line in ax.get_lines() if line.get_label().startswith("t_")}
     assert {t: list(line.get_xdata()) for t, line in lines.items()} == {
         "t_first": [1, 3, 5], "t_last": [1, 3, 5], "t_stale": [1, 3, 5]}
-    ax = results.figure("history", metric="train/box_loss").axes[0]
+    ax = plots.figure(results, "history", metric="train/box_loss").axes[0]
     lines = {line.get_label().split()[0]: line for line in ax.get_lines() if line.get_label().startswith("t_")}
     assert list(lines["t_first"].get_xdata()) == [1, 2, 3, 4, 5]  # training values: every epoch
-    progress = results.figure("progress").axes[0]
+    progress = plots.figure(results, "progress").axes[0]
     (points,) = [c for c in progress.collections if c.get_label() == "a trial's best"]
     assert sorted(y for _, y in points.get_offsets().tolist()) == pytest.approx([0.90, 0.95, 1.25])
     written = report.write_all(partial)

@@ -11,10 +11,12 @@ import nothing heavy: no torch, Ray or Ultralytics.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from importlib import resources
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, urlsplit
 
@@ -189,13 +191,64 @@ def _typed(group: str, node: Any) -> DictConfig:
 
 
 def _refuse_unknown_keys(node: dict, schema: type, prefix: str) -> None:
-    from yolotune.overrides import unknown_key_hint
-
     known = {f.name for f in dataclasses.fields(schema)}
     for key, value in node.items():
         if key not in known:
             name = f"{prefix}{key}"  # a saved config edited by hand may have a number as a key
             raise ConfigError(name, value, unknown_key_hint(name, f"not in '{schema.__name__}'"))
+
+
+def top_level_keys() -> List[str]:
+    return [f.name for f in dataclasses.fields(ExperimentConfig)]
+
+
+def unknown_key_hint(key: str, message: str) -> str:
+    """What the key could have been: the nearest key of its node, or the options that have it."""
+    head, _, last = key.rpartition(".")
+    group = head.split(".")[0]
+    option = re.search(r"not in '(\w+)'", message)
+    found = {cls.__name__: (name, cls) for name, cls in options(group).items()} if group in GROUPS \
+        else {}
+    if option and option.group(1) in found and head == group:
+        name, cls = found[option.group(1)]
+        keys = [f.name for f in dataclasses.fields(cls) if f.name != "type"]
+        owners = [option for kind, c in options(group).items() if last in {f.name for f in dataclasses.fields(c)}
+                  for option in options_of_type(group, kind)]
+        if owners:
+            return f"{group}={name} has no {last} (its keys: {', '.join(keys) or 'none'}); pick an option that " \
+                   f"has it first: {' or '.join(f'{group}={o}' for o in owners)}"
+        candidates = keys
+        close = difflib.get_close_matches(last, candidates, n=1)
+        return f"not a key of {group}={name}" + (f"; did you mean {group}.{close[0]}?" if close else
+                                                  f" (its keys: {', '.join(keys) or 'none'})")
+    candidates = _keys_under(head)
+    close = difflib.get_close_matches(last, candidates, n=1)
+    if close:
+        return f"not a key of {head or 'the experiment'}; did you mean {head + '.' if head else ''}{close[0]}?"
+    if not head:
+        return "not a key of the experiment nor an Ultralytics train argument (README lists the keys)"
+    return f"not a key of {head} (its keys: {', '.join(candidates) or 'none'})"
+
+
+def options_of_type(group: str, kind: str) -> List[str]:
+    """The conf/<group>/ options whose schema is that group's option ``kind``."""
+    conf = resources.files("yolotune.conf") / group
+    return sorted(f.name.removesuffix(".yaml") for f in conf.iterdir()
+                  if f.name.endswith(".yaml") and f"/schema_{group}_{kind}@" in f.read_text())
+
+
+def _keys_under(head: str) -> List[str]:
+    if not head:
+        return [*top_level_keys()]
+    root = head.split(".")[0]
+    if root in GROUPS:
+        return sorted({f.name for cls in options(root).values() for f in dataclasses.fields(cls)})
+    node = OmegaConf.structured(ExperimentConfig)
+    try:
+        sub = OmegaConf.select(node, head)
+        return list(sub.keys()) if isinstance(sub, DictConfig) else []
+    except Exception:  # noqa: BLE001 - a path that does not exist has no keys
+        return []
 
 
 def literal(value: Any) -> Any:

@@ -11,14 +11,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 from importlib import resources
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
+from yolotune.config import top_level_keys, unknown_key_hint
 from yolotune.errors import ConfigError
 from yolotune.layout import first_line
 
@@ -34,12 +34,6 @@ def group_options() -> Dict[str, List[str]]:
     return {group.name: sorted(f.name.removesuffix(".yaml") for f in group.iterdir() if f.name.endswith(".yaml"))
             for group in sorted(conf.iterdir(), key=lambda g: g.name)
             if group.is_dir() and group.name not in ("hydra", "__pycache__")}
-
-
-def top_level_keys() -> List[str]:
-    from yolotune.config import ExperimentConfig
-
-    return [f.name for f in dataclasses.fields(ExperimentConfig)]
 
 
 def normalize(argv: Sequence[str]) -> List[str]:
@@ -158,59 +152,6 @@ def _value_of(key: str, overrides: Sequence[str]) -> str:
         if name.lstrip("+~") == key:
             return value
     return ""
-
-
-def unknown_key_hint(key: str, message: str) -> str:
-    """What the key could have been: the nearest key of its node, or the options that have it."""
-    from yolotune import config
-
-    head, _, last = key.rpartition(".")
-    group = head.split(".")[0]
-    option = re.search(r"not in '(\w+)'", message)
-    found = {cls.__name__: (name, cls) for name, cls in config.options(group).items()} if group in config.GROUPS \
-        else {}
-    if option and option.group(1) in found and head == group:
-        name, cls = found[option.group(1)]
-        keys = [f.name for f in dataclasses.fields(cls) if f.name != "type"]
-        owners = [option for kind, c in config.options(group).items() if last in {f.name for f in dataclasses.fields(c)}
-                  for option in options_of_type(group, kind)]
-        if owners:
-            return f"{group}={name} has no {last} (its keys: {', '.join(keys) or 'none'}); pick an option that " \
-                   f"has it first: {' or '.join(f'{group}={o}' for o in owners)}"
-        candidates = keys
-        close = difflib.get_close_matches(last, candidates, n=1)
-        return f"not a key of {group}={name}" + (f"; did you mean {group}.{close[0]}?" if close else
-                                                  f" (its keys: {', '.join(keys) or 'none'})")
-    candidates = _keys_under(head)
-    close = difflib.get_close_matches(last, candidates, n=1)
-    if close:
-        return f"not a key of {head or 'the experiment'}; did you mean {head + '.' if head else ''}{close[0]}?"
-    if not head:
-        return "not a key of the experiment nor an Ultralytics train argument (README lists the keys)"
-    return f"not a key of {head} (its keys: {', '.join(candidates) or 'none'})"
-
-
-def options_of_type(group: str, kind: str) -> List[str]:
-    """The conf/<group>/ options whose schema is that group's option ``kind``."""
-    conf = resources.files("yolotune.conf") / group
-    return sorted(f.name.removesuffix(".yaml") for f in conf.iterdir()
-                  if f.name.endswith(".yaml") and f"/schema_{group}_{kind}@" in f.read_text())
-
-
-def _keys_under(head: str) -> List[str]:
-    from yolotune import config
-
-    if not head:
-        return [*top_level_keys()]
-    root = head.split(".")[0]
-    if root in config.GROUPS:
-        return sorted({f.name for cls in config.options(root).values() for f in dataclasses.fields(cls)})
-    node = OmegaConf.structured(config.ExperimentConfig)
-    try:
-        sub = OmegaConf.select(node, head)
-        return list(sub.keys()) if isinstance(sub, DictConfig) else []
-    except Exception:  # noqa: BLE001 - a path that does not exist has no keys
-        return []
 
 
 def _type_hint(message: str) -> str:

@@ -1,8 +1,8 @@
 """An experiment's plots, drawn off-screen on matplotlib's Agg canvas.
 
 Figures are built without pyplot, so drawing them neither needs a display nor touches the backend or
-the current figure of a notebook that calls ``results.plot()``. matplotlib is imported inside the
-functions: ``import yolotune.results`` stays light.
+the current figure of a notebook that calls ``plots.save(results)``. matplotlib is imported inside the
+functions: importing this module stays light.
 """
 
 from __future__ import annotations
@@ -10,31 +10,38 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import pandas as pd
 
-from yolotune.layout import write_atomic
-from yolotune.results import better, lower_is_better, measured
+from yolotune.importance import COUNTED, importance
+from yolotune.layout import PLOTS_DIR, write_atomic
+from yolotune.results import ExperimentResults, better, lower_is_better, measured
 
-KINDS = ("history", "params", "progress")
+KINDS = ("history", "params", "progress", "parallel", "importance")
 DPI = 110
 BEST_COLOR = "black"
 STAR = dict(marker="*", s=260, color="gold", edgecolor="black", linewidth=1, zorder=5)
+LABEL_CHARS = 32  # longer parameter names are shortened in the middle on axes, where they would crowd
 
 
-def figure(results, kind: str, metric: str, mode: str):
-    """The ``kind`` plot of ``results`` ranked by ``metric`` (``mode``), as a matplotlib Figure."""
-    draw = {"history": _history, "params": _params, "progress": _progress}.get(kind)
+def figure(results: ExperimentResults, kind: str, metric: Optional[str] = None, mode: Optional[str] = None):
+    """The ``kind`` plot of ``results`` ranked by ``metric`` (default: the results' own; ``mode``: its
+    mode, or guessed from the name), as a matplotlib Figure (not saved)."""
+    draw = {"history": _history, "params": _params, "progress": _progress, "parallel": _parallel,
+            "importance": _importance}.get(kind)
     if draw is None:
         raise ValueError(f"plot kind {kind!r}: one of {', '.join(KINDS)}")
-    return draw(results, metric, mode)
+    return draw(results, *results.resolve(metric, mode))
 
 
-def save(results, directory: Path, kinds: Iterable[str], metric: str, mode: str) -> Dict[str, Path]:
-    """``<directory>/<kind>.png`` for each kind, each written atomically; returns kind -> path."""
+def save(results: ExperimentResults, kinds: Optional[Iterable[str]] = None, metric: Optional[str] = None,
+         mode: Optional[str] = None, directory=None) -> Dict[str, Path]:
+    """``<kind>.png`` for each of ``kinds`` (default: all) in ``directory`` (default: the experiment's
+    plots/), each written atomically; returns kind -> path."""
+    directory = Path(directory) if directory is not None else results.path / PLOTS_DIR
     paths = {}
-    for kind in kinds:
+    for kind in kinds or KINDS:
         fig = figure(results, kind, metric, mode)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=DPI)
@@ -220,6 +227,131 @@ def _completions(results, history: pd.DataFrame, metric: str, mode: str) -> pd.D
     per_trial = per_trial.dropna(subset=["value", "last"]).rename_axis("trial_id")
     per_trial["elapsed"] = per_trial["last"] - (history["timestamp"] - history["time_this_iter_s"]).min()
     return per_trial.sort_values(["last", "trial_id"]).reset_index()
+
+
+def _parallel(results, metric: str, mode: str):
+    """Parallel coordinates: each trial with a value of the metric is one line through its sampled value
+    on each tuned parameter's axis and its best metric on the last, coloured by that metric."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    key = f"best_{metric}"
+    scored = results.dataframe(metric, mode).dropna(subset=[key])
+    title = (f"Trials in parallel coordinates ({_count(len(scored), 'trial')} with a value of {metric}, "
+             f"{better(mode)})\nexperiment {results.path.name}")
+    if scored.empty:
+        return _empty(title, f"no trial has reported {metric} yet")
+    table = parallel_table(results, metric, mode)
+    axes = list(table.columns)
+    fig = _new_figure(max(8.0, 1.1 * len(axes) + 2.5), 5.5)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    values = scored.set_index("trial_id")[key]
+    low, high = _span(values.min(), values.max())
+    cmap = colormaps["viridis_r" if lower_is_better(mode) else "viridis"]  # better: brighter
+    norm = Normalize(low, high)
+    best = results.best(metric, mode)["trial_id"]
+    # worst first, so that the better trials' lines are drawn on top
+    for trial_id in values.sort_values(ascending=not lower_is_better(mode), kind="stable").index:
+        is_best = trial_id == best
+        ax.plot(range(len(axes)), table.loc[trial_id], color=cmap(norm(values[trial_id])), gid=trial_id,
+                lw=2.8 if is_best else 1.2, alpha=1 if is_best else 0.75, zorder=3 if is_best else 2,
+                marker="o", ms=3)
+    for x, column in enumerate(axes):
+        ax.vlines(x, 0, 1, color="0.25", lw=1, zorder=1)
+        for position, text in table.attrs["ticks"][column]:
+            ax.text(x + 0.04, position, text, fontsize=7, va="center", color="0.2", zorder=4,
+                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7))
+    names = [_short(c) + (" (log)" if c in table.attrs["log"] else "") for c in axes]
+    ax.set_xticks(range(len(axes)), names, rotation=30 if len(axes) > 5 else 0,
+                  ha="right" if len(axes) > 5 else "center", rotation_mode="anchor", fontsize=9)
+    ax.set_xlim(-0.3, len(axes) - 0.4)
+    ax.set_ylim(-0.04, 1.04)
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label=f"best {metric} ({better(mode)}); thick: best trial")
+    return fig
+
+
+def parallel_table(results, metric: str, mode: str) -> pd.DataFrame:
+    """What the parallel-coordinates plot draws: per trial with a value of ``metric`` (index: trial id),
+    its place in [0, 1] on each tuned parameter's axis and on the metric's (the last column). A range
+    parameter's axis spans its searched range (log-spaced for loguniform), a choice's has its values
+    evenly spaced in their declared order, the metric's spans the values. ``attrs``: each axis's ticks
+    [(place, text)], and the log axes."""
+    key = f"best_{metric}"
+    scored = results.dataframe(metric, mode).dropna(subset=[key]).set_index("trial_id")
+    table, ticks, log = pd.DataFrame(index=scored.index), {}, []
+    for name, dist in results.space.items():
+        if dist.values is not None:
+            table[name], ticks[name] = _choice_axis(dist.values, scored[name])
+            continue
+        sampled = scored[name].astype(float)
+        table[name], ticks[name] = _range_axis(min(dist.low, sampled.min()), max(dist.high, sampled.max()), sampled,
+                                               dist.dist == "loguniform")
+        if dist.dist == "loguniform":
+            log.append(name)
+    column = f"best {metric}"
+    table[column], ticks[column] = _range_axis(*_span(scored[key].min(), scored[key].max()), scored[key], False)
+    table.attrs.update(ticks=ticks, log=log)
+    return table
+
+
+def _choice_axis(declared: list, sampled: pd.Series) -> Tuple[pd.Series, List[tuple]]:
+    """Declared values evenly spaced in their order (as text: 8 < 16 < 32 would sort otherwise), then any
+    other sampled value."""
+    labels = [str(v) for v in declared]
+    labels += sorted({str(v) for v in sampled} - set(labels))
+    places = {label: k / (len(labels) - 1) if len(labels) > 1 else 0.5 for k, label in enumerate(labels)}
+    every = math.ceil(len(labels) / 12)  # at most a dozen labels on one axis
+    return sampled.map(lambda v: places[str(v)]), [(places[t], t) for t in labels[::every]]
+
+
+def _range_axis(low: float, high: float, sampled: pd.Series, log: bool) -> Tuple[pd.Series, List[tuple]]:
+    scale = (lambda v: (math.log(v) - math.log(low)) / (math.log(high) - math.log(low))) if log \
+        else (lambda v: (v - low) / (high - low))
+    at = [low * (high / low) ** t if log else low + t * (high - low) for t in (0, 0.25, 0.5, 0.75, 1)]
+    return sampled.map(scale), [(scale(v), f"{v:.3g}") for v in at]
+
+
+def _span(low: float, high: float) -> Tuple[float, float]:
+    """[low, high], widened around a single value, which would otherwise be an axis of no length."""
+    if low < high:
+        return low, high
+    pad = abs(low) * 0.05 or 0.5
+    return low - pad, high + pad
+
+
+def _importance(results, metric: str, mode: str):
+    """One bar per tuned parameter: its importance for the best metric, the method named."""
+    judged = importance(results, metric, mode)
+    title = (f"Parameter importance for best {metric}: {judged.method}, {_count(judged.trials, 'trial')}\n"
+             f"experiment {results.path.name}")
+    if judged.reason:
+        return _empty(title, f"Importance {judged.reason}")
+    names = list(judged.values)[::-1]  # the most important at the top
+    fig = _new_figure(9, 1.8 + 0.32 * len(names))
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    bars = [judged.values[n] for n in names]
+    ax.barh(range(len(names)), bars, color="tab:blue")
+    for y, value in enumerate(bars):
+        ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=9)
+    ax.set_xlim(0, max(1.0, max(bars)) * 1.08)
+    ax.set_xlabel(f"share of the variance of best {metric} that each parameter explains (sums to 1)\n"
+                  f"counted: {COUNTED}", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _short(name: str) -> str:
+    if len(name) <= LABEL_CHARS:
+        return name
+    half = (LABEL_CHARS - 1) // 2
+    return f"{name[:half]}…{name[-half:]}"
 
 
 def _time_unit(seconds: float):

@@ -16,14 +16,15 @@ from typing import Dict, List, Optional, Union
 import pandas as pd
 import yaml
 
-from yolotune import layout
+from yolotune import layout, plots
+from yolotune.importance import COUNTED, Importance, importance
 from yolotune.results import ExperimentResults, better, load
 from yolotune.storage import Location
 
 
 def write_all(experiment: Union[str, Path, ExperimentResults], top: Optional[int] = None) -> Dict[str, Path]:
-    """(Re)write trials.csv, plots/{history,params,progress}.png and report.html, each atomically;
-    returns name -> path (``trials_csv``, ``history``, ``params``, ``progress``, ``report``).
+    """(Re)write trials.csv, plots/<kind>.png (plots.KINDS) and report.html, each atomically; returns
+    name -> path (``trials_csv``, each plot's kind, ``report``).
 
     Plots and report rank by the results' metric; trials.csv keeps the experiment's own metric
     whatever another ranking says: other tools read its columns. Raises OSError if the directory
@@ -32,7 +33,7 @@ def write_all(experiment: Union[str, Path, ExperimentResults], top: Optional[int
     results = experiment if isinstance(experiment, ExperimentResults) else load(experiment)
     own = results if results.metric == results.config.metric else load(results.path)
     csv_path = write_trials_csv(own)
-    pngs = results.plot()
+    pngs = plots.save(results)
     return {"trials_csv": csv_path, **pngs, "report": write_report(results, pngs, top)}
 
 
@@ -79,7 +80,8 @@ def details(results: ExperimentResults, top: Optional[int], written: Dict[str, P
         lines += [f"Best trial: {best['trial_id']}: {metric} {best[f'best_{metric}']:.6g} "
                   f"at epoch {best['best_epoch']}, in {results.trial_dir(best['trial_id'])}",
                   "Best config (Ultralytics train arguments):",
-                  _indent(yaml.safe_dump(results.best_hyperparameters(), sort_keys=False))]
+                  _indent(yaml.safe_dump(results.best_hyperparameters(), sort_keys=False)), ""]
+    lines += [*importance_lines(importance(results)), ""]
     lines += [f"Wrote {p}" for p in written.values()]
     return "\n".join(lines)
 
@@ -96,6 +98,15 @@ def ranking(results: ExperimentResults, top: Optional[int]) -> List[str]:
     shown = f", top {len(table)} of {results.trial_count}" if len(table) < results.trial_count else ""
     return [f"Trials ranked by best {results.metric} ({better(results.mode)}){shown}:",
             format_table(table) if len(table) else "  (no trials yet)"]
+
+
+def importance_lines(judged: Importance) -> List[str]:
+    """The parameters' importance as a table, or why there is none."""
+    head = f"Parameter importance for best {judged.metric} ({judged.method}, {judged.trials} trials)"
+    if judged.reason:
+        return [f"{head}: {judged.reason}"]
+    frame = pd.DataFrame({"parameter": list(judged.values), "importance": list(judged.values.values())})
+    return [f"{head}; counted: {COUNTED}:", format_table(frame)]
 
 
 def counts_text(counts: Dict[str, int]) -> str:
@@ -115,6 +126,8 @@ def report_html(results: ExperimentResults, pngs: Dict[str, Path], top: Optional
     errors = "".join(f"<li><code>{esc(t)}</code>: {esc(e)}</li>" for t, e in results.errors.items())
     best_hp = results.best_hyperparameters()
     table = results.table(top).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+    judged = importance(results)
+    ranked = "".join(f"<tr><td>{esc(name)}</td><td>{value:.3f}</td></tr>" for name, value in judged.values.items())
     images = "".join(
         f'<figure><img alt="{esc(kind)} plot" src="data:image/png;base64,'
         f'{base64.b64encode(Path(png).read_bytes()).decode()}"><figcaption>{esc(Path(png).name)}</figcaption></figure>'
@@ -134,6 +147,11 @@ img {{ max-width: 100%; }}
 ranked by best <b>{esc(results.metric)}</b> ({better(results.mode)}); report written {datetime.now():%Y-%m-%d %H:%M}</p>
 <h2>Errors</h2>{f'<ul>{errors}</ul>' if errors else '<p>none</p>'}
 <h2>Trials</h2>{table}
+<h2>Parameter importance</h2>
+<p>For best <b>{esc(judged.metric)}</b> by {esc(judged.method)}, over {judged.trials} trials; counted: {esc(COUNTED)}.
+Each parameter's share of the variance of the metric across trials (they sum to 1).</p>
+{f'<table><tr><th>parameter</th><th>importance</th></tr>{ranked}</table>' if ranked else
+ f'<p>Importance {esc(judged.reason or "")}.</p>'}
 <h2>Best config</h2>
 <pre>{esc(yaml.safe_dump(best_hp, sort_keys=False)) if best_hp else 'no trial has reported yet'}</pre>
 <h2>Plots</h2>{images}

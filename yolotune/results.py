@@ -6,15 +6,16 @@ trial's ``history.jsonl`` (written by the trial itself, see trainable.py) for it
 is a snapshot: load again to see a running experiment's newer epochs. What a kill can leave (a line
 cut short, a damaged line) is skipped and listed in ``problems``.
 
-This module reads and ranks; report.py writes the text, the tables, the plots and the HTML, and
-results_cli.py is the command line.
+This module reads and ranks and knows nothing of what is made of it: plots.py draws, importance.py
+judges the parameters, report.py writes the text, the tables and the HTML, results_cli.py is the
+command line.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import pandas as pd
 import yaml
@@ -89,8 +90,8 @@ class ExperimentResults:
             mode = self.config.mode if metric == self.config.metric else default_mode(metric)
         return metric, mode
 
-    def _resolve(self, metric: Optional[str], mode: Optional[str]):
-        """A method's (metric, mode) arguments: this object's ranking unless another metric is named."""
+    def resolve(self, metric: Optional[str] = None, mode: Optional[str] = None):
+        """A caller's (metric, mode) arguments: this object's ranking unless another metric is named."""
         if metric in (None, self.metric):
             return self.metric, mode or self.mode
         return self._ranking(metric, mode)
@@ -153,7 +154,7 @@ class ExperimentResults:
         """One row per trial: id, status, sampled params, epochs run, last and best ``metric`` (over the
         validated epochs) and the epoch of the best, the batch its last epoch trained with, node, error.
         Trials that have not reported yet have empty values."""
-        metric, mode = self._resolve(metric, mode)
+        metric, mode = self.resolve(metric, mode)
         reported = self.reported_metrics()
         # The experiment's own metric is known good, though no epoch may have validated yet (validate=decisions).
         if len(self._history) and metric not in reported and metric != self.config.metric:
@@ -194,7 +195,7 @@ class ExperimentResults:
 
     def ranked(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:
         """``dataframe()`` sorted best first by ``metric``, trials without a value last, with a 1-based rank."""
-        metric, mode = self._resolve(metric, mode)
+        metric, mode = self.resolve(metric, mode)
         frame = self.dataframe(metric, mode)
         frame = frame.sort_values(f"best_{metric}", ascending=lower_is_better(mode), na_position="last",
                                   kind="stable")
@@ -253,7 +254,7 @@ class ExperimentResults:
 
     def best(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[pd.Series]:
         """The best trial's row (by its best value of ``metric`` over its validated epochs), or None."""
-        metric, mode = self._resolve(metric, mode)
+        metric, mode = self.resolve(metric, mode)
         frame = self.dataframe(metric, mode).dropna(subset=[f"best_{metric}"])
         if frame.empty:
             return None
@@ -284,27 +285,6 @@ class ExperimentResults:
         from ray.tune import ExperimentAnalysis, ResultGrid
 
         return ResultGrid(ExperimentAnalysis(str(self.path), default_metric=self.metric, default_mode=self.mode))
-
-    def figure(self, kind: str, metric: Optional[str] = None, mode: Optional[str] = None):
-        """One plot as a matplotlib Figure (not saved): ``history``, ``params`` or ``progress``."""
-        from yolotune import plots
-
-        return plots.figure(self, kind, *self._resolve(metric, mode))
-
-    def plot(self, kinds: Optional[Iterable[str]] = None, metric: Optional[str] = None,
-             mode: Optional[str] = None, directory=None) -> Dict[str, Path]:
-        """Write ``<kind>.png`` for each of ``kinds`` (default: history, params, progress) to
-        ``directory`` (default: the experiment's plots/); returns kind -> path."""
-        from yolotune import plots
-
-        directory = Path(directory) if directory is not None else self.path / layout.PLOTS_DIR
-        return plots.save(self, directory, kinds or plots.KINDS, *self._resolve(metric, mode))
-
-    def report(self, top: Optional[int] = None) -> Path:
-        """report.html (with freshly drawn plots): see report.py."""
-        from yolotune import report
-
-        return report.write_report(self, self.plot(), top)
 
 
 def load(path, metric: Optional[str] = None, mode: Optional[str] = None) -> ExperimentResults:
@@ -360,8 +340,3 @@ def python_scalar(value):
     """A numpy scalar as the Python number it holds (for YAML and JSON)."""
     return value.item() if hasattr(value, "item") else value
 
-
-if __name__ == "__main__":  # python -m yolotune.results: the same as `yolotune results`
-    from yolotune.results_cli import main
-
-    raise SystemExit(main())

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from yolotune import layout, records, report
+from yolotune.importance import importance
 from yolotune.results import STATUSES, ExperimentResults, load, python_scalar
 from yolotune.storage import Location
 
@@ -103,6 +104,7 @@ def _as_json(results: ExperimentResults, top: Optional[int], written: Dict[str, 
         "best": None if best is None else {
             "trial_id": best["trial_id"], "value": float(best[f"best_{results.metric}"]),
             "epoch": int(best["best_epoch"]), "config": results.best_hyperparameters()},
+        "importance": importance(results).as_json(),
         "files": {name: str(p) for name, p in written.items()},
     }
 

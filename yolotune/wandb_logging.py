@@ -216,14 +216,16 @@ def _callback_class():
 
 def log_experiment_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     """One run in the experiment's group: a table of all trials (config, best metric, status) for
-    the parallel-coordinates and scatter panels, one scatter chart per tuned parameter, and the best
-    config as the run's config."""
+    the parallel-coordinates and scatter panels, one scatter chart per tuned parameter, the parameters'
+    importance (importance.py: a bar chart and ``importance/<parameter>`` in the run's summary), and the
+    best config as the run's config."""
     _warn_on_failure(_log_summary, exp_dir, settings)
 
 
 def _log_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     import wandb
 
+    from yolotune.importance import importance
     from yolotune.results import ExperimentResults
 
     results = ExperimentResults(exp_dir)
@@ -232,7 +234,16 @@ def _log_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     table = wandb.Table(dataframe=results.dataframe())
     charts = {f"scatter/{p}": wandb.plot.scatter(table, p, best_key, title=f"{best_key} vs {p}")
               for p in results.params}
+    judged = importance(results)
+    if judged.values:
+        shares = wandb.Table(columns=["parameter", "importance"], data=[[p, v] for p, v in judged.values.items()])
+        charts["importance"] = wandb.plot.bar(shares, "parameter", "importance",
+                                              title=f"Parameter importance for {best_key} ({judged.method})")
     run.log({"trials": table, **charts})
+    # importance/<parameter>, beside which method judged it on how many trials (or why it did not)
+    run.summary.update({"importance_method": judged.method, "importance_trials": judged.trials,
+                        **({"importance_reason": judged.reason} if judged.reason else {}),
+                        **{f"importance/{p}": v for p, v in judged.values.items()}})
     best = results.best()
     if best is not None:
         run.summary.update({"best_trial_id": best["trial_id"], best_key: best[best_key]})

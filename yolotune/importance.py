@@ -1,0 +1,121 @@
+"""Which tuned parameters mattered: each one's share of the ranking metric's variance across trials.
+
+Optuna's fANOVA evaluator (a random forest fitted to the trials, its variance decomposed per
+parameter) judges an in-memory Optuna study built from the trials: each trial's sampled parameters
+in distributions taken from the experiment's space, and its best validated value of the metric as
+the study's value. A trial stopped early counts at the best of the epochs it reached, as in the
+ranking; so does a trial still running (its best so far); an errored trial is left out. Optuna and
+scikit-learn are imported here only, when importance is computed (``pip install 'yolotune[importance]'``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from yolotune.results import ExperimentResults, lower_is_better
+from yolotune.space import Dist
+
+METHOD = "fANOVA (Optuna)"
+MIN_TRIALS = 5  # fewer trials than this: a forest fitted to them says nothing
+TREES, SEED = 64, 0  # Optuna's default forest, seeded: the same experiment gets the same importances
+COUNTED = "each trial's best validated value (trials stopped early or running: over the epochs they reached); " \
+          "errored trials left out"
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Each tuned parameter's importance for ``metric`` (summing to 1, largest first), or ``reason``,
+    a phrase such as "cannot be judged yet: ...", why there is none (then ``values`` is empty)."""
+    metric: str
+    mode: str
+    trials: int  # the trials it was judged on
+    values: Dict[str, float] = field(default_factory=dict)
+    reason: Optional[str] = None
+    method: str = METHOD
+
+    def as_json(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "method": self.method, "trials": self.trials,
+                "counted": COUNTED, "importance": dict(self.values), "reason": self.reason}
+
+
+# A results object is a snapshot: its plot, its report and the command line ask for the same importance.
+_judged: "weakref.WeakKeyDictionary[ExperimentResults, Dict[tuple, Importance]]" = weakref.WeakKeyDictionary()
+
+
+def importance(results: ExperimentResults, metric: Optional[str] = None, mode: Optional[str] = None) -> Importance:
+    """The parameters' importance for ``metric`` (default: the results' ranking metric)."""
+    metric, mode = results.resolve(metric, mode)
+    judged = _judged.setdefault(results, {})
+    if (metric, mode) not in judged:
+        judged[metric, mode] = _judge(results, metric, mode)
+    return judged[metric, mode]
+
+
+def _judge(results: ExperimentResults, metric: str, mode: str) -> Importance:
+    trials = results.dataframe(metric, mode)
+    space = results.space
+    used = trials[(trials["status"] != "ERROR") & trials[f"best_{metric}"].map(_finite)]
+    used = used.dropna(subset=[name for name, dist in space.items() if dist.values is None])  # never sampled
+
+    def cannot(reason: str) -> Importance:
+        return Importance(metric, mode, len(used), reason=reason)
+
+    if not space:
+        return cannot("cannot be judged: no tuned parameters")
+    if len(used) < MIN_TRIALS:
+        return cannot(f"cannot be judged yet: {len(used)} trial{'' if len(used) == 1 else 's'} with a value of {metric} (errored ones left "
+                      f"out); it needs at least {MIN_TRIALS}")
+    if used[f"best_{metric}"].nunique() < 2:
+        return cannot(f"cannot be judged yet: every trial has the same {metric}")
+    missing = [name for name in ("optuna", "sklearn") if importlib.util.find_spec(name) is None]
+    if missing:
+        return cannot(f"needs {' and '.join(missing)}: pip install 'yolotune[importance]'")
+    values = _fanova(space, used, f"best_{metric}", lower_is_better(mode))
+    return Importance(metric, mode, len(used), {name: float(v) for name, v in values.items()})
+
+
+def _fanova(space: Dict[str, Dist], trials, key: str, minimize: bool) -> Dict[str, float]:
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    distributions = {name: _distribution(dist, trials[name]) for name, dist in space.items()}
+    study_trials = [
+        optuna.trial.create_trial(params={name: _param(space[name], row[name]) for name in space},
+                                  distributions=distributions, value=float(row[key]))
+        for _, row in trials.iterrows()]
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on every report
+    try:
+        study = optuna.create_study(direction="minimize" if minimize else "maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    study.add_trials(study_trials)
+    return get_param_importances(study, evaluator=FanovaImportanceEvaluator(n_trees=TREES, seed=SEED))
+
+
+def _distribution(dist: Dist, sampled):
+    """The Optuna distribution of a space entry, widened to every sampled value (PBT may have moved a
+    value past the space's bounds). Choices are their values' text, as the plots show them."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if dist.values is not None:
+        declared = [str(v) for v in dist.values]
+        return CategoricalDistribution(declared + sorted({str(v) for v in sampled} - set(declared)))
+    low, high = min(dist.low, sampled.min()), max(dist.high, sampled.max())
+    if dist.dist in ("randint", "qrandint"):
+        return IntDistribution(int(low), int(high))
+    return FloatDistribution(float(low), float(high), log=dist.dist == "loguniform")
+
+
+def _param(dist: Dist, value):
+    if dist.values is not None:
+        return str(value)
+    return int(value) if dist.dist in ("randint", "qrandint") else float(value)
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
