@@ -296,3 +296,20 @@ def test_epochs_without_validation_log_their_training_values_and_leave_the_best_
     assert [row["validated"] for row in run["history"]] == [1, 0, 1]
     assert not any(layout.PAST_DEADLINE in row for row in run["history"])
     assert run["summary"]["best_fitness"] == 0.2
+
+
+def test_the_summary_run_holds_the_parameters_importance(tmp_path):
+    from test_analysis_fast import decided_experiment
+
+    from yolotune.importance import importance
+    from yolotune.results import load
+    from yolotune.wandb_logging import log_experiment_summary
+
+    exp_dir = decided_experiment(tmp_path / "exp", "batch")
+    log_experiment_summary(exp_dir, _offline_settings(tmp_path, "exp", epochs=2))
+    summary = _the_finished_run(tmp_path)["summary"]
+    want = importance(load(exp_dir))
+    assert {k.removeprefix("importance/"): v for k, v in summary.items() if k.startswith("importance/")} == \
+        pytest.approx(want.values)
+    assert summary["importance_method"] == want.method and summary["importance_trials"] == 30
+    assert max(want.values, key=want.values.get) == "batch"

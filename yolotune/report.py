@@ -106,7 +106,7 @@ def importance_lines(judged: Importance) -> List[str]:
     if judged.reason:
         return [f"{head}: {judged.reason}"]
     frame = pd.DataFrame({"parameter": list(judged.values), "importance": list(judged.values.values())})
-    return [f"{head}; counted: {COUNTED}:", format_table(frame)]
+    return [f"{head}:", format_table(frame), f"(counted: {COUNTED})"]
 
 
 def counts_text(counts: Dict[str, int]) -> str:

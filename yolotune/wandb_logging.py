@@ -231,7 +231,9 @@ def _log_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     results = ExperimentResults(exp_dir)
     best_key = f"best_{results.metric}"
     run = _init(settings, "summary", "summary", "summary", results.best_hyperparameters() or {})
-    table = wandb.Table(dataframe=results.dataframe())
+    frame = results.dataframe()
+    # a nullable integer column's <NA> (a trial with no best epoch yet) is no JSON to wandb; NaN is
+    table = wandb.Table(dataframe=frame.astype({c: float for c in frame.columns[frame.dtypes == "Int64"]}))
     charts = {f"scatter/{p}": wandb.plot.scatter(table, p, best_key, title=f"{best_key} vs {p}")
               for p in results.params}
     judged = importance(results)
