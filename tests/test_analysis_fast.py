@@ -165,6 +165,15 @@ def test_the_importance_plot_says_why_it_has_no_bars(tmp_path):
         f"it needs at least {MIN_TRIALS}"]
 
 
+def test_without_optuna_or_scikit_learn_importance_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    result = importance(load(decided_experiment(tmp_path / "exp", "lr0", trials=6)))
+    assert result.values == {} and result.reason == "needs sklearn: pip install 'yolotune[importance]'"
+
+
 # --- parallel coordinates ------------------------------------------------------------------------
 
 def test_parallel_coordinates_draw_each_trial_at_its_values_on_log_choice_and_metric_axes(tmp_path):
@@ -186,6 +195,20 @@ def test_parallel_coordinates_draw_each_trial_at_its_values_on_log_choice_and_me
                                                             f"best {FITNESS}"]
     best = max(scored, key=lambda t: scored[t][1])
     assert max(ax.get_lines(), key=lambda line: line.get_linewidth()).get_gid() == best
+
+
+def test_a_value_past_the_space_is_judged_and_drawn_on_a_widened_axis(tmp_path):
+    """PBT may move a value past the space's bounds, or (a space edited before a resume) off its choices."""
+    rng = random.Random(6)
+    trials = [(c, [c["momentum"]], "TERMINATED") for c in (sampled(rng) for _ in range(8))]
+    trials[0][0].update(lr0=0.4, batch=64)  # past loguniform(1e-4, 0.1) and choice([8, 16, 32])
+    results = load(recorded(tmp_path / "exp", SPACE, trials))
+    assert set(importance(results).values) == set(SPACE)
+    ax = plots.figure(results, "parallel").axes[0]
+    first = next(line for line in ax.get_lines() if line.get_gid() == "t000")
+    assert list(first.get_ydata())[:3] == pytest.approx([1.0, (trials[0][0]["momentum"] - 0.6) / 0.38, 1.0])
+    batch_ticks = [t.get_text() for t in ax.texts if abs(t.get_position()[0] - 2.04) < 1e-9]
+    assert batch_ticks == ["8", "16", "32", "64"]
 
 
 # --- plots stay readable -----------------------------------------------------------------------------

@@ -165,9 +165,9 @@ def test_storage_dir_lists_its_experiments(experiment):
 
 
 def test_import_stays_light():
-    """Importing the results modules must not pull in Ray, torch, Ultralytics or matplotlib."""
+    """Importing the results modules must not pull in Ray, torch, Ultralytics, matplotlib or Optuna."""
     code = ("import sys, yolotune.results, yolotune.records, yolotune.report, yolotune.results_cli; "
-            "print([m for m in ('ray', 'torch', 'ultralytics', 'matplotlib') if m in sys.modules])")
+            "print([m for m in ('ray', 'torch', 'ultralytics', 'matplotlib', 'optuna', 'sklearn') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 

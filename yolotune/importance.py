@@ -98,16 +98,16 @@ def _fanova(space: Dict[str, Dist], trials, key: str) -> Dict[str, float]:
 
 
 def _distribution(dist: Dist, sampled):
-    """The Optuna distribution of a space entry, widened to every sampled value (PBT may have moved a
-    value past the space's bounds). Choices are their values' text, as the plots show them; a loguniform
-    is its values' log10: Optuna's fANOVA measures a range on its linear scale, where the top decade of
-    loguniform(1e-5, 1e-1) would be 90 % of it, though the search sampled it a quarter of the time."""
+    """The Optuna distribution of a space entry covering every sampled value. Choices are their values'
+    text, as the plots show them; a loguniform is its values' log10: Optuna's fANOVA measures a range on
+    its linear scale, where the top decade of loguniform(1e-5, 1e-1) would be 90 % of it, though the
+    search sampled it a quarter of the time."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+    dist = dist.covering(sampled)
     if dist.values is not None:
-        declared = [str(v) for v in dist.values]
-        return CategoricalDistribution(declared + sorted({str(v) for v in sampled} - set(declared)))
-    low, high = _param(dist, min(dist.low, sampled.min())), _param(dist, max(dist.high, sampled.max()))
+        return CategoricalDistribution([str(v) for v in dist.values])
+    low, high = _param(dist, dist.low), _param(dist, dist.high)
     if dist.dist in ("randint", "qrandint"):
         return IntDistribution(low, high)
     return FloatDistribution(low, high)

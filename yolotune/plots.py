@@ -279,17 +279,18 @@ def parallel_table(results, metric: str, mode: str) -> pd.DataFrame:
     """What the parallel-coordinates plot draws: per trial with a value of ``metric`` (index: trial id),
     its place in [0, 1] on each tuned parameter's axis and on the metric's (the last column). A range
     parameter's axis spans its searched range (log-spaced for loguniform), a choice's has its values
-    evenly spaced in their declared order, the metric's spans the values. ``attrs``: each axis's ticks
+    evenly spaced in their declared order (each widened to every sampled value), the metric's spans the
+    values. ``attrs``: each axis's ticks
     [(place, text)], and the log axes."""
     key = f"best_{metric}"
     scored = results.dataframe(metric, mode).dropna(subset=[key]).set_index("trial_id")
     table, ticks, log = pd.DataFrame(index=scored.index), {}, []
     for name, dist in results.space.items():
+        dist = dist.covering(scored[name])
         if dist.values is not None:
             table[name], ticks[name] = _choice_axis(dist.values, scored[name])
             continue
-        sampled = scored[name].astype(float)
-        table[name], ticks[name] = _range_axis(min(dist.low, sampled.min()), max(dist.high, sampled.max()), sampled,
+        table[name], ticks[name] = _range_axis(dist.low, dist.high, scored[name].astype(float),
                                                dist.dist == "loguniform")
         if dist.dist == "loguniform":
             log.append(name)
@@ -299,11 +300,9 @@ def parallel_table(results, metric: str, mode: str) -> pd.DataFrame:
     return table
 
 
-def _choice_axis(declared: list, sampled: pd.Series) -> Tuple[pd.Series, List[tuple]]:
-    """Declared values evenly spaced in their order (as text: 8 < 16 < 32 would sort otherwise), then any
-    other sampled value."""
-    labels = [str(v) for v in declared]
-    labels += sorted({str(v) for v in sampled} - set(labels))
+def _choice_axis(values: list, sampled: pd.Series) -> Tuple[pd.Series, List[tuple]]:
+    """The values evenly spaced in their order, matched by their text (8 < 16 < 32 would sort otherwise)."""
+    labels = [str(v) for v in values]
     places = {label: k / (len(labels) - 1) if len(labels) > 1 else 0.5 for k, label in enumerate(labels)}
     every = math.ceil(len(labels) / 12)  # at most a dozen labels on one axis
     return sampled.map(lambda v: places[str(v)]), [(places[t], t) for t in labels[::every]]

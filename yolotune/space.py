@@ -13,10 +13,11 @@ Bounds, as the README states them:
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from yolotune.errors import ConfigError
 
@@ -36,6 +37,17 @@ class Dist:
     high: Optional[float] = None
     q: Optional[float] = None
     values: Optional[List[Any]] = None
+
+    def covering(self, sampled: Iterable[Any]) -> "Dist":
+        """This distribution widened to hold every value in ``sampled``, as the trials' recorded values may
+        lie outside it (PBT moves values past the bounds; a space edited before a resume may lack one):
+        a range's bounds, a choice's values (those not declared after the declared ones, by their text)."""
+        sampled = list(sampled)
+        if self.values is not None:
+            declared = {str(v) for v in self.values}
+            extra = {str(v): v for v in sampled if str(v) not in declared}
+            return dataclasses.replace(self, values=[*self.values, *(extra[k] for k in sorted(extra))])
+        return dataclasses.replace(self, low=min([self.low, *sampled]), high=max([self.high, *sampled]))
 
 
 def parse_dist(key: str, spec: Any) -> Dist:
