@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli, small_sweep_overrides
-from yolotune import console
+from yolotune import console, plots
 from yolotune.console import Progress, Refresher, Screen, Throttle
 
 
@@ -656,7 +656,7 @@ def test_a_sweep_prints_a_short_live_view_and_keeps_every_log(tmp_path, shapes_c
         else:
             assert re.search(r"^\s+1/3\s", log, re.M) and "Epoch" in log  # Ultralytics' epoch lines
     assert f"trial {errored} errored" in (exp_dir / "yolotune.log").read_text()
-    assert len(list((exp_dir / "plots").glob("*.png"))) == 3 and (exp_dir / "report.html").is_file()
+    assert len(list((exp_dir / "plots").glob("*.png"))) == len(plots.KINDS) and (exp_dir / "report.html").is_file()
 
 
 def test_plain_progress_repeats_an_unchanged_line_only_as_a_heartbeat(capsys):
