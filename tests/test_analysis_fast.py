@@ -169,7 +169,8 @@ def test_without_optuna_or_scikit_learn_importance_says_how_to_get_it(tmp_path, 
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sklearn" else find_spec(name, *args))
     result = importance(load(decided_experiment(tmp_path / "exp", "lr0", trials=6)))
     assert result.values == {} and result.reason == "needs sklearn: pip install 'yolotune[importance]'"
 

@@ -3,9 +3,10 @@
 Optuna's fANOVA evaluator (a random forest fitted to the trials, its variance decomposed per
 parameter) judges an in-memory Optuna study built from the trials: each trial's sampled parameters
 in distributions taken from the experiment's space (a choice as categories, a loguniform on its log
-scale), and its best validated value of the metric as the study's value. A trial stopped early counts at the best of the epochs it reached, as in the
-ranking; so does a trial still running (its best so far); an errored trial is left out. Optuna and
-scikit-learn are imported here only, when importance is computed (``pip install 'yolotune[importance]'``).
+scale), and its best validated value of the metric as the study's value. A trial stopped early
+counts at the best of the epochs it reached, as in the ranking; so does a trial still running (its
+best so far); an errored trial is left out. Optuna and scikit-learn are imported here only, when
+importance is computed (``pip install 'yolotune[importance]'``).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def _judge(results: ExperimentResults, metric: str, mode: str) -> Importance:
     if not space:
         return cannot("cannot be judged: no tuned parameters")
     if len(used) < MIN_TRIALS:
-        return cannot(f"cannot be judged yet: {len(used)} trial{'' if len(used) == 1 else 's'} with a value of {metric} (errored ones left "
-                      f"out); it needs at least {MIN_TRIALS}")
+        trials_text = f"{len(used)} trial{'' if len(used) == 1 else 's'}"
+        return cannot(f"cannot be judged yet: {trials_text} with a value of {metric} (errored ones left out); "
+                      f"it needs at least {MIN_TRIALS}")
     if used[f"best_{metric}"].nunique() < 2:
         return cannot(f"cannot be judged yet: every trial has the same {metric}")
     missing = [name for name in ("optuna", "sklearn") if importlib.util.find_spec(name) is None]
