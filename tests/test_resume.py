@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
-from yolotune.layout import HISTORY
+from yolotune.layout import HISTORY, read_jsonl
 
 EPOCHS = 8
 
@@ -155,21 +155,26 @@ def _epochs(exp_dir: Path) -> list:
 
 
 @pytest.mark.slow
-def test_max_failures_retries_a_failed_trial_from_its_checkpoint(tmp_path, shapes_cache):
+def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path, shapes_cache):
+    """A system failure (the trial's worker process killed) is retried (failure.max_failures, default 2);
+    the trial's own errors are not (test_resume_errored_reruns_an_errored_trial_from_its_checkpoint)."""
     marker = tmp_path / "failed-once"
     overrides, env = _fails_once_at_epoch_2(tmp_path, shapes_cache, "retry", marker)
-    proc = run_cli(*overrides, "failure.max_failures=1", env=env)
+    proc = run_cli(*overrides, env={**env, "YOLOTUNE_TEST_FAIL_HOW": "kill"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert marker.exists()  # it did fail once
+    assert marker.exists()  # it was killed once
     assert _epochs(tmp_path / "retry") == [1, 2, 3]  # the retry went on from epoch 1, not from scratch
     assert list(pd.read_csv(tmp_path / "retry" / "trials.csv")["status"]) == ["TERMINATED"]
+    retried = [e for e in read_jsonl(tmp_path / "retry" / "trials.jsonl")[0] if e["event"] == "retried"]
+    assert len(retried) == 1 and retried[0]["retry"] == 1 and retried[0]["max_failures"] == 2, retried
+    assert "lost its worker on" in proc.stdout and "retry 1 of 2" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
 def test_resume_errored_reruns_an_errored_trial_from_its_checkpoint(tmp_path, shapes_cache):
     marker = tmp_path / "failed-once"
     overrides, env = _fails_once_at_epoch_2(tmp_path, shapes_cache, "errored", marker)
-    first = run_cli(*overrides, env=env)  # failure.max_failures=0: the trial ends in ERROR
+    first = run_cli(*overrides, env=env)  # its own error: not retried (failure.max_failures=2): ERROR
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     assert list(pd.read_csv(tmp_path / "errored" / "trials.csv")["status"]) == ["ERROR"]
     assert _epochs(tmp_path / "errored") == [1]

@@ -102,6 +102,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings, budget)
         location.delete(layout.BUDGET_MARKER)  # this run's budget decides
+        _retry_system_failures_only()
         grid = tuner.fit()
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
@@ -288,6 +289,34 @@ def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, location: Location, b
     kept = [c for c in run_config.callbacks or [] if not isinstance(c, (console.LiveView, type(budget)))]
     run_config.callbacks = kept + [_live_view(exp, location), budget]
     run_config.verbose = _ray_verbosity(exp)
+
+
+def _retry_system_failures_only() -> None:
+    """Ray retries a trial after any failure (FailureConfig.max_failures); yolotune only after a system
+    failure, which another try on another node outlives: a lost node or worker process, a killed actor
+    (RayActorError). An error of the trial's own making (a bad value, a failing dataset, out of memory)
+    reaches the driver as a RayTaskError and would fail again: that trial ends in ERROR at once.
+    Ray has no public hook for this; patched once per process, in the driver."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.tune.execution.tune_controller import TuneController
+
+    process = TuneController._process_trial_failure
+    if getattr(process, "system_failures_only", False):
+        return
+
+    def process_trial_failure(controller, trial, exception):
+        own_error = isinstance(exception, RayTaskError) and not isinstance(exception.as_instanceof_cause(),
+                                                                           RayActorError)
+        if not own_error:
+            return process(controller, trial, exception)
+        max_failures, trial.max_failures = trial.max_failures, 0  # Trial.should_recover: no retry left
+        try:
+            return process(controller, trial, exception)
+        finally:
+            trial.max_failures = max_failures
+
+    process_trial_failure.system_failures_only = True
+    TuneController._process_trial_failure = process_trial_failure
 
 
 def resume_command(exp: ExperimentConfig, exp_dir: Path) -> str:
