@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,3 +202,40 @@ def test_nothing_to_resume(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"yolotune: error: resume=True: no unfinished experiment under {tmp_path}; " \
                                   "start one without resume=true"
+
+
+@pytest.mark.slow
+def test_a_full_storage_stops_the_sweep_and_resume_goes_on(tmp_path, shapes_cache):
+    """The storage is a small file system (a tmpfs in a mount namespace of the test's own) that a file
+    of someone else's fills but for ~25 MiB: the trial's second epoch does not fit. The sweep stops with
+    one line naming the storage and its free space, epoch 1 kept; once the file is deleted, resume=true
+    trains epoch 2 and finishes."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs `unshare --mount` (root) to mount a small file system")
+    storage, out = tmp_path / "storage", tmp_path / "out"
+    storage.mkdir()
+    out.mkdir()
+    overrides = [o for o in small_sweep_overrides(storage, shapes_cache, "full", iterations=1, epochs=2)
+                 if not o.startswith("scheduler")] + ["scheduler=fifo"]
+    script = f"""mount -t tmpfs -o size=64m none {storage} || exit 99
+head -c 39M /dev/zero > {storage}/other
+"$0" -m yolotune "$@" > {out}/first.out 2> {out}/first.err; echo $? > {out}/first.rc
+cp -a {storage}/full {out}/after_first && rm {storage}/other
+"$0" -m yolotune resume=true name=full storage={storage} > {out}/resumed.out 2>&1; echo $? > {out}/resumed.rc
+cp -a {storage}/full {out}/after_resume"""
+    with ray_temp_dir() as ray_tmp:
+        subprocess.run(["unshare", "--mount", "sh", "-c", script, sys.executable, *overrides], cwd=REPO, timeout=900,
+                       env={**os.environ, "RAY_TMPDIR": str(ray_tmp)}, check=True)
+    first = (out / "first.out").read_text() + (out / "first.err").read_text()
+    assert (out / "first.rc").read_text().strip() == "1", first[-5000:]
+    line = (out / "first.err").read_text().strip().splitlines()[-1]
+    assert line.startswith(f"yolotune: error: storage {storage} is full ("), first[-5000:]
+    assert line.endswith(f"free space, then go on with: python -m yolotune resume=true name=full storage={storage}")
+    assert "Traceback" not in first, first[-5000:]
+    assert _epochs(out / "after_first") == [1]  # the finished epoch is kept
+
+    resumed = (out / "resumed.out").read_text()
+    assert (out / "resumed.rc").read_text().strip() == "0", resumed[-5000:]
+    assert _epochs(out / "after_resume") == [1, 2]  # epoch 2 from epoch 1's checkpoint
+    assert list(pd.read_csv(out / "after_resume" / "trials.csv")["status"]) == ["TERMINATED"]
+    assert (out / "after_resume" / layout.DONE_MARKER).exists()

@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -328,11 +328,13 @@ class _Tee:
         self.terminal, self.log = terminal, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        with suppress(OSError):  # a full disk: the console goes on without its copy
+            self.log.write(text)
         return self.terminal.write(text)
 
     def flush(self) -> None:
-        self.log.flush()
+        with suppress(OSError):
+            self.log.flush()
         self.terminal.flush()
 
     def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
@@ -342,14 +344,16 @@ class _Tee:
 @contextmanager
 def log_to(path: Path):
     """Copy everything printed to stdout and stderr meanwhile into ``path``, appending."""
-    with open(path, "a", buffering=1, encoding="utf-8") as log:
+    log = open(path, "a", buffering=1, encoding="utf-8")
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+    try:
         log.write(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}: {' '.join(sys.argv)}\n")
-        out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = out, err
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+        with suppress(OSError):  # what a full disk kept from the log is lost, not the run's outcome
+            log.close()
 
 
 def announce(line: str, verbose: str) -> None:
@@ -369,9 +373,11 @@ class _RayConsoleFilter(logging.Filter):
     """On Ray's console handler: copies Ray's records to yolotune.log (the handler writes to the
     stderr of import time, which the tee does not see), and with ``live_view`` keeps the ones the
     live view reports itself off the console: trial failures with their tracebacks (one line each
-    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint."""
+    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint, and
+    its writes that found the storage full (the run stops with one line saying so)."""
 
     REPORTED = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted")
+    FULL = "No space left on device"  # Ray's failed writes to a full storage: the run ends with one line on it
 
     def __init__(self, live_view: bool):
         super().__init__()
@@ -380,7 +386,7 @@ class _RayConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         _log_only(f"{record.levelname} {record.name}: {message}")
-        return not (self.live_view and message.startswith(self.REPORTED))
+        return not (self.live_view and (message.startswith(self.REPORTED) or self.FULL in message))
 
 
 @contextmanager
