@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
+from yolotune.errors import is_storage_full
 from yolotune.layout import HISTORY, read_jsonl
 
 EPOCHS = 8
@@ -202,6 +204,24 @@ def test_nothing_to_resume(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"yolotune: error: resume=True: no unfinished experiment under {tmp_path}; " \
                                   "start one without resume=true"
+
+
+def test_a_write_that_found_no_space_is_told_apart_however_it_arrives():
+    from ray.exceptions import RayTaskError
+    from ray.tune.error import TuneError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    in_a_trial = RayTaskError("train", "Traceback ...", full)  # as the driver gets a trial's exception
+    try:
+        try:
+            raise full
+        except OSError:
+            raise TuneError("Traceback ...")  # as Ray re-raises a callback's
+    except TuneError as e:
+        in_a_callback = e
+    assert all(is_storage_full(e) for e in (full, in_a_trial, in_a_callback, OSError(errno.EDQUOT, "quota")))
+    assert not any(is_storage_full(e) for e in (None, OSError(errno.EACCES, "denied"), RayTaskError(
+        "train", "Traceback ...", ValueError("bad lr0")), RuntimeError("No space left on device")))
 
 
 @pytest.mark.slow

@@ -328,9 +328,12 @@ class _Tee:
         self.terminal, self.log = terminal, log
 
     def write(self, text: str) -> int:
+        self.to_log(text)
+        return self.terminal.write(text)
+
+    def to_log(self, text: str) -> None:
         with suppress(OSError):  # a full disk: the console goes on without its copy
             self.log.write(text)
-        return self.terminal.write(text)
 
     def flush(self) -> None:
         with suppress(OSError):
@@ -348,7 +351,7 @@ def log_to(path: Path):
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
     try:
-        log.write(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}: {' '.join(sys.argv)}\n")
+        sys.stdout.to_log(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}: {' '.join(sys.argv)}\n")
         yield
     finally:
         sys.stdout, sys.stderr = out, err
@@ -366,7 +369,7 @@ def announce(line: str, verbose: str) -> None:
 
 def _log_only(line: str) -> None:
     if isinstance(sys.stdout, _Tee):
-        sys.stdout.log.write(line + "\n")
+        sys.stdout.to_log(line + "\n")
 
 
 class _RayConsoleFilter(logging.Filter):
