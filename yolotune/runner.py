@@ -7,9 +7,9 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
-import shutil
 import tempfile
 import threading
 import time
@@ -316,7 +316,7 @@ def _handle_trial_failures() -> None:
     from ray.tune.execution.tune_controller import TuneController
 
     process = TuneController._process_trial_failure
-    if getattr(process, "system_failures_only", False):
+    if getattr(process, "yolotune_handles", False):
         return
 
     def process_trial_failure(controller, trial, exception):
@@ -336,7 +336,7 @@ def _handle_trial_failures() -> None:
         finally:
             trial.max_failures = max_failures
 
-    process_trial_failure.system_failures_only = True
+    process_trial_failure.yolotune_handles = True
     TuneController._process_trial_failure = process_trial_failure
 
 
