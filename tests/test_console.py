@@ -299,6 +299,13 @@ def test_console_log_copies_the_output_and_appends(tmp_path, capsys):
     assert "only in the log" not in capsys.readouterr().out
 
 
+def test_console_goes_on_when_its_log_finds_the_disk_full(capsys):
+    """/dev/full: every write finds no space left (ENOSPC), as on a storage that filled up."""
+    with console.log_to(Path("/dev/full")):
+        print("still on the console")
+    assert capsys.readouterr().out == "still on the console\n"
+
+
 def test_ray_records_the_live_view_reports_stay_off_the_console(tmp_path, capsys):
     logger, handler = logging.getLogger("ray.tune.test"), logging.StreamHandler(sys.stderr)
     logging.getLogger("ray").addHandler(handler)
@@ -306,13 +313,14 @@ def test_ray_records_the_live_view_reports_stay_off_the_console(tmp_path, capsys
         with console.log_to(tmp_path / "yolotune.log"), console.ray_logs("yolotune"):
             logger.error("Trial task failed for trial trial_x")
             logger.warning("No trial is running and no new trial has been started")
+            logger.error("Saving experiment state failed: OSError: [Errno 28] No space left on device")
         logger.error("Trial task failed for trial trial_y")  # filter removed
         with console.log_to(tmp_path / "yolotune.log"), console.ray_logs("ray"):
             logger.error("Trial task failed for trial trial_z")  # Ray's console as Ray has it
     finally:
         logging.getLogger("ray").removeHandler(handler)
     err = capsys.readouterr().err
-    assert "trial_x" not in err and "No trial is running" in err and "trial_y" in err and "trial_z" in err
+    assert "trial_x" not in err and "Errno 28" not in err and "No trial is running" in err and "trial_y" in err and "trial_z" in err
     log = (tmp_path / "yolotune.log").read_text()
     assert "Trial task failed for trial trial_x" in log and "trial_z" in log and "trial_y" not in log
 
@@ -423,7 +431,8 @@ def _live_trial(trial_id, epoch=0, config=None, last=None, best=None, error_file
     """A Ray Tune trial as the live view reads it; ``best`` is the minimum, the maximum is worse than ``last``."""
     analysis = {"val/box_loss": {"min": best, "max": 9.0, "last": last}} if best is not None else {}
     return SimpleNamespace(trial_id=trial_id, status="RUNNING", config=config or {}, error_file=error_file,
-                           last_result={"epoch": epoch} if epoch else {}, metric_analysis=analysis)
+                           last_result={"epoch": epoch} if epoch else {}, metric_analysis=analysis,
+                           num_failures=0, max_failures=2)
 
 
 def _report(view, trials, trial, epoch, last, best, **result):
@@ -433,9 +442,12 @@ def _report(view, trials, trial, epoch, last, best, **result):
 
 
 def test_live_view_prints_trial_events_and_progress_lines(tmp_path, clock, capsys):
-    """3 trials of 4 epochs: one stopped early, one resumed, recovered and finished, one errored."""
+    """3 trials of 4 epochs: one stopped early, one resumed, retried after a lost node and finished on
+    another, one errored."""
     error_file = tmp_path / "error.txt"
     error_file.write_text("Failure # 1\nTraceback (most recent call last):\n  File x\nValueError: bad lr0\n")
+    lost_node = tmp_path / "lost.txt"
+    lost_node.write_text("Failure # 1\nThe actor died because its node has died. Node Id: abcdef1234\n")
     refresh = print
     with console.log_to(tmp_path / "yolotune.log"):
         view = console.live_view(tmp_path, "val/box_loss", "min", 4, True, "yolotune", refresh, 16)
@@ -460,12 +472,14 @@ def test_live_view_prints_trial_events_and_progress_lines(tmp_path, clock, capsy
         t2 = _live_trial("t2", config={"lr0": 0.001}, error_file=str(error_file))
         trials.append(t2)
         view.on_trial_start(5, trials, t2)
+        t1.last_result.update(hostname="w2", node_id="abcdef1234")
+        t1.error_file, t1.num_failures = str(lost_node), 1
         view.on_trial_recover(6, trials, t1)
         clock.t = 1080
         view.on_trial_error(7, trials, t2)
         t2.status = "ERROR"
         clock.t = 1090
-        _report(view, trials, t1, 4, 1.15, 1.1, time_this_iter_s=5.0)
+        _report(view, trials, t1, 4, 1.15, 1.1, time_this_iter_s=5.0, hostname="h1", node_id="11112222ff")
         view.on_trial_complete(8, trials, t1)
         t1.status = "TERMINATED"
         view.on_experiment_end(trials)  # the last line printed was the final one
@@ -478,9 +492,11 @@ def test_live_view_prints_trial_events_and_progress_lines(tmp_path, clock, capsy
         "trial t0 stopped early by the scheduler at epoch 2: val/box_loss 1.3 (best 1.2)",
         "1/3 trials | 5 trial-epochs | best val/box_loss 1.1 (t1) | 1m10s elapsed | up to 20s left",
         "trial t2 started: lr0=0.001",
-        "trial t1 failed after 3 epochs; retrying from its last checkpoint",
+        "trial t1 lost its worker on w2 (node abcdef12) after 3 epochs: The actor died because its node has died. "
+        "Node Id: abcdef1234; retry 1 of 2, from its last checkpoint",
         f"trial t2 errored after 0 epochs: ValueError: bad lr0  (log: {tmp_path / 'trial_t2' / 'train.log'})",
         "2/3 trials (1 errored) | 5 trial-epochs | best val/box_loss 1.1 (t1) | 1m20s elapsed | up to 5s left",
+        "trial t1 goes on on h1 (node 11112222) with epoch 4",
         "trial t1 finished 4 epochs: val/box_loss 1.15 (best 1.1)",
         "3/3 trials (1 errored) | 6 trial-epochs | best val/box_loss 1.1 (t1) | 1m30s elapsed",
     ]

@@ -589,6 +589,32 @@ def test_the_recorder_appends_each_status_change_and_goes_on_after_a_resume(tmp_
     assert records.read_trials(exp_dir)[0][1].error == ERROR
 
 
+def test_the_recorder_names_the_node_a_retried_trial_lost_and_the_one_it_went_on_on(tmp_path):
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Failure # 1 (occurred at now)\nThe actor died because its node has died.\n")
+    storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(exp_dir))
+    a = SimpleNamespace(trial_id="a", path=str(exp_dir / "trial_a"), status="RUNNING", error_file=str(error_file),
+                        config={}, storage=storage, num_failures=1, max_failures=2,
+                        last_result={"epoch": 2, "hostname": "w", "node_id": "lost"})
+    recorder = records.trial_recorder()
+    recorder.on_trial_recover(iteration=1, trials=[a], trial=a)
+    recorder.on_trial_start(iteration=2, trials=[a], trial=a)
+    for epoch in (3, 4):
+        recorder.on_trial_result(iteration=3, trials=[a], trial=a, result={"epoch": epoch, "hostname": "h",
+                                                                           "node_id": "head"})
+    events = [{k: v for k, v in e.items() if k not in ("time", "config")} for e in layout.read_jsonl(
+        exp_dir / "trials.jsonl")[0]]
+    assert events == [
+        {"trial_id": "a", "event": "retried", "status": "PENDING", "error": "The actor died because its node has died.",
+         "node": {"hostname": "w", "node_id": "lost"}, "retry": 1, "max_failures": 2},
+        {"trial_id": "a", "event": "resumed", "status": "RUNNING"},
+        {"trial_id": "a", "event": "went_on", "status": "RUNNING", "node": {"hostname": "h", "node_id": "head"},
+         "epoch": 3}]  # once, at its first epoch after the retry
+    assert [(t.trial_id, t.status) for t in records.read_trials(exp_dir)[0]] == [("a", "RUNNING")]
+
+
 def test_load_with_a_metric_that_was_never_reported_says_so(exp):
     with pytest.raises(ConfigError) as err:
         load(exp, metric="bogus").best()

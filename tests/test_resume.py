@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import pytest
 
 from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
-from yolotune.layout import HISTORY
+from yolotune.errors import is_storage_full
+from yolotune.layout import HISTORY, read_jsonl
 
 EPOCHS = 8
 
@@ -155,21 +158,26 @@ def _epochs(exp_dir: Path) -> list:
 
 
 @pytest.mark.slow
-def test_max_failures_retries_a_failed_trial_from_its_checkpoint(tmp_path, shapes_cache):
+def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path, shapes_cache):
+    """A system failure (the trial's worker process killed) is retried (failure.max_failures, default 2);
+    the trial's own errors are not (test_resume_errored_reruns_an_errored_trial_from_its_checkpoint)."""
     marker = tmp_path / "failed-once"
     overrides, env = _fails_once_at_epoch_2(tmp_path, shapes_cache, "retry", marker)
-    proc = run_cli(*overrides, "failure.max_failures=1", env=env)
+    proc = run_cli(*overrides, env={**env, "YOLOTUNE_TEST_FAIL_HOW": "kill"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert marker.exists()  # it did fail once
+    assert marker.exists()  # it was killed once
     assert _epochs(tmp_path / "retry") == [1, 2, 3]  # the retry went on from epoch 1, not from scratch
     assert list(pd.read_csv(tmp_path / "retry" / "trials.csv")["status"]) == ["TERMINATED"]
+    retried = [e for e in read_jsonl(tmp_path / "retry" / "trials.jsonl")[0] if e["event"] == "retried"]
+    assert len(retried) == 1 and retried[0]["retry"] == 1 and retried[0]["max_failures"] == 2, retried
+    assert "lost its worker on" in proc.stdout and "retry 1 of 2" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
 def test_resume_errored_reruns_an_errored_trial_from_its_checkpoint(tmp_path, shapes_cache):
     marker = tmp_path / "failed-once"
     overrides, env = _fails_once_at_epoch_2(tmp_path, shapes_cache, "errored", marker)
-    first = run_cli(*overrides, env=env)  # failure.max_failures=0: the trial ends in ERROR
+    first = run_cli(*overrides, env=env)  # its own error: not retried (failure.max_failures=2): ERROR
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     assert list(pd.read_csv(tmp_path / "errored" / "trials.csv")["status"]) == ["ERROR"]
     assert _epochs(tmp_path / "errored") == [1]
@@ -196,3 +204,58 @@ def test_nothing_to_resume(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"yolotune: error: resume=True: no unfinished experiment under {tmp_path}; " \
                                   "start one without resume=true"
+
+
+def test_a_write_that_found_no_space_is_told_apart_however_it_arrives():
+    from ray.exceptions import RayTaskError
+    from ray.tune.error import TuneError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    in_a_trial = RayTaskError("train", "Traceback ...", full)  # as the driver gets a trial's exception
+    try:
+        try:
+            raise full
+        except OSError:
+            raise TuneError("Traceback ...")  # as Ray re-raises a callback's
+    except TuneError as e:
+        in_a_callback = e
+    assert all(is_storage_full(e) for e in (full, in_a_trial, in_a_callback, OSError(errno.EDQUOT, "quota")))
+    assert not any(is_storage_full(e) for e in (None, OSError(errno.EACCES, "denied"), RayTaskError(
+        "train", "Traceback ...", ValueError("bad lr0")), RuntimeError("No space left on device")))
+
+
+@pytest.mark.slow
+def test_a_full_storage_stops_the_sweep_and_resume_goes_on(tmp_path, shapes_cache):
+    """The storage is a small file system (a tmpfs in a mount namespace of the test's own) that a file
+    of someone else's fills but for ~25 MiB: the trial's second epoch does not fit. The sweep stops with
+    one line naming the storage and its free space, epoch 1 kept; once the file is deleted, resume=true
+    trains epoch 2 and finishes."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs `unshare --mount` (root) to mount a small file system")
+    storage, out = tmp_path / "storage", tmp_path / "out"
+    storage.mkdir()
+    out.mkdir()
+    overrides = [o for o in small_sweep_overrides(storage, shapes_cache, "full", iterations=1, epochs=2)
+                 if not o.startswith("scheduler")] + ["scheduler=fifo"]
+    script = f"""mount -t tmpfs -o size=64m none {storage} || exit 99
+head -c 39M /dev/zero > {storage}/other
+"$0" -m yolotune "$@" > {out}/first.out 2> {out}/first.err; echo $? > {out}/first.rc
+cp -a {storage}/full {out}/after_first && rm {storage}/other
+"$0" -m yolotune resume=true name=full storage={storage} > {out}/resumed.out 2>&1; echo $? > {out}/resumed.rc
+cp -a {storage}/full {out}/after_resume"""
+    with ray_temp_dir() as ray_tmp:
+        subprocess.run(["unshare", "--mount", "sh", "-c", script, sys.executable, *overrides], cwd=REPO, timeout=900,
+                       env={**os.environ, "RAY_TMPDIR": str(ray_tmp)}, check=True)
+    first = (out / "first.out").read_text() + (out / "first.err").read_text()
+    assert (out / "first.rc").read_text().strip() == "1", first[-5000:]
+    line = (out / "first.err").read_text().strip().splitlines()[-1]
+    assert line.startswith(f"yolotune: error: storage {storage} is full ("), first[-5000:]
+    assert line.endswith(f"free space, then go on with: python -m yolotune resume=true name=full storage={storage}")
+    assert "Traceback" not in first, first[-5000:]
+    assert _epochs(out / "after_first") == [1]  # the finished epoch is kept
+
+    resumed = (out / "resumed.out").read_text()
+    assert (out / "resumed.rc").read_text().strip() == "0", resumed[-5000:]
+    assert _epochs(out / "after_resume") == [1, 2]  # epoch 2 from epoch 1's checkpoint
+    assert list(pd.read_csv(out / "after_resume" / "trials.csv")["status"]) == ["TERMINATED"]
+    assert (out / "after_resume" / layout.DONE_MARKER).exists()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from yolotune import experiment, layout
 from yolotune.config import ExperimentConfig, register_configs, to_experiment, validate
-from yolotune.errors import ConfigError
+from yolotune.errors import ConfigError, StorageFull
 from yolotune.overrides import composition_error, group_options, normalize, replace_space_entries
 from yolotune.storage import Location
 
@@ -68,6 +68,9 @@ def _main(cfg: DictConfig) -> None:
         exp_dir, grid = run_experiment(cfg, overrides)
     except ConfigError as e:
         fail(e)
+    except StorageFull as e:
+        print(f"yolotune: error: {e}", file=sys.stderr)
+        sys.exit(1)
     if not layout.is_finished(exp_dir) and not layout.stopped_by_budget(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:

@@ -51,7 +51,8 @@ VALIDATE = ("decisions", "every")
 
 @dataclass
 class FailureConfig:
-    max_failures: int = 0  # retries of an errored trial, from its last checkpoint
+    # retries of a trial after a system failure (a lost node or worker), from its last checkpoint
+    max_failures: int = 2
 
 
 @dataclass

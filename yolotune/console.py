@@ -3,8 +3,8 @@
 ``live_view(...)`` is a Ray Tune callback in the driver. It keeps one progress line for the
 experiment (trials done, trial-epochs run, the best value of the metric and its trial, elapsed
 and remaining time) and prints one line per trial event: started, batch cut by Ultralytics,
-stopped early, finished, errored. It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a
-background thread, whenever a trial ends. ``log_to(path)`` copies everything printed into the
+stopped early, finished, errored, retried after a lost node or worker (and the node it goes on on).
+It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a background thread, whenever a trial ends. ``log_to(path)`` copies everything printed into the
 experiment's ``yolotune.log``.
 
 On a terminal the progress line is redrawn in place by tqdm: it clears and redraws its line
@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -92,6 +92,20 @@ def batch_cut_line(trial_id: str, configured, trained) -> Optional[str]:
             "GPU memory")
 
 
+def node_of(result: Dict) -> str:
+    """The node a trial's result came from: its hostname and the start of its Ray node id."""
+    return f"{result.get('hostname', '?')} (node {str(result.get('node_id', '?'))[:8]})"
+
+
+def retry_line(trial_id: str, epochs: int, last_result: Dict, error: str, retry: int, retries: int) -> str:
+    return (f"trial {trial_id} lost its worker on {node_of(last_result)} after {n_epochs(epochs)}: {error}; "
+            f"retry {retry} of {retries}, from its last checkpoint")
+
+
+def went_on_line(trial_id: str, result: Dict) -> str:
+    return f"trial {trial_id} goes on on {node_of(result)} with epoch {result.get('epoch')}"
+
+
 def errored_line(trial_id: str, epochs: int, error: str, log: Path) -> str:
     return f"trial {trial_id} errored after {n_epochs(epochs)}: {error}  (log: {log})"
 
@@ -109,6 +123,10 @@ def n_epochs(n: int) -> str:
 
 def _number(value) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def _error(trial) -> str:
+    return error_of(Path(trial.error_file).read_text()) if trial.error_file else "unknown error"
 
 
 def _epoch(trial) -> int:
@@ -310,11 +328,16 @@ class _Tee:
         self.terminal, self.log = terminal, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self.to_log(text)
         return self.terminal.write(text)
 
+    def to_log(self, text: str) -> None:
+        with suppress(OSError):  # a full disk: the console goes on without its copy
+            self.log.write(text)
+
     def flush(self) -> None:
-        self.log.flush()
+        with suppress(OSError):
+            self.log.flush()
         self.terminal.flush()
 
     def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
@@ -324,14 +347,16 @@ class _Tee:
 @contextmanager
 def log_to(path: Path):
     """Copy everything printed to stdout and stderr meanwhile into ``path``, appending."""
-    with open(path, "a", buffering=1, encoding="utf-8") as log:
-        log.write(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}: {' '.join(sys.argv)}\n")
-        out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = out, err
+    log = open(path, "a", buffering=1, encoding="utf-8")
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+    try:
+        sys.stdout.to_log(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}: {' '.join(sys.argv)}\n")
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+        with suppress(OSError):  # what a full disk kept from the log is lost, not the run's outcome
+            log.close()
 
 
 def announce(line: str, verbose: str) -> None:
@@ -344,16 +369,18 @@ def announce(line: str, verbose: str) -> None:
 
 def _log_only(line: str) -> None:
     if isinstance(sys.stdout, _Tee):
-        sys.stdout.log.write(line + "\n")
+        sys.stdout.to_log(line + "\n")
 
 
 class _RayConsoleFilter(logging.Filter):
     """On Ray's console handler: copies Ray's records to yolotune.log (the handler writes to the
     stderr of import time, which the tee does not see), and with ``live_view`` keeps the ones the
     live view reports itself off the console: trial failures with their tracebacks (one line each
-    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint."""
+    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint, and
+    its writes that found the storage full (the run stops with one line saying so)."""
 
     REPORTED = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted")
+    FULL = "No space left on device"  # Ray's failed writes to a full storage: the run ends with one line on it
 
     def __init__(self, live_view: bool):
         super().__init__()
@@ -362,7 +389,7 @@ class _RayConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         _log_only(f"{record.levelname} {record.name}: {message}")
-        return not (self.live_view and message.startswith(self.REPORTED))
+        return not (self.live_view and (message.startswith(self.REPORTED) or self.FULL in message))
 
 
 @contextmanager
@@ -417,6 +444,7 @@ def _build_live_view():
             self._refresher = Refresher(self.refresh)
             self._tick, self._last_ended = Throttle(TERMINAL_EVERY_S), False
             self._batch_cut: set = set()  # trials whose cut batch was named
+            self._retried: set = set()  # trials retried after a system failure, until their next result
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._last_ended = False
@@ -429,18 +457,21 @@ def _build_live_view():
             self._ended(trials, trial, line, errored=False)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            error = error_of(Path(trial.error_file).read_text()) if trial.error_file else "unknown error"
             log = self.exp_dir / trial_dirname(trial.trial_id) / TRAIN_LOG
-            self._ended(trials, trial, errored_line(trial.trial_id, _epoch(trial), error, log), errored=True)
+            self._ended(trials, trial, errored_line(trial.trial_id, _epoch(trial), _error(trial), log), errored=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             self._last_ended = False
-            self._screen.event(f"trial {trial.trial_id} failed after {n_epochs(_epoch(trial))}; retrying from "
-                               "its last checkpoint")
+            self._screen.event(retry_line(trial.trial_id, _epoch(trial), trial.last_result or {}, _error(trial),
+                                          trial.num_failures, trial.max_failures))
+            self._retried.add(trial.trial_id)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self._progress.result(trial.trial_id, result.get("time_this_iter_s", 0.0))
             self._last_ended = False
+            if trial.trial_id in self._retried:
+                self._retried.discard(trial.trial_id)
+                self._screen.event(went_on_line(trial.trial_id, result))
             line = batch_cut_line(trial.trial_id, trial.config.get("batch", self.batch), result.get(TRAINED_BATCH))
             if line and trial.trial_id not in self._batch_cut:
                 self._batch_cut.add(trial.trial_id)

@@ -8,6 +8,10 @@ Ray's private experiment state. Events, each with ``trial_id``, ``event``, ``sta
     paused     PAUSED      paused by its scheduler (PBT, HyperBand)
     completed  TERMINATED  ended normally, or stopped early by its scheduler
     errored    ERROR       raised; with ``error`` (its exception line) and ``error_file``
+    retried    PENDING     a system failure (a lost node or worker) that Ray retries from the trial's last
+                           checkpoint; with ``error``, the ``node`` it ran on ({hostname, node_id}) and
+                           ``retry`` (this retry's number, of ``max_failures``)
+    went_on    RUNNING     a retried trial's first epoch after the retry; with the ``node`` and ``epoch``
 
 ``read_trials`` folds the events into each trial's latest state. Importing this module imports
 no Ray: the callback class is built on first use (as in wandb_logging.py).
@@ -26,7 +30,7 @@ from yolotune import layout
 from yolotune.storage import Location
 
 EVENT_STATUS = {"started": "RUNNING", "resumed": "RUNNING", "paused": "PAUSED", "completed": "TERMINATED",
-                "errored": "ERROR"}
+                "errored": "ERROR", "retried": "PENDING", "went_on": "RUNNING"}
 
 
 @dataclass
@@ -81,6 +85,7 @@ def _recorder_class():
 
         def __init__(self):
             self.statuses: Optional[Dict[str, str]] = None  # trial id -> last recorded status
+            self.retried: set = set()  # trials retried after a system failure, until their next result
 
         def __reduce__(self):  # the class is reachable only through trial_recorder
             return trial_recorder, ()
@@ -99,11 +104,17 @@ def _recorder_class():
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error_file = Path(trial.path) / layout.ERROR_FILE  # where Ray syncs trial.error_file to
-            try:
-                error = error_line(Path(trial.error_file).read_text(errors="replace"))
-            except (OSError, TypeError):  # no error file was written
-                error = None
-            self._append(trial, "errored", error=error, error_file=str(error_file))
+            self._append(trial, "errored", error=_error(trial), error_file=str(error_file))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.retried.add(trial.trial_id)
+            self._append(trial, "retried", error=_error(trial), node=_node(trial.last_result or {}),
+                         retry=trial.num_failures, max_failures=trial.max_failures)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if trial.trial_id in self.retried:
+                self.retried.discard(trial.trial_id)
+                self._append(trial, "went_on", node=_node(result), epoch=result.get("epoch"))
 
         def on_experiment_end(self, trials, **info):
             self.on_step_end(0, trials)  # trials a scheduler left paused
@@ -122,6 +133,19 @@ def _recorder_class():
             _experiment(trial).upload(record)  # to the object store, when the experiment is in one
 
     return TrialRecorder
+
+
+def _error(trial) -> Optional[str]:
+    """The exception line of the trial's latest failure; None when Ray wrote no error file."""
+    try:
+        return error_line(Path(trial.error_file).read_text(errors="replace"))
+    except (OSError, TypeError):
+        return None
+
+
+def _node(result: dict) -> dict:
+    """Where a result came from (trainable.py reports its node with every epoch)."""
+    return {"hostname": result.get("hostname"), "node_id": result.get("node_id")}
 
 
 def _experiment(trial) -> Location:

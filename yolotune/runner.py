@@ -7,9 +7,11 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -20,7 +22,7 @@ import yaml
 from yolotune import console, layout, train_args
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
-from yolotune.errors import ConfigError
+from yolotune.errors import ConfigError, StorageFull, is_storage_full
 from yolotune.layout import trial_dirname
 from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
@@ -102,7 +104,11 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings, budget)
         location.delete(layout.BUDGET_MARKER)  # this run's budget decides
+        _handle_trial_failures()
+        TRIAL_FOUND_STORAGE_FULL.clear()
         grid = tuner.fit()
+        if TRIAL_FOUND_STORAGE_FULL.is_set():
+            raise StorageFull(storage_full_line(exp, exp_dir))  # results would not fit either: resume writes them
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
             written = export_best(results, location)
@@ -125,6 +131,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp, exp_dir)}")
         location.upload(*written, exp_dir / layout.CONSOLE_LOG)
         return grid
+    except Exception as e:
+        if not is_storage_full(e):  # in the driver, or a trial's (_handle_trial_failures)
+            raise
+        raise StorageFull(storage_full_line(exp, exp_dir)) from None
     finally:
         log.close()
         if started:
@@ -288,6 +298,53 @@ def _use_this_runs_callbacks(tuner, exp: ExperimentConfig, location: Location, b
     kept = [c for c in run_config.callbacks or [] if not isinstance(c, (console.LiveView, type(budget)))]
     run_config.callbacks = kept + [_live_view(exp, location), budget]
     run_config.verbose = _ray_verbosity(exp)
+
+
+# Set in the driver when a trial's write found the storage full (_handle_trial_failures).
+TRIAL_FOUND_STORAGE_FULL = threading.Event()
+
+
+def _handle_trial_failures() -> None:
+    """Ray retries a trial after any failure (FailureConfig.max_failures); yolotune only after a system
+    failure, which another try on another node outlives: a lost node or worker process, a killed actor
+    (RayActorError). An error of the trial's own making (a bad value, a failing dataset, out of memory)
+    reaches the driver as a RayTaskError and would fail again: that trial ends in ERROR at once.
+    A trial that found the storage full is neither: the run stops as Ctrl-C stops it, and the trial,
+    unfinished, continues from its last checkpoint on resume=true once space is freed.
+    Ray has no public hook for this; patched once per process, in the driver."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.tune.execution.tune_controller import TuneController
+
+    process = TuneController._process_trial_failure
+    if getattr(process, "yolotune_handles", False):
+        return
+
+    def process_trial_failure(controller, trial, exception):
+        if is_storage_full(exception):
+            controller._try_recover(trial, exc=exception)  # back to PENDING: no failure counted, no ERROR
+            if not TRIAL_FOUND_STORAGE_FULL.is_set():  # once: Ray takes a second SIGINT as "stop at once"
+                TRIAL_FOUND_STORAGE_FULL.set()
+                os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop, save the experiment state
+            return None
+        own_error = isinstance(exception, RayTaskError) and not isinstance(exception.as_instanceof_cause(),
+                                                                           RayActorError)
+        if not own_error:
+            return process(controller, trial, exception)
+        max_failures, trial.max_failures = trial.max_failures, 0  # Trial.should_recover: no retry left
+        try:
+            return process(controller, trial, exception)
+        finally:
+            trial.max_failures = max_failures
+
+    process_trial_failure.yolotune_handles = True
+    TuneController._process_trial_failure = process_trial_failure
+
+
+def storage_full_line(exp: ExperimentConfig, exp_dir: Path) -> str:
+    """The one line a run that filled its storage stops with (an object store's: its local copy's disk)."""
+    free = shutil.disk_usage(exp_dir).free
+    return (f"storage {exp_dir.parent} is full ({free / 2**20:.1f} MiB free): the sweep stopped and every finished "
+            f"epoch is saved; free space, then go on with: {resume_command(exp, exp_dir)}")
 
 
 def resume_command(exp: ExperimentConfig, exp_dir: Path) -> str:

@@ -337,8 +337,10 @@ def _resume_point(trial_dir: Path, save_dir: Path, checkpoint) -> Optional[Dict[
     (newer when the driver died before registering it: a SIGKILL right after an epoch), except that
     a checkpoint from outside this trial (a PBT donor's) wins: the trial continues from its weights.
     """
-    # A checkpoint folder of this trial's that the driver died before registering holds a moved last.pt.
-    candidates = [save_dir / "weights" / "last.pt", *trial_dir.glob("checkpoint_*/last.pt")]
+    # A checkpoint folder of this trial's that the driver died before registering holds a moved last.pt,
+    # and so does the folder it was staged in when its worker died before Ray moved it (a lost node).
+    candidates = [save_dir / "weights" / "last.pt", *trial_dir.glob("checkpoint_*/last.pt"),
+                  *trial_dir.glob(f"{STAGED}*/last.pt")]
     with checkpoint.as_directory() if checkpoint else nullcontext() as ckpt_dir:
         if ckpt_dir is not None:
             if not Path(ckpt_dir).resolve().is_relative_to(trial_dir.resolve()):
