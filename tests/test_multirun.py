@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 import time
 
@@ -11,12 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_cli, small_sweep_overrides
-
-
-def _ray_processes() -> set:
-    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True, text=True).stdout
-    return set(out.split())
+from conftest import processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 
 
 def _tiny(storage, shapes_cache):
@@ -26,17 +20,17 @@ def _tiny(storage, shapes_cache):
 
 @pytest.mark.slow
 def test_multirun_runs_each_job_and_summarises(tmp_path, shapes_cache):
-    before = _ray_processes()
-    proc = run_cli("-m", *_tiny(tmp_path, shapes_cache), "name=a,b")
+    with ray_temp_dir() as ray_tmp:  # the multirun's own Ray: other Rays on the machine are not its
+        proc = run_cli("-m", *_tiny(tmp_path, shapes_cache), "name=a,b", env={"RAY_TMPDIR": str(ray_tmp)})
+        deadline = time.time() + 20  # Ray's processes exit within moments of ray.shutdown()
+        while processes_under(ray_tmp) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not processes_under(ray_tmp)  # nothing of its Ray outlives the multirun
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "a" / "trials.csv").is_file() and (tmp_path / "b" / "trials.csv").is_file()
     summary = pd.read_csv(next(tmp_path.glob("multirun/*/multirun_summary.csv")))
     assert list(summary["status"]) == ["ok", "ok"] and list(summary["trials_finished"]) == [2, 2]
     assert "Multirun summary" in proc.stdout
-    deadline = time.time() + 20  # Ray's processes exit within moments of ray.shutdown()
-    while _ray_processes() - before and time.time() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes() - before  # Ray stopped cleanly after each job
     # Same seed, random search: both experiments sampled the same configurations.
     sampled = [sorted(json.loads(p.read_text()).items() for p in sorted((tmp_path / n).glob("trial_*/params.json")))
                for n in ("a", "b")]
