@@ -100,6 +100,8 @@ def main() -> None:
     app = hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")(_main)
     try:
         app()
+    except ConfigError as e:  # the multirun sweeper's own check (hydra_plugin)
+        fail(e)
     except Exception as e:  # noqa: BLE001 - translated when it is a composition error, else re-raised
         error = composition_error(e, sys.argv[1:])
         if error is None:
