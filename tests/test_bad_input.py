@@ -589,7 +589,8 @@ def test_multirun_runs_the_valid_jobs_and_lists_the_bad_one(tmp_path, shapes_cac
     assert len(summary) == 3, summary  # header + both jobs
     assert "iterations=ten: an integer" in summary[1]
     assert "resources.cpu_per_trial=512" in summary[2]
-    assert proc.returncode == 1
+    assert [line.split(",")[2] for line in summary[1:]] == ["refused", "refused"]
+    assert proc.returncode == 2  # every job refused: as a single refused run
     assert "Traceback" not in proc.stderr
 
 
