@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import yolotune
 from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
 from yolotune.layout import HISTORY
@@ -100,6 +102,60 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
     for name in midway:  # the restored recorder goes on with the same record
         trial_id = name.removeprefix("trial_")
         assert events.count((trial_id, "started")) == 1 and (trial_id, "resumed") in events, events
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp_path, shapes_cache):
+    """Ctrl-C twice: the run ends at once, resumable. The experiment moved to another storage resumes there
+    (the old one is gone), a second resume of it meanwhile is refused, and copied once finished it reads and
+    says it is finished."""
+    overrides = small_sweep_overrides(tmp_path / "first", shapes_cache, "exp", iterations=1, epochs=3)
+    overrides = [o for o in overrides if not o.startswith(("scheduler", "data.train_images"))] + [
+        "scheduler=fifo", "data.train_images=16"]
+    with ray_temp_dir() as ray_tmp:
+        proc = _start(overrides, ray_tmp)
+        _wait_for(lambda: list((tmp_path / "first" / "exp").glob("trial_*/checkpoint_*")), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1)  # the graceful stop (trials stopped, state saved, results, plots) takes longer
+        os.killpg(proc.pid, signal.SIGINT)
+        second = time.time()
+        output = proc.communicate(timeout=120)[0]
+        stopped_in = time.time() - second
+    assert proc.returncode == 130 and "Stopped at once" in output and "Traceback" not in output, output[-3000:]
+    assert stopped_in < 20, stopped_in
+    command = shlex.split(output.strip().splitlines()[-1])
+    assert command == ["python", "-m", "yolotune", "resume=true", "name=exp", f"storage={tmp_path / 'first'}"]
+
+    (tmp_path / "second").mkdir()
+    (tmp_path / "first" / "exp").rename(tmp_path / "second" / "exp")  # moved: nothing left where it started
+    exp_dir = tmp_path / "second" / "exp"
+    (trial_dir,) = exp_dir.glob("trial_*")
+    before = _rows(trial_dir)
+    checkpoint_epoch = _last_checkpoint_epoch(trial_dir)
+    with ray_temp_dir() as ray_tmp:
+        resume = _start(["resume=true", "name=exp", f"storage={tmp_path / 'second'}"], ray_tmp)
+        _wait_for(lambda: f"process {resume.pid} " in (exp_dir / layout.RUN_LOCK).read_text(), resume)
+        again = run_cli("resume=true", "name=exp", f"storage={tmp_path / 'second'}", timeout=120)
+        output = resume.communicate(timeout=600)[0]
+    assert again.returncode == 2 and again.stderr.startswith(
+        f"yolotune: error: name=exp: in use: yolotune process {resume.pid} on ") and again.stderr.count("\n") == 1, \
+        again.stderr
+    assert resume.returncode == 0, output[-3000:]
+    after = _rows(trial_dir)
+    assert after[:len(before)] == before and after[len(before)]["epoch"] == checkpoint_epoch + 1 > 1
+    assert after[-1]["epoch"] == 3
+    assert not (tmp_path / "first" / "exp").exists()
+
+    shutil.copytree(exp_dir, tmp_path / "third" / "exp")  # a finished experiment, copied
+    results = yolotune.load(tmp_path / "third" / "exp")
+    assert results.finished and results.path == tmp_path / "third" / "exp" and len(results.dataframe()) == 1
+    shown = run_cli("results", str(tmp_path / "third" / "exp"), "--format", "json", timeout=120)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["finished"], shown.stderr
+    finished = run_cli("resume=true", "name=exp", f"storage={tmp_path / 'third'}", timeout=120)
+    assert (finished.returncode, finished.stderr) == (2, (
+        f"yolotune: error: name=exp: finished: every trial of {tmp_path / 'third' / 'exp'} has ended, nothing to "
+        f"resume (yolotune results {tmp_path / 'third' / 'exp'} shows them; resume_errored=true re-runs errored "
+        "ones)\n"))
 
 
 def _last_checkpoint_epoch(trial_dir: Path) -> int:

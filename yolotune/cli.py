@@ -40,11 +40,17 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
 
 
 def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
-    """Run the experiment; returns its directory and Ray's ResultGrid."""
+    """Run the experiment, holding its lock; returns its directory and Ray's ResultGrid."""
     exp, exp_dir, cfg = prepare(cfg, overrides)
     from yolotune.runner import run
 
-    return exp_dir, run(exp, exp_dir, lambda: experiment.save_config(exp_dir, cfg, overrides))
+    lock = experiment.RunLock(exp_dir)
+    try:
+        if exp.resume:
+            lock.acquire()  # before Ray starts: a second resume of it is refused here
+        return exp_dir, run(exp, exp_dir, lambda: experiment.create(exp_dir, lock, cfg, overrides))
+    finally:
+        lock.release()
 
 
 def _main(cfg: DictConfig) -> None:
@@ -68,6 +74,8 @@ def _main(cfg: DictConfig) -> None:
         exp_dir, grid = run_experiment(cfg, overrides)
     except ConfigError as e:
         fail(e)
+    except KeyboardInterrupt:  # a Ctrl-C before Ray's handler, or a second one (runner.run said what is kept)
+        sys.exit(130)
     if not layout.is_finished(exp_dir) and not layout.stopped_by_budget(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:
