@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 import yolotune
 from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
+from yolotune.errors import ConfigError
 from yolotune.layout import HISTORY
 
 EPOCHS = 8
@@ -252,3 +255,66 @@ def test_nothing_to_resume(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"yolotune: error: resume=True: no unfinished experiment under {tmp_path}; " \
                                   "start one without resume=true"
+
+
+@pytest.mark.subprocess
+def test_a_running_experiment_is_refused_to_a_second_run_and_a_killed_ones_lock_is_free(tmp_path, shapes_cache):
+    """resume=true of an experiment another process holds: one line, before Ray starts (tuner.pkl here is empty:
+    Ray would fail on it), nothing written. Killed, that process holds it no more."""
+    from hydra import compose, initialize_config_module
+
+    from yolotune.config import register_configs
+    from yolotune.experiment import RunLock, create, save_config
+
+    register_configs()
+    exp_dir = tmp_path / "exp"
+    with initialize_config_module("yolotune.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["data=shapes", f"data.cache_dir={shapes_cache}", "space=minimal",
+                                           "model=yolo11n-scratch"])
+    save_config(exp_dir, cfg, [])
+    (exp_dir / layout.TUNER_STATE).write_bytes(b"")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from yolotune.experiment import RunLock; lock = RunLock(Path(sys.argv[1])); lock.acquire(); "
+                               "print('locked', flush=True); time.sleep(600)", str(exp_dir)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        files = {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}
+        proc = run_cli("resume=true", "name=exp", f"storage={tmp_path}", timeout=120)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"yolotune: error: name=exp: in use: yolotune process {holder.pid} on {socket.gethostname()} is running "
+            "it; wait for it to end (a killed run holds it no more)\n"), proc.stderr
+        assert {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()} == files
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(exp_dir)
+    lock.acquire()
+    lock.release()
+    with pytest.raises(ConfigError) as err:  # what a run that found the name free is told once another made it
+        create(exp_dir, lock, cfg, [])
+    assert str(err.value) == ("name=exp: another yolotune run started an experiment of this name meanwhile; choose "
+                              "another name")
+    lock.release()
+
+
+@pytest.mark.slow
+def test_runs_started_at_once_get_their_own_experiments_and_one_name_goes_to_one(tmp_path, shapes_cache):
+    """Four runs started together on one storage: two without a name make two experiments; of two with the
+    same name, one runs it and the other is refused in one line (after its Ray started: the name was free
+    when it checked)."""
+    overrides = small_sweep_overrides(tmp_path, shapes_cache, "x", iterations=1, epochs=1)
+    overrides = [o for o in overrides if not o.startswith(("name=", "scheduler", "data.train_images"))] + [
+        "scheduler=fifo", "data.train_images=8"]
+    with contextlib.ExitStack() as stack:
+        procs = [_start(overrides + name, stack.enter_context(ray_temp_dir()))
+                 for name in ([], [], ["name=twin"], ["name=twin"])]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes[:2] == [0, 0] and sorted(codes[2:]) == [0, 2], outputs
+    refused = outputs[2 + codes[2:].index(2)].strip().splitlines()
+    assert refused[-1].startswith("yolotune: error: name=twin: ") and "Traceback" not in "".join(refused), refused
+    experiments = sorted(p.name for p in tmp_path.iterdir() if (p / layout.SAVED_CONFIG).is_file())
+    assert len(experiments) == 3 and "twin" in experiments, experiments
+    for name in experiments:
+        assert pd.read_csv(tmp_path / name / "trials.csv")["status"].tolist() == ["TERMINATED"]
