@@ -32,9 +32,11 @@ def _rows(trial_dir: Path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _start(overrides, ray_tmp: Path):
-    return subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=REPO, stdout=subprocess.PIPE,
+def _start(overrides, ray_tmp: Path, cwd: Path = REPO):
+    # As from a terminal: SIGINT handled by default even where the tests run with it ignored (a background job)
+    return subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
 
 
@@ -109,9 +111,9 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp_path, shapes_cache):
-    """Ctrl-C twice: the run ends at once, resumable. The experiment moved to another storage resumes there
-    (the old one is gone), a second resume of it meanwhile is refused, and copied once finished it reads and
-    says it is finished."""
+    """Ctrl-C twice: the run ends at once, resumable. The experiment, moved to another machine's default storage
+    (runs/tune in the working dir), resumes there although its saved config names the old storage, which is gone;
+    a second resume of it meanwhile is refused; copied once finished, it reads and says it is finished."""
     overrides = small_sweep_overrides(tmp_path / "first", shapes_cache, "exp", iterations=1, epochs=3)
     overrides = [o for o in overrides if not o.startswith(("scheduler", "data.train_images"))] + [
         "scheduler=fifo", "data.train_images=16"]
@@ -129,16 +131,16 @@ def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp
     command = shlex.split(output.strip().splitlines()[-1])
     assert command == ["python", "-m", "yolotune", "resume=true", "name=exp", f"storage={tmp_path / 'first'}"]
 
-    (tmp_path / "second").mkdir()
-    (tmp_path / "first" / "exp").rename(tmp_path / "second" / "exp")  # moved: nothing left where it started
-    exp_dir = tmp_path / "second" / "exp"
+    (tmp_path / "second" / "runs" / "tune").mkdir(parents=True)
+    exp_dir = tmp_path / "second" / "runs" / "tune" / "exp"
+    (tmp_path / "first" / "exp").rename(exp_dir)  # moved: nothing left where it started
     (trial_dir,) = exp_dir.glob("trial_*")
     before = _rows(trial_dir)
     checkpoint_epoch = _last_checkpoint_epoch(trial_dir)
     with ray_temp_dir() as ray_tmp:
-        resume = _start(["resume=true", "name=exp", f"storage={tmp_path / 'second'}"], ray_tmp)
+        resume = _start(["resume=true", "name=exp"], ray_tmp, cwd=tmp_path / "second")
         _wait_for(lambda: f"process {resume.pid} " in (exp_dir / layout.RUN_LOCK).read_text(), resume)
-        again = run_cli("resume=true", "name=exp", f"storage={tmp_path / 'second'}", timeout=120)
+        again = run_cli("resume=true", "name=exp", cwd=tmp_path / "second", timeout=120)
         output = resume.communicate(timeout=600)[0]
     assert again.returncode == 2 and again.stderr.startswith(
         f"yolotune: error: name=exp: in use: yolotune process {resume.pid} on ") and again.stderr.count("\n") == 1, \

@@ -74,8 +74,6 @@ def _main(cfg: DictConfig) -> None:
         exp_dir, grid = run_experiment(cfg, overrides)
     except ConfigError as e:
         fail(e)
-    except KeyboardInterrupt:  # a Ctrl-C before Ray's handler, or a second one (runner.run said what is kept)
-        sys.exit(130)
     if not layout.is_finished(exp_dir) and not layout.stopped_by_budget(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:
@@ -110,6 +108,8 @@ def main() -> None:
         app()
     except ConfigError as e:  # the multirun sweeper's own check (hydra_plugin)
         fail(e)
+    except KeyboardInterrupt:  # a Ctrl-C before Ray's handler, or a second one (runner.run said what is kept)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - translated when it is a composition error, else re-raised
         error = composition_error(e, sys.argv[1:])
         if error is None:

@@ -113,7 +113,7 @@ def write_atomic(path: Path, data) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:  # a full disk, a second Ctrl-C: no temp file left beside it
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
