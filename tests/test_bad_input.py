@@ -599,8 +599,8 @@ def test_multirun_into_a_storage_that_cannot_be_made_is_one_line(shapes_cache):
     """Refused before Hydra makes the sweep dir (<storage>/multirun/...) in it: no job runs."""
     proc = run_cli("-m", "storage=/proc/yolotune", "data=shapes", f"data.cache_dir={shapes_cache}", *BASE,
                    "iterations=1,2", timeout=120)
-    assert (proc.returncode, proc.stderr) == (2, "yolotune: error: storage=/proc/yolotune: a writable directory; cannot "
-                                                 "create a folder in /proc: No such file or directory\n")
+    assert (proc.returncode, proc.stderr) == (2, "yolotune: error: storage=/proc/yolotune: a writable directory; "
+                                                 "cannot create a folder in /proc: No such file or directory\n")
 
 
 # The Python API: the same ConfigError, before Ray starts.

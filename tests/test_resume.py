@@ -276,8 +276,8 @@ def test_a_running_experiment_is_refused_to_a_second_run_and_a_killed_ones_lock_
     save_config(exp_dir, cfg, [])
     (exp_dir / layout.TUNER_STATE).write_bytes(b"")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from yolotune.experiment import RunLock; lock = RunLock(Path(sys.argv[1])); lock.acquire(); "
-                               "print('locked', flush=True); time.sleep(600)", str(exp_dir)],
+                               "from yolotune.experiment import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "lock.acquire(); print('locked', flush=True); time.sleep(600)", str(exp_dir)],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline() == "locked\n"

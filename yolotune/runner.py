@@ -131,8 +131,8 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         # A second Ctrl-C during the graceful stop (Ray's handler takes the first only): stop at once.
         # Ray saved the experiment's state with every checkpoint, so it resumes as after a kill.
         if resumable:
-            print(f"\nStopped at once; every checkpointed epoch is saved. Resume with:\n  {resume_command(exp, exp_dir)}",
-                  flush=True)
+            print("\nStopped at once; every checkpointed epoch is saved. Resume with:\n  "
+                  + resume_command(exp, exp_dir), flush=True)
         raise
     finally:
         log.close()
