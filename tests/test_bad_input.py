@@ -286,6 +286,9 @@ CASES = [
     ("storage-credentials-in-uri", ["storage=s3://AKIAX:secret@bucket/x"], "storage"),
     ("storage-credentials-in-query", ["storage='s3://bucket/x?secret_key=abc'"], "storage"),  # quoted: '=' in a value
     ("storage-empty", ["storage=''"], "storage"),
+    ("storage-under-proc", ["storage=/proc/yolotune"], "storage"),  # no folder can be made there
+    ("storage-proc", ["storage=/proc"], "storage"),
+    ("storage-under-sys", ["storage=/sys/yolotune"], "storage"),
     ("ray-address-garbage", ["ray.address=not an address"], "ray.address"),
     ("ray-address-no-port", ["ray.address=somehost"], "ray.address"),
     ("ray-address-long-port", ["ray.address=somehost:123456"], "ray.address"),
@@ -415,7 +418,9 @@ def test_storage_not_writable(tmp_path):
     else:
         proc = run_cli(*command)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == f"yolotune: error: storage={locked / 'runs'}: a writable directory; {locked} is not writable\n"
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    assert proc.stderr == (f"yolotune: error: storage={locked / 'runs'}: a writable directory; cannot create a folder "
+                           f"in {locked}: {reason}\n")
     assert not list(locked.iterdir())
 
 
@@ -541,6 +546,7 @@ CLI_CASES = [
     (["name=../../x"], "name"),
     (["space.lr0.low=0.5", "space.lr0.high=0.1"], "space.lr0.low"),
     (["ray.address=127.0.0.1:1", "resources.cpu_per_trial=1"], "ray.address"),
+    (["storage=/proc/yolotune"], "storage"),
 ]
 
 
@@ -583,8 +589,18 @@ def test_multirun_runs_the_valid_jobs_and_lists_the_bad_one(tmp_path, shapes_cac
     assert len(summary) == 3, summary  # header + both jobs
     assert "iterations=ten: an integer" in summary[1]
     assert "resources.cpu_per_trial=512" in summary[2]
-    assert proc.returncode == 1
+    assert [line.split(",")[2] for line in summary[1:]] == ["refused", "refused"]
+    assert proc.returncode == 2  # every job refused: as a single refused run
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.subprocess
+def test_multirun_into_a_storage_that_cannot_be_made_is_one_line(shapes_cache):
+    """Refused before Hydra makes the sweep dir (<storage>/multirun/...) in it: no job runs."""
+    proc = run_cli("-m", "storage=/proc/yolotune", "data=shapes", f"data.cache_dir={shapes_cache}", *BASE,
+                   "iterations=1,2", timeout=120)
+    assert (proc.returncode, proc.stderr) == (2, "yolotune: error: storage=/proc/yolotune: a writable directory; "
+                                                 "cannot create a folder in /proc: No such file or directory\n")
 
 
 # The Python API: the same ConfigError, before Ray starts.
@@ -599,6 +615,7 @@ def test_multirun_runs_the_valid_jobs_and_lists_the_bad_one(tmp_path, shapes_cac
     ({"space": {"lr0": "uniform(0.5, 0.1)"}}, "space.lr0.low"),
     ({"data": "/no/such/data.yaml"}, "data.yaml"),
     ({"name": "../x"}, "name"),
+    ({"storage": "/sys/yolotune"}, "storage"),
 ], ids=lambda v: str(v)[:30])
 def test_python_api_raises_config_error(kwargs, key, tmp_path):
     import yolotune

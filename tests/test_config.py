@@ -157,22 +157,6 @@ def test_a_storage_under_a_file_is_refused(tmp_path):
         "storage", storage, f"a directory; {tmp_path / 'a_file'} is a file")
 
 
-def test_a_storage_in_a_directory_without_write_and_search_permission_is_refused(tmp_path, monkeypatch):
-    """Root may write anywhere, so the permission is denied by os.access itself (the CLI test in
-    test_bad_input.py uses a read-only mount). Both write and search (x) are needed to create runs/."""
-    real_access = os.access
-    for denied in (os.W_OK, os.X_OK):
-        monkeypatch.setattr(os, "access", lambda path, mode, denied=denied: (
-            not (Path(path) == tmp_path and mode & denied) and real_access(path, mode)))
-        storage = str(tmp_path / "runs")
-        with pytest.raises(ConfigError) as err:
-            validate(experiment("space=minimal", f"storage={storage}"))
-        assert (err.value.key, err.value.value, err.value.allowed) == (
-            "storage", storage, f"a writable directory; {tmp_path} is not writable")
-    monkeypatch.setattr(os, "access", real_access)
-    validate(experiment("space=minimal", f"storage={tmp_path / 'runs'}"))
-
-
 @pytest.mark.parametrize("prefix,key", [("", "config"), ("search.", "search")])
 def test_an_error_that_names_no_key_is_given_the_group_or_config(prefix, key):
     """Any exception (not only OmegaConf's, which name their key) becomes one line."""

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import processes_under, ray_temp_dir, run_cli, small_sweep_overrides
+from yolotune.multirun import exit_code
 
 
 def _tiny(storage, shapes_cache):
@@ -46,9 +47,19 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path, shapes_cache):
     proc = run_cli("-m", *_tiny(tmp_path, shapes_cache), "train.epochs=0,1")
     summary = pd.read_csv(next(tmp_path.glob("multirun/*/multirun_summary.csv")))
     assert proc.returncode == 1  # the multirun reports that a job failed, after running all of them
-    assert list(summary["status"]) == ["failed", "ok"]
+    assert list(summary["status"]) == ["refused", "ok"]
     assert summary["error"][0].startswith("train.epochs=0")
     assert summary["trials_finished"][1] == 2
+
+
+@pytest.mark.parametrize("statuses,code", [
+    (["ok", "ok"], 0), (["refused", "refused"], 2), (["refused"], 2), (["refused", "ok"], 1), (["failed", "ok"], 1),
+    (["failed", "refused"], 1), (["interrupted", "ok"], 1),
+])
+def test_the_exit_code_says_how_the_jobs_went(statuses, code):
+    """2 only when every job was refused (nothing ran, as a single run's mistake); 1 when a job failed or was
+    refused while others ran; 0 when all finished."""
+    assert exit_code(statuses) == code
 
 
 @pytest.mark.slow

@@ -824,3 +824,11 @@ def test_an_experiment_with_no_validated_epoch_yet_has_no_best_and_writes_its_fi
     assert all(Path(p).is_file() for p in report.write_all(exp_dir).values())
     with pytest.raises(ConfigError):  # another metric is still checked
         results.dataframe("metrics/mAP50(B)")
+
+
+def test_an_interrupted_atomic_write_leaves_the_file_as_it_was_and_no_temp_file(tmp_path):
+    """A second Ctrl-C (or a full disk) mid-write: the old content stays, nothing half-written beside it."""
+    layout.write_atomic(tmp_path / "trials.csv", "old")
+    with pytest.raises(TypeError):
+        layout.write_atomic(tmp_path / "trials.csv", 5)  # fails inside the write, as an interrupt there would
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"] and (tmp_path / "trials.csv").read_text() == "old"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import yolotune
 from conftest import REPO, kill_processes_under, ray_temp_dir, run_cli, small_sweep_overrides
 from yolotune import layout
-from yolotune.errors import is_storage_full
+from yolotune.errors import ConfigError, is_storage_full
 from yolotune.layout import HISTORY, read_jsonl
 
 EPOCHS = 8
@@ -30,9 +33,11 @@ def _rows(trial_dir: Path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _start(overrides, ray_tmp: Path):
-    return subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=REPO, stdout=subprocess.PIPE,
+def _start(overrides, ray_tmp: Path, cwd: Path = REPO):
+    # As from a terminal: SIGINT handled by default even where the tests run with it ignored (a background job)
+    return subprocess.Popen([sys.executable, "-m", "yolotune", *overrides], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
 
 
@@ -103,6 +108,60 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
     for name in midway:  # the restored recorder goes on with the same record
         trial_id = name.removeprefix("trial_")
         assert events.count((trial_id, "started")) == 1 and (trial_id, "resumed") in events, events
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp_path, shapes_cache):
+    """Ctrl-C twice: the run ends at once, resumable. The experiment, moved to another machine's default storage
+    (runs/tune in the working dir), resumes there although its saved config names the old storage, which is gone;
+    a second resume of it meanwhile is refused; copied once finished, it reads and says it is finished."""
+    overrides = small_sweep_overrides(tmp_path / "first", shapes_cache, "exp", iterations=1, epochs=3)
+    overrides = [o for o in overrides if not o.startswith(("scheduler", "data.train_images"))] + [
+        "scheduler=fifo", "data.train_images=16"]
+    with ray_temp_dir() as ray_tmp:
+        proc = _start(overrides, ray_tmp)
+        _wait_for(lambda: list((tmp_path / "first" / "exp").glob("trial_*/checkpoint_*")), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1)  # the graceful stop (trials stopped, state saved, results, plots) takes longer
+        os.killpg(proc.pid, signal.SIGINT)
+        second = time.time()
+        output = proc.communicate(timeout=120)[0]
+        stopped_in = time.time() - second
+    assert proc.returncode == 130 and "Stopped at once" in output and "Traceback" not in output, output[-3000:]
+    assert stopped_in < 20, stopped_in
+    command = shlex.split(output.strip().splitlines()[-1])
+    assert command == ["python", "-m", "yolotune", "resume=true", "name=exp", f"storage={tmp_path / 'first'}"]
+
+    (tmp_path / "second" / "runs" / "tune").mkdir(parents=True)
+    exp_dir = tmp_path / "second" / "runs" / "tune" / "exp"
+    (tmp_path / "first" / "exp").rename(exp_dir)  # moved: nothing left where it started
+    (trial_dir,) = exp_dir.glob("trial_*")
+    before = _rows(trial_dir)
+    checkpoint_epoch = _last_checkpoint_epoch(trial_dir)
+    with ray_temp_dir() as ray_tmp:
+        resume = _start(["resume=true", "name=exp"], ray_tmp, cwd=tmp_path / "second")
+        _wait_for(lambda: f"process {resume.pid} " in (exp_dir / layout.RUN_LOCK).read_text(), resume)
+        again = run_cli("resume=true", "name=exp", cwd=tmp_path / "second", timeout=120)
+        output = resume.communicate(timeout=600)[0]
+    assert again.returncode == 2 and again.stderr.startswith(
+        f"yolotune: error: name=exp: in use: yolotune process {resume.pid} on ") and again.stderr.count("\n") == 1, \
+        again.stderr
+    assert resume.returncode == 0, output[-3000:]
+    after = _rows(trial_dir)
+    assert after[:len(before)] == before and after[len(before)]["epoch"] == checkpoint_epoch + 1 > 1
+    assert after[-1]["epoch"] == 3
+    assert not (tmp_path / "first" / "exp").exists()
+
+    shutil.copytree(exp_dir, tmp_path / "third" / "exp")  # a finished experiment, copied
+    results = yolotune.load(tmp_path / "third" / "exp")
+    assert results.finished and results.path == tmp_path / "third" / "exp" and len(results.dataframe()) == 1
+    shown = run_cli("results", str(tmp_path / "third" / "exp"), "--format", "json", timeout=120)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["finished"], shown.stderr
+    finished = run_cli("resume=true", "name=exp", f"storage={tmp_path / 'third'}", timeout=120)
+    assert (finished.returncode, finished.stderr) == (2, (
+        f"yolotune: error: name=exp: finished: every trial of {tmp_path / 'third' / 'exp'} has ended, nothing to "
+        f"resume (yolotune results {tmp_path / 'third' / 'exp'} shows them; resume_errored=true re-runs errored "
+        "ones)\n"))
 
 
 def _last_checkpoint_epoch(trial_dir: Path) -> int:
@@ -259,3 +318,66 @@ cp -a {storage}/full {out}/after_resume"""
     assert _epochs(out / "after_resume") == [1, 2]  # epoch 2 from epoch 1's checkpoint
     assert list(pd.read_csv(out / "after_resume" / "trials.csv")["status"]) == ["TERMINATED"]
     assert (out / "after_resume" / layout.DONE_MARKER).exists()
+
+
+@pytest.mark.subprocess
+def test_a_running_experiment_is_refused_to_a_second_run_and_a_killed_ones_lock_is_free(tmp_path, shapes_cache):
+    """resume=true of an experiment another process holds: one line, before Ray starts (tuner.pkl here is empty:
+    Ray would fail on it), nothing written. Killed, that process holds it no more."""
+    from hydra import compose, initialize_config_module
+
+    from yolotune.config import register_configs
+    from yolotune.experiment import RunLock, create, save_config
+
+    register_configs()
+    exp_dir = tmp_path / "exp"
+    with initialize_config_module("yolotune.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["data=shapes", f"data.cache_dir={shapes_cache}", "space=minimal",
+                                           "model=yolo11n-scratch"])
+    save_config(exp_dir, cfg, [])
+    (exp_dir / layout.TUNER_STATE).write_bytes(b"")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from yolotune.experiment import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "lock.acquire(); print('locked', flush=True); time.sleep(600)", str(exp_dir)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        files = {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}
+        proc = run_cli("resume=true", "name=exp", f"storage={tmp_path}", timeout=120)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"yolotune: error: name=exp: in use: yolotune process {holder.pid} on {socket.gethostname()} is running "
+            "it; wait for it to end (a killed run holds it no more)\n"), proc.stderr
+        assert {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()} == files
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(exp_dir)
+    lock.acquire()
+    lock.release()
+    with pytest.raises(ConfigError) as err:  # what a run that found the name free is told once another made it
+        create(exp_dir, lock, cfg, [])
+    assert str(err.value) == ("name=exp: another yolotune run started an experiment of this name meanwhile; choose "
+                              "another name")
+    lock.release()
+
+
+@pytest.mark.slow
+def test_runs_started_at_once_get_their_own_experiments_and_one_name_goes_to_one(tmp_path, shapes_cache):
+    """Four runs started together on one storage: two without a name make two experiments; of two with the
+    same name, one runs it and the other is refused in one line (after its Ray started: the name was free
+    when it checked)."""
+    overrides = small_sweep_overrides(tmp_path, shapes_cache, "x", iterations=1, epochs=1)
+    overrides = [o for o in overrides if not o.startswith(("name=", "scheduler", "data.train_images"))] + [
+        "scheduler=fifo", "data.train_images=8"]
+    with contextlib.ExitStack() as stack:
+        procs = [_start(overrides + name, stack.enter_context(ray_temp_dir()))
+                 for name in ([], [], ["name=twin"], ["name=twin"])]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes[:2] == [0, 0] and sorted(codes[2:]) == [0, 2], outputs
+    refused = outputs[2 + codes[2:].index(2)].strip().splitlines()
+    assert refused[-1].startswith("yolotune: error: name=twin: ") and "Traceback" not in "".join(refused), refused
+    experiments = sorted(p.name for p in tmp_path.iterdir() if (p / layout.SAVED_CONFIG).is_file())
+    assert len(experiments) == 3 and "twin" in experiments, experiments
+    for name in experiments:
+        assert pd.read_csv(tmp_path / name / "trials.csv")["status"].tolist() == ["TERMINATED"]

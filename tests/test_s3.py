@@ -400,3 +400,25 @@ def test_sweep_killed_resumed_and_read_through_the_store(cluster_without_shared_
     for node in ("head", "worker"):  # each node fetched the dataset into its own cache
         fetched = tmp_path / node / "cache" / "fetched" / "s3" / "yolotune" / "datasets" / "shapes"
         assert len(list((fetched / "images" / "train").iterdir())) == 4, node
+
+
+@pytest.mark.slow
+def test_a_finished_experiment_moved_into_the_store_and_back_reads_and_says_it_is_finished(small_sweep, s3, tmp_path):
+    """Copied local -> bucket, then bucket -> local: read from each place (its saved config names the storage it
+    started in, which neither is) and resume=true there says it is finished, before Ray starts."""
+    prefix = f"moved-{tmp_path.name}"
+    for path in small_sweep.rglob("*"):
+        if path.is_file():
+            boto3.client("s3").upload_file(str(path), "yolotune", f"{prefix}/small/{path.relative_to(small_sweep)}")
+    local = tmp_path / "local"
+    Location(f"s3://yolotune/{prefix}/small").download(into=local / "small", select=lambda relative: True)
+    for storage in (f"s3://yolotune/{prefix}", str(local)):
+        experiment = f"{storage}/small"
+        assert yolotune.load(experiment).finished
+        shown = run_cli("results", experiment, "--format", "json", timeout=120)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["finished"], shown.stderr
+        assert len(json.loads(shown.stdout)["ranked"]) == 6
+        resumed = run_cli("resume=true", "name=small", f"storage={storage}", timeout=120)
+        assert (resumed.returncode, resumed.stderr) == (2, (
+            f"yolotune: error: name=small: finished: every trial of {experiment} has ended, nothing to resume "
+            f"(yolotune results {experiment} shows them; resume_errored=true re-runs errored ones)\n"))

@@ -40,11 +40,17 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
 
 
 def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
-    """Run the experiment; returns its directory and Ray's ResultGrid."""
+    """Run the experiment, holding its lock; returns its directory and Ray's ResultGrid."""
     exp, exp_dir, cfg = prepare(cfg, overrides)
     from yolotune.runner import run
 
-    return exp_dir, run(exp, exp_dir, lambda: experiment.save_config(exp_dir, cfg, overrides))
+    lock = experiment.RunLock(exp_dir)
+    try:
+        if exp.resume:
+            lock.acquire()  # before Ray starts: a second resume of it is refused here
+        return exp_dir, run(exp, exp_dir, lambda: experiment.create(exp_dir, lock, cfg, overrides))
+    finally:
+        lock.release()
 
 
 def _main(cfg: DictConfig) -> None:
@@ -103,6 +109,10 @@ def main() -> None:
     app = hydra.main(config_path="pkg://yolotune.conf", config_name="config", version_base="1.3")(_main)
     try:
         app()
+    except ConfigError as e:  # the multirun sweeper's own check (hydra_plugin)
+        fail(e)
+    except KeyboardInterrupt:  # a Ctrl-C before Ray's handler, or a second one (runner.run said what is kept)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - translated when it is a composition error, else re-raised
         error = composition_error(e, sys.argv[1:])
         if error is None:

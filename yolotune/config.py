@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -291,7 +292,7 @@ def validate(exp: ExperimentConfig) -> None:
     check_range("failure.max_failures", exp.failure.max_failures, 0, None, "an integer >= 0", integer=True)
     check_range("checkpoint.every", exp.checkpoint.every, 1, exp.epochs,
                 f"an integer from 1 to train.epochs ({exp.epochs}): epochs between checkpoints", integer=True)
-    _check_storage(exp.storage)
+    check_storage(exp.storage)
     exp.budget.check(exp)
     address = exp.ray.address
     if address is not None and address != "auto" and not ADDRESS.match(address):
@@ -312,7 +313,10 @@ def validate(exp: ExperimentConfig) -> None:
                                               "metrics; keep val=true or use scheduler=fifo")
 
 
-def _check_storage(storage: str) -> None:
+def check_storage(storage: str) -> None:
+    """A storage yolotune can create its folders in: a URI it resolves, or a local directory whose
+    nearest existing part takes a new folder (tried: /proc, /sys, read-only mounts and missing
+    permissions each say no in their own way; the trial folder is removed at once)."""
     if not storage or "\n" in storage:
         raise ConfigError("storage", storage, "a directory path")
     if is_uri(storage):
@@ -322,8 +326,11 @@ def _check_storage(storage: str) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError("storage", storage, f"a directory; {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError("storage", storage, f"a writable directory; {existing} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".yolotune-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError("storage", storage, f"a writable directory; cannot create a folder in {existing}: "
+                                              f"{e.strerror}") from None
 
 
 def _check_storage_uri(storage: str) -> None:

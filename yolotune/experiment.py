@@ -1,11 +1,14 @@
 """An experiment's life in its directory ``<storage>/<name>/``: its name, the saved config and
-provenance that make it re-runnable, and finding the experiment that ``resume=true`` continues."""
+provenance that make it re-runnable, finding the experiment that ``resume=true`` continues (where it
+is now: it may have been moved or copied), and the lock that lets one process at a time run it."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shlex
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -16,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from yolotune.errors import ConfigError
 from yolotune.config import NAME
-from yolotune.layout import PROVENANCE, SAVED_CONFIG, TUNER_STATE, first_line, is_finished, write_atomic
+from yolotune.layout import (PROVENANCE, RUN_LOCK, SAVED_CONFIG, TUNER_STATE, first_line, is_experiment, is_finished,
+                             write_atomic)
 from yolotune.storage import Location
 
 # What a resume may change: how trials run, not what they search.
@@ -27,6 +31,47 @@ RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "w
 
 def new_name() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+class RunLock:
+    """Held by the one process that runs an experiment, from its start (or resume) to its end: an
+    flock on ``.running`` in the experiment dir, which the kernel releases when the process ends,
+    however it ends, so a killed run leaves no stale lock. For an object store it is taken in the
+    local mirror: it keeps out runs on this machine only."""
+
+    def __init__(self, exp_dir: Path):
+        self.exp_dir = exp_dir
+        self._file = None
+
+    def acquire(self) -> None:
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.fdopen(os.open(self.exp_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise ConfigError("name", self.exp_dir.name, f"in use: {holder} is running it; wait for it to end "
+                                                         "(a killed run holds it no more)") from None
+        lock.truncate()
+        lock.write(f"yolotune process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        self._file = lock
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def create(exp_dir: Path, lock: RunLock, cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Make a new experiment's dir, locked, with its saved config: refused if another run (started at
+    the same moment with the same name) made it since prepare() found the name free."""
+    lock.acquire()
+    if is_experiment(exp_dir):
+        raise ConfigError("name", exp_dir.name, "another yolotune run started an experiment of this name meanwhile; "
+                                                "choose another name")
+    save_config(exp_dir, cfg, overrides)
 
 
 def save_config(exp_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -89,14 +134,18 @@ def open_storage(storage: str) -> Location:
     return location
 
 
-def find_resumable(storage: Location, name: Optional[str]) -> Path:
+def find_resumable(storage: Location, name: Optional[str], resume_errored: bool = False) -> Path:
     """The experiment's local dir (for an object store: its small files, downloaded to the cache)."""
     if name:
         if not NAME.match(name):
             raise ConfigError("name", name, "one folder name under storage (letters, digits, _ . = + -)")
+        uri = storage.child(name).uri
         exp_dir = storage.child(name).download()
         if not started(exp_dir):
-            raise ConfigError("name", name, f"no started yolotune experiment at {storage.child(name).uri}")
+            raise ConfigError("name", name, f"no started yolotune experiment at {uri}")
+        if is_finished(exp_dir) and not resume_errored:
+            raise ConfigError("name", name, f"finished: every trial of {uri} has ended, nothing to resume (yolotune "
+                                            f"results {uri} shows them; resume_errored=true re-runs errored ones)")
         return exp_dir
     root = storage.download()
     candidates = [p.parent.parent for p in root.glob(f"*/{SAVED_CONFIG}")
@@ -113,12 +162,14 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[DictConfig
         if key.split(".")[0] not in RESUMABLE_KEYS:
             raise ConfigError(key, text.split("=", 1)[-1], "cannot change on resume (it would change the search); "
                               f"allowed: {', '.join(RESUMABLE_KEYS[:-1])}")
-    exp_dir = find_resumable(open_storage(cfg.storage), cfg.name)
+    exp_dir = find_resumable(open_storage(cfg.storage), cfg.name, cfg.resume_errored)
     saved = load_saved_config(exp_dir)
     for key in changed:
         if key.split(".")[0] != "hydra":
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
-    saved.resume, saved.name = True, exp_dir.name
+    # The storage it was found in, not the one it started in: it may have been moved or copied since
+    # (Ray's Tuner.restore takes it from there too, checkpoints included).
+    saved.resume, saved.name, saved.storage = True, exp_dir.name, cfg.storage
     return saved, exp_dir
 
 

@@ -16,6 +16,7 @@ beyond the standard library (no Hydra, no OmegaConf, no Ray).
       yolotune.log            the console output of every run (appended on resume)
       .finished               written when every trial has ended; absent while resumable
       .stopped-by-budget      written when budget.time ended the last run
+      .running                locked (flock) by the one process running the experiment; its pid and host
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ TRIAL_RECORD = "trials.jsonl"
 ERROR_FILE = "error.txt"  # Ray writes a failed trial's traceback there
 DONE_MARKER = ".finished"
 BUDGET_MARKER = ".stopped-by-budget"
+RUN_LOCK = ".running"
 TUNER_STATE = "tuner.pkl"  # Ray Tune's: written once the Tuner starts; what a resume restores
 TRIALS_CSV = "trials.csv"
 BEST_HYPERPARAMETERS = "best_hyperparameters.yaml"
@@ -105,10 +107,14 @@ def write_atomic(path: Path, data) -> None:
     """Write to a temp file beside ``path`` and rename it into place: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a second Ctrl-C: no temp file left beside it
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:

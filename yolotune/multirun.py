@@ -2,7 +2,9 @@
 
 Every job appends its row to ``<sweep dir>/multirun_summary.csv`` as it ends (so the file is
 right even if the multirun is killed), and the callback prints the table when all have run. A job
-that fails, even one whose config does not compose, is a failed row: the other jobs still run.
+refused by a check (even one whose config does not compose) or failing while it runs is a
+``refused`` or ``failed`` row: the other jobs still run. The exit code says how they went
+(``exit_code``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def run_job(sweep_dir: Path, job_num: int, overrides, run, publish=None) -> None
     try:
         exp_dir, finished = run()
         row.update(experiment=str(exp_dir), status="ok" if finished else "interrupted", **_best(exp_dir))
+        if row["trials_errored"] and not row["trials_finished"]:  # as a single run, which exits 1
+            row.update(status="failed", error="every trial failed (trials.csv has their errors)")
     except Exception as e:  # noqa: BLE001 - one failed job must not stop the others
         mark_failed(row, e)
         if not getattr(e, "key", None):  # a bug, not a user mistake: keep the traceback
@@ -46,8 +50,10 @@ def new_row(job_num: int, overrides) -> dict:
 
 
 def mark_failed(row: dict, error: Exception) -> None:
-    row.update(status="failed", error=first_line(str(error)) or type(error).__name__)
-    print(f"yolotune: job {row['job']} ({row['overrides']}) failed: yolotune: error: {row['error']}", file=sys.stderr)
+    """A job refused by a check (a ConfigError: nothing ran) or failed while it ran."""
+    status = "refused" if getattr(error, "key", None) else "failed"
+    row.update(status=status, error=first_line(str(error)) or type(error).__name__)
+    print(f"yolotune: job {row['job']} ({row['overrides']}) {status}: yolotune: error: {row['error']}", file=sys.stderr)
 
 
 def append_row(sweep_dir: Path, row: dict) -> None:
@@ -78,5 +84,14 @@ class MultirunSummary(Callback):
         frame = pd.read_csv(path)
         columns = ["job", "overrides", "status", "best_metric", "trials_finished", "trials_errored", "wall_time_s"]
         print(f"\nMultirun summary ({path}):\n" + frame[columns].to_string(index=False))
-        if (frame["status"] != "ok").any():
-            sys.exit(1)
+        code = exit_code(frame["status"])
+        if code:
+            sys.exit(code)
+
+
+def exit_code(statuses) -> int:
+    """0 when every job finished, 2 when every job was refused (as a single run's mistake), else 1."""
+    statuses = set(statuses)
+    if statuses == {"ok"}:
+        return 0
+    return 2 if statuses == {"refused"} else 1

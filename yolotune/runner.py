@@ -72,6 +72,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         ray.init(**_ray_init_args(exp))
     log = contextlib.ExitStack()
+    resumable = False  # once the Tuner has saved tuner.pkl
     try:
         if exp.ray.address is not None:
             resources = plan(exp.resources, cluster_nodes(), exp.iterations)
@@ -89,7 +90,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         # This run's plan (a resume may run on other machines, or with other resources)
         layout.write_atomic(exp_dir / layout.PLAN, yaml.safe_dump(resources.record(), sort_keys=False))
         written = exp_dir.rglob("*") if not exp.resume else [exp_dir / layout.PLAN]
-        location.upload(*(p for p in written if p.is_file()))
+        location.upload(*(p for p in written if p.is_file() and p.name != layout.RUN_LOCK))  # a lock is local
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
         log.enter_context(console.ray_logs(exp.verbose))
         console.announce(resources.summary(), exp.verbose)
@@ -103,6 +104,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             _use_this_runs_callbacks(tuner, exp, location, budget)
         else:
             tuner = _new_tuner(exp, location, trainable, resources, wandb_settings, budget)
+        resumable = True
         location.delete(layout.BUDGET_MARKER)  # this run's budget decides
         _handle_trial_failures()
         TRIAL_FOUND_STORAGE_FULL.clear()
@@ -131,6 +133,13 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             print(f"\nInterrupted; every finished epoch is saved. Resume with:\n  {resume_command(exp, exp_dir)}")
         location.upload(*written, exp_dir / layout.CONSOLE_LOG)
         return grid
+    except KeyboardInterrupt:
+        # A second Ctrl-C during the graceful stop (Ray's handler takes the first only): stop at once.
+        # Ray saved the experiment's state with every checkpoint, so it resumes as after a kill.
+        if resumable:
+            print("\nStopped at once; every checkpointed epoch is saved. Resume with:\n  "
+                  + resume_command(exp, exp_dir), flush=True)
+        raise
     except Exception as e:
         if not is_storage_full(e):  # in the driver, or a trial's (_handle_trial_failures)
             raise

@@ -11,11 +11,18 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobReturn, JobStatus
 
+from yolotune.config import check_storage
 from yolotune.multirun import append_row, mark_failed, new_row
 from yolotune.overrides import composition_error
 
 
 class YolotuneSweeper(BasicSweeper):
+    def sweep(self, arguments):
+        """A storage that cannot hold the sweep dir (<storage>/multirun/...) refuses every job: one
+        line before Hydra tries to make the folder."""
+        check_storage(self.config.storage)
+        return super().sweep(arguments)
+
     def validate_batch_is_legal(self, batch) -> None:
         """Hydra composes every job before running any, and one bad job ends them all; the launcher
         below reports each bad job instead."""
