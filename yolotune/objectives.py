@@ -13,7 +13,7 @@ the ``select`` rule that picks the one trial whose files become best_hyperparame
   by `` and ``: the selected trial is the best by the first objective among the ranked trials that
   meet every constraint (ties: the lower Pareto rank, then the earlier trial); none if no trial does.
 
-Pure: no Ray, torch or Ultralytics (validating a config imports this).
+Pure: no Ray, torch or Ultralytics, and pandas only to rank (validating a config imports this).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from yolotune.errors import ConfigError
 from yolotune.layout import MODEL_COSTS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COMPARISONS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 _CONSTRAINT = re.compile(r"^\s*(\S+?)\s*(<=|>=|<|>)\s*(\S+)\s*$")
@@ -122,6 +123,8 @@ def check(exp, is_metric) -> None:
 def pareto_ranks(values: pd.DataFrame, objectives: Sequence[Objective]) -> pd.Series:
     """Each row's Pareto rank (1: not dominated) by the ``objectives`` columns of ``values``; <NA> for a
     row missing any of them."""
+    import pandas as pd  # here: validating a config imports this module, and needs no pandas
+
     # every objective as a loss: lower is better
     losses = pd.DataFrame({o.name: values[o.name] * (-1 if o.mode == "max" else 1) for o in objectives},
                           index=values.index).astype(float)
