@@ -26,8 +26,8 @@ def tune(model: str = "yolo11n.pt", data: str = "coco8.yaml", space: Optional[Di
     (``tune.uniform(1e-5, 1e-1)``) or yolotune specs (``{"dist": "uniform", ...}``, ``"uniform(0, 1)"``);
     None means the default space. ``overrides`` is a list of CLI overrides (["scheduler=fifo", "seed=0"]);
     ``objectives`` (["fitness:max", "latency_ms:min"]) and ``select`` ("latency_ms<=5") are the
-    experiment's keys of those names. ``train_args`` are Ultralytics train arguments (epochs=50, imgsz=320, ...). ``use_ray`` is accepted
-    for the guide's calls: yolotune always tunes with Ray.
+    experiment's keys of those names. ``train_args`` are Ultralytics train arguments (epochs=50, imgsz=320,
+    ...). ``use_ray`` is accepted for the guide's calls: yolotune always tunes with Ray.
 
     With ``resume=True`` the experiment's saved config is used: only ``name``, ``storage``,
     ``gpu_per_trial`` and harmless ``overrides`` apply.

@@ -27,8 +27,8 @@ from yolotune.data import DataConfig
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line, storage_dir
 from yolotune.storage import Location, is_uri
-from yolotune.model import ModelConfig
 from yolotune import objectives
+from yolotune.model import ModelConfig
 from yolotune.resources import ResourcesConfig
 from yolotune.schedulers import SchedulerConfig
 from yolotune.search import SearchConfig

@@ -359,7 +359,8 @@ def _pareto(results, metric: str, mode: str):
     """The trials by their objectives: the first (y) against each other one (x), the Pareto front (rank 1)
     highlighted, the selected trial starred, select's bounds drawn."""
     objectives = results.objectives
-    title = f"Pareto front of {', '.join(o.name for o in objectives) or 'no objectives'}: experiment {results.path.name}"
+    names = ", ".join(o.name for o in objectives) or "no objectives"
+    title = f"Pareto front of {names}: experiment {results.path.name}"
     if not objectives:
         return _empty(title, "the experiment has one objective (metric); set objectives=[...] for several")
     values = results.pareto().dropna(subset=["pareto_rank"])

@@ -21,8 +21,8 @@ from yolotune import console, layout, train_args
 from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError
-from yolotune.model import resolve_weights
 from yolotune.layout import trial_dirname
+from yolotune.model import resolve_weights
 from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
 from yolotune.storage import Location, cache_root, is_uri, node_dataset
@@ -357,8 +357,8 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     # and the trials' seeds reproducible; train.deterministic=true asks for bit-exact GPU training too.
     train.setdefault("deterministic", False)
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
-    job = {"weights": weights, "models": models, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
-           "metric": exp.metric, "mode": exp.mode, "measure_model": bool(exp.objectives),
+    job = {"weights": weights, "models": models, "data": data, "train": train, "experiment_dir": experiment,
+           "threads": 1, "metric": exp.metric, "mode": exp.mode, "measure_model": bool(exp.objectives),
            "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs()}
     return job, resources
 

@@ -21,7 +21,8 @@ from yolotune.layout import first_line
 
 # Arguments that yolotune sets itself, and where to set them instead.
 OWNED = {
-    "model": "set model.weights, or tune it as a choice: space.model={dist: choice, values: [yolo11n.yaml, yolo11s.yaml]}",
+    "model": "set model.weights, or tune it as a choice: "
+             "space.model={dist: choice, values: [yolo11n.yaml, yolo11s.yaml]}",
     "data": "set data.yaml (or pick a data option)",
     "project": "yolotune writes each trial's output in its trial directory",
     "name": "yolotune writes each trial's output in its trial directory",
