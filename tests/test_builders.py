@@ -269,9 +269,10 @@ def test_objectives_are_refused_where_ray_compares_one_metric(group, option):
     assert all(f"{group}={name}" in err.value.allowed for name in MULTI_OBJECTIVE[group]), err.value.allowed
 
 
-def test_optuna_with_objectives_is_nsga2_on_all_of_them():
-    """Tune gets no metric then (runner.py): Ray's set_search_properties keeps the searcher's list, and
-    the trial's last result tells Optuna every objective."""
+def test_optuna_with_objectives_is_tpe_on_all_of_them(tmp_path):
+    """Tune gets no metric then (runner.py): Ray's set_search_properties keeps the searcher's list, the
+    trial's last result tells Optuna every objective, and Ray can save the searcher's state (it pickles
+    the sampler: Optuna's NSGA-II samplers hold a lock)."""
     import pickle
 
     if importlib.util.find_spec("optuna") is None:
@@ -282,8 +283,9 @@ def test_optuna_with_objectives_is_nsga2_on_all_of_them():
     search = pickle.loads(pickle.dumps(exp.search.build(exp)))  # tuner.pkl holds it
     search.set_search_properties(None, None, to_ray_space(exp.dists))
     assert (search.metric, search.mode) == (["fitness", "latency_ms"], ["max", "min"])
-    assert isinstance(search._sampler, optuna.samplers.NSGAIISampler)
+    assert isinstance(search._sampler, optuna.samplers.TPESampler) and len(search._ot_study.directions) == 2
     search.suggest("t1")
     search.on_trial_result("t1", {"epoch": 1, "training_iteration": 1, "validated": 1, "fitness": 0.4})
     search.on_trial_complete("t1", {"epoch": 2, "fitness": 0.5, "latency_ms": 3.0})
     assert search._ot_study.trials[0].values == [0.5, 3.0]
+    search.save(str(tmp_path / "searcher.pkl"))  # Ray's experiment checkpoint

@@ -117,7 +117,7 @@ def check(exp, is_metric) -> None:
         raise ConfigError("scheduler", exp.scheduler.type, "decides on one metric; with objectives use scheduler=fifo")
     if not exp.search.multi_objective:
         raise ConfigError("search", exp.search.type, "optimises one metric; with objectives use search=random or "
-                                                     "search=optuna (NSGA-II)")
+                                                     "search=optuna (multi-objective TPE)")
 
 
 def pareto_ranks(values: pd.DataFrame, objectives: Sequence[Objective]) -> pd.Series:

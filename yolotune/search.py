@@ -55,7 +55,7 @@ class RandomSearchConfig(SearchConfig):
 
 @dataclass
 class OptunaSearchConfig(SearchConfig):
-    """Optuna's TPE; with objectives, its NSGA-II."""
+    """Optuna's TPE (multi-objective TPE with objectives)."""
     type: str = "optuna"
     n_startup_trials: int = 5  # random trials before TPE takes over
 
@@ -72,19 +72,16 @@ class OptunaSearchConfig(SearchConfig):
 
 def optuna_search(seed: Optional[int], n_startup_trials: int, objectives: Sequence[str] = ()):
     """Ray's OptunaSearch with TPE, skipping the results of epochs without validation (no metric, see
-    trainable.py), on which Ray's would raise; with ``objectives`` (NAME:MODE), NSGA-II on all of them,
-    told each trial's last result (Ray's OptunaSearch reads no intermediate results then; the runner
-    gives Tune no metric, which would replace the list). Ray saves and restores its state apart from the
-    object (Searcher.save): a pickled one (tuner.pkl) is built again from its settings."""
+    trainable.py), on which Ray's would raise; with ``objectives`` (NAME:MODE), TPE on all of them (Optuna's
+    multi-objective TPE), told each trial's last result (Ray's OptunaSearch reads no intermediate results
+    then; the runner gives Tune no metric, which would replace the list). Not NSGA-II: Ray saves the
+    searcher's state by pickling its sampler (Searcher.save), and Optuna's NSGA-II samplers hold a lock.
+    A pickled searcher (tuner.pkl) is built again from its settings."""
     import optuna
 
-    if objectives:
-        names, modes = zip(*(o.rsplit(":", 1) for o in objectives))
-        searcher = _validated_optuna_search()(sampler=optuna.samplers.NSGAIISampler(seed=seed), metric=list(names),
-                                              mode=list(modes))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
-        searcher = _validated_optuna_search()(sampler=sampler)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    names, modes = zip(*(o.rsplit(":", 1) for o in objectives)) if objectives else (None, None)
+    searcher = _validated_optuna_search()(sampler=sampler, metric=names and list(names), mode=modes and list(modes))
     searcher.rebuild = (seed, n_startup_trials, list(objectives))
     return searcher
 
