@@ -25,6 +25,7 @@ register_configs()
 
 # A valid small experiment: every case changes one thing.
 BASE = ["model=yolo11n-scratch", "space=minimal", "train.epochs=10", "train.imgsz=64", "train.batch=2", "iterations=2"]
+OBJECTIVES = ["objectives=[fitness:max,latency_ms:min]", "scheduler=fifo"]  # a valid multi-objective setting
 
 
 def attempt(storage: Path, cache: Path, *overrides: str, preflight: bool = True):
@@ -298,7 +299,34 @@ CASES = [
     ("space-save", ["+space.save='choice([true, false])'"], "space.save"),
     ("space-resume", ["+space.resume='choice([true, false])'"], "space.resume"),
     ("space-data", ["+space.data='choice([\"a.yaml\"])'"], "space.data"),
-    ("space-model", ["+space.model='choice([\"a.pt\"])'"], "space.model"),
+    ("space-model", ["+space.model='uniform(0, 1)'"], "space.model"),
+    ("space-model-missing", ["+space.model='choice([\"a.pt\"])'"], "space.model.values[0]"),
+    ("space-model-suffix", ["+space.model={dist:choice,values:[yolo11n.yaml,yolo11s]}"], "space.model.values[1]"),
+    # 9. several objectives and the select rule
+    ("objectives-one", ["objectives=[fitness:max]", "scheduler=fifo"], "objectives"),
+    ("objectives-word", ["objectives=fitness"], "objectives"),
+    ("objectives-no-mode", ["objectives=[fitness,latency_ms]", "scheduler=fifo"], "objectives"),
+    ("objectives-mode-word", ["objectives=[fitness:max,latency_ms:fast]", "scheduler=fifo"], "objectives"),
+    ("objectives-unknown", ["objectives=[fitness:max,latency:min]", "scheduler=fifo"], "objectives"),
+    ("objectives-twice", ["objectives=[fitness:max,fitness:min]", "scheduler=fifo"], "objectives"),
+    ("objectives-cost-first", ["objectives=[latency_ms:min,fitness:max]", "scheduler=fifo"], "objectives"),
+    ("objectives-first-not-metric", ["objectives=['metrics/mAP50(B):max',latency_ms:min]", "scheduler=fifo"],
+     "objectives"),
+    ("objectives-asha", ["objectives=[fitness:max,latency_ms:min]"], "scheduler"),
+    ("objectives-hyperband", ["objectives=[fitness:max,latency_ms:min]", "scheduler=hyperband"], "scheduler"),
+    ("objectives-median", ["objectives=[fitness:max,latency_ms:min]", "scheduler=median",
+                           "scheduler.grace_period=1"], "scheduler"),
+    ("objectives-pbt", ["objectives=[fitness:max,latency_ms:min]", "scheduler=pbt",
+                        "scheduler.perturbation_interval=1"], "scheduler"),
+    ("objectives-hyperopt", [*OBJECTIVES, "search=hyperopt"], "search"),
+    ("objectives-bohb", [*OBJECTIVES, "search=bohb"], "search"),
+    ("select-without-objectives", ["select='latency_ms<=5'"], "select"),
+    ("select-not-an-objective", [*OBJECTIVES, "select='params<=5'"], "select"),
+    ("select-equals", [*OBJECTIVES, "select='latency_ms=5'"], "select"),
+    ("select-word", [*OBJECTIVES, "select='latency_ms<=fast'"], "select"),
+    ("select-nan", [*OBJECTIVES, "select='latency_ms<=nan'"], "select"),
+    ("select-comma", [*OBJECTIVES, "select='latency_ms<=5, fitness>=0.1'"], "select"),
+    ("select-bare", [*OBJECTIVES, "select=latency_ms"], "select"),
     ("space-epochs", ["+space.epochs='randint(1, 3)'"], "space.epochs"),
     ("space-unknown", ["+space.lr00={dist:uniform,low:0,high:1}"], "space.lr00"),
     ("space-unknown-compact", ["+space.lr00='uniform(0, 1)'"], "space.lr00"),
@@ -476,6 +504,13 @@ VALID = [
     ["budget.time=1.5h"], ["budget.time=null"], ["experiment=recommended"],
     ["validate=every"], ["validate=decisions"], ["validate=every", "scheduler=fifo", "+train.val=false"],
     ["experiment=recommended", "scheduler=fifo", "search=random", "space=default"],
+    OBJECTIVES, [*OBJECTIVES, "search=optuna"], ["objectives=[fitness:max,latency_ms:min,params:min,gflops:min]",
+                                                  "scheduler=fifo"],
+    ["objectives=['metrics/mAP50-95(B):max',params:min]", "metric='metrics/mAP50-95(B)'", "scheduler=fifo"],
+    ["objectives=[val/box_loss:min,gflops:min]", "metric=val/box_loss", "mode=min", "scheduler=fifo"],
+    [*OBJECTIVES, "select=latency_ms<=0"], [*OBJECTIVES, "select='latency_ms < 5 and fitness>=0.5'"],
+    [*OBJECTIVES, "select='latency_ms>1e-3'"], ["experiment=speed_accuracy", "~train.imgsz"],
+    ["+space.model={dist:choice,values:[yolo11n.yaml,yolo11s.yaml]}"],
 ]
 
 
@@ -547,6 +582,8 @@ CLI_CASES = [
     (["space.lr0.low=0.5", "space.lr0.high=0.1"], "space.lr0.low"),
     (["ray.address=127.0.0.1:1", "resources.cpu_per_trial=1"], "ray.address"),
     (["storage=/proc/yolotune"], "storage"),
+    (["objectives=[fitness:max,latency_ms:min]"], "scheduler"),
+    ([*OBJECTIVES, "select=latency<=5"], "select"),
 ]
 
 
@@ -616,6 +653,9 @@ def test_multirun_into_a_storage_that_cannot_be_made_is_one_line(shapes_cache):
     ({"data": "/no/such/data.yaml"}, "data.yaml"),
     ({"name": "../x"}, "name"),
     ({"storage": "/sys/yolotune"}, "storage"),
+    ({"objectives": ["fitness:max", "latency_ms:min"]}, "scheduler"),
+    ({"objectives": ["fitness:max"], "overrides": ["scheduler=fifo"]}, "objectives"),
+    ({"select": "latency_ms<=5"}, "select"),
 ], ids=lambda v: str(v)[:30])
 def test_python_api_raises_config_error(kwargs, key, tmp_path):
     import yolotune

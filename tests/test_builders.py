@@ -245,3 +245,47 @@ def test_pbt_and_optuna_skip_results_without_the_metric():
     search.on_trial_result("t1", {"epoch": 2, "training_iteration": 2, "validated": 1, "fitness": 0.5})
     assert search._ot_trials["t1"].storage.get_trial(search._ot_trials["t1"]._trial_id).intermediate_values == {2: 0.5}
     assert type(pickle.loads(pickle.dumps(search))) is type(search)  # tuner.pkl holds it
+
+
+# What Ray's schedulers and searchers can compare (checked in Ray 2.60's source): FIFO no metric, random
+# search none, OptunaSearch a list of metrics and modes; ASHA, HyperBand, median stopping, PBT,
+# HyperOpt and BOHB one metric.
+MULTI_OBJECTIVE = {"scheduler": {"fifo"}, "search": {"random", "optuna"}}
+OBJECTIVES = "objectives=[fitness:max,latency_ms:min]"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in MULTI_OBJECTIVE for o in options(g)])
+def test_objectives_are_refused_where_ray_compares_one_metric(group, option):
+    other = {"scheduler": "search=random", "search": "scheduler=fifo"}[group]
+    exp = experiment(f"{group}={option}", other, *SPACE, OBJECTIVES)
+    kind = getattr(exp, group).type
+    if kind in MULTI_OBJECTIVE[group]:
+        if all(importlib.util.find_spec(m) for m in getattr(getattr(exp, group), "extras", ())):
+            validate(exp)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(exp)
+    assert (err.value.key, err.value.value) == (group, kind)
+    assert all(f"{group}={name}" in err.value.allowed for name in MULTI_OBJECTIVE[group]), err.value.allowed
+
+
+def test_optuna_with_objectives_is_tpe_on_all_of_them(tmp_path):
+    """Tune gets no metric then (runner.py): Ray's set_search_properties keeps the searcher's list, the
+    trial's last result tells Optuna every objective, and Ray can save the searcher's state (it pickles
+    the sampler: Optuna's NSGA-II samplers hold a lock)."""
+    import pickle
+
+    if importlib.util.find_spec("optuna") is None:
+        pytest.skip("needs optuna")
+    import optuna
+
+    exp = experiment("search=optuna", "scheduler=fifo", *SPACE, "seed=0", OBJECTIVES)
+    search = pickle.loads(pickle.dumps(exp.search.build(exp)))  # tuner.pkl holds it
+    search.set_search_properties(None, None, to_ray_space(exp.dists))
+    assert (search.metric, search.mode) == (["fitness", "latency_ms"], ["max", "min"])
+    assert isinstance(search._sampler, optuna.samplers.TPESampler) and len(search._ot_study.directions) == 2
+    search.suggest("t1")
+    search.on_trial_result("t1", {"epoch": 1, "training_iteration": 1, "validated": 1, "fitness": 0.4})
+    search.on_trial_complete("t1", {"epoch": 2, "fitness": 0.5, "latency_ms": 3.0})
+    assert search._ot_study.trials[0].values == [0.5, 3.0]
+    search.save(str(tmp_path / "searcher.pkl"))  # Ray's experiment checkpoint

@@ -560,9 +560,10 @@ def test_the_recorder_appends_each_status_change_and_goes_on_after_a_resume(tmp_
     error_file.write_text(f"Failure # 1 (occurred at now)\nray::ImplicitFunc.train()\n  File x\n{ERROR}\n")
     storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(exp_dir))  # Ray's
     a = SimpleNamespace(trial_id="a", path=str(exp_dir / "trial_a"), status="PENDING", error_file=str(error_file),
-                        config={"lr0": 0.1, "__trial_index__": 0}, storage=storage)
+                        config={"lr0": 0.1, "__trial_index__": 0}, storage=storage,
+                        last_result={"fitness": 0.5, "latency_ms": 3.0})  # measured after training (objectives)
     b = SimpleNamespace(trial_id="b", path=str(exp_dir / "trial_b"), status="PENDING", error_file=None,
-                        config={"lr0": 0.2}, storage=storage)
+                        config={"lr0": 0.2}, storage=storage, last_result={})
     recorder = records.trial_recorder()
     recorder.on_trial_start(iteration=1, trials=[a, b], trial=a)
     a.status = "RUNNING"
@@ -580,6 +581,7 @@ def test_the_recorder_appends_each_status_change_and_goes_on_after_a_resume(tmp_
     assert [(e["trial_id"], e["event"]) for e in events] == [
         ("a", "started"), ("b", "started"), ("a", "paused"), ("a", "resumed"), ("a", "completed"), ("b", "errored")]
     assert events[0]["config"] == {"lr0": 0.1}
+    assert {k: events[-2][k] for k in ("fitness", "latency_ms") if k in events[-2]} == {"latency_ms": 3.0}
     assert events[-1]["error_file"] == str(exp_dir / "trial_b" / "error.txt") and events[-1]["error"] is None
     trials, _ = records.read_trials(exp_dir)
     assert [(t.trial_id, t.status) for t in trials] == [("a", "TERMINATED"), ("b", "ERROR")]

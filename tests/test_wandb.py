@@ -313,3 +313,43 @@ def test_the_summary_run_holds_the_parameters_importance(tmp_path):
         pytest.approx(want.values)
     assert summary["importance_method"] == want.method and summary["importance_trials"] == 30
     assert max(want.values, key=want.values.get) == "batch"
+
+
+def test_a_trial_run_carries_its_objectives(tmp_path):
+    """The running best of a metric objective, the last measured value of a model cost, as the driver's
+    settings (trial_settings) pass the objectives."""
+    from ray.tune.experiment import Trial
+
+    from yolotune.wandb_logging import tune_callback
+
+    from compose import experiment
+    from yolotune.wandb_logging import trial_settings
+
+    exp = experiment("wandb=offline", "scheduler=fifo", "objectives=[fitness:max,val/box_loss:min,latency_ms:min]")
+    callback = tune_callback({**trial_settings(exp, tmp_path / "objectives", {"epochs": 2}), "dir": str(tmp_path)})
+    callback.setup()
+    trial = Trial("__fake", config={"lr0": 0.01}, trial_id="t1", stub=True)
+    # latency measured twice (a run stopped by the time budget, then resumed): the last counts, not the least
+    for result in [{"epoch": 1, "validated": 1, "fitness": 0.3, "val/box_loss": 2.0, "latency_ms": 4.0},
+                   {"epoch": 2, "validated": 1, "fitness": 0.2, "val/box_loss": 1.0, "latency_ms": 4.5}]:
+        trial.update_last_result(result)
+        callback.on_trial_result(iteration=0, trials=[trial], trial=trial, result=result)
+    callback.on_trial_complete(iteration=0, trials=[trial], trial=trial)
+    callback.runs.close()
+    summary = _the_finished_run(tmp_path)["summary"]
+    assert {k: v for k, v in summary.items() if k.startswith("objective/")} == {
+        "objective/fitness": 0.3, "objective/val/box_loss": 1.0, "objective/latency_ms": 4.5}
+
+
+def test_the_summary_run_holds_the_objectives_and_the_front(tmp_path):
+    from test_objectives_fast import RANKS, two_objectives
+
+    from yolotune.wandb_logging import log_experiment_summary
+
+    exp_dir = two_objectives(tmp_path / "exp", "latency_ms<=5")
+    log_experiment_summary(exp_dir, _offline_settings(tmp_path, "exp", epochs=2))
+    summary = _the_finished_run(tmp_path)["summary"]
+    assert sorted(summary["pareto_front"]) == sorted(t for t, rank in RANKS.items() if rank == 1)
+    assert summary["objectives"] == ["fitness:max", "latency_ms:min"] and summary["best_trial_id"] == "B"
+    assert summary["select"] == "the highest fitness among trials with latency_ms<=5"
+    assert (summary["pareto_table/nrows"], summary["pareto_table/ncols"]) == (8, 4)  # trial id, 2 objectives, rank

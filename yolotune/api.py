@@ -21,12 +21,13 @@ from yolotune.space import from_ray
 def tune(model: str = "yolo11n.pt", data: str = "coco8.yaml", space: Optional[Dict[str, Any]] = None,
          grace_period: int = 10, gpu_per_trial: Optional[float] = None, iterations: int = 10, resume: bool = False,
          name: Optional[str] = None, storage: str = "runs/tune", overrides: Sequence[str] = (), use_ray: bool = True,
-         **train_args):
+         objectives: Optional[Sequence[str]] = None, select: Optional[str] = None, **train_args):
     """Tune ``model`` on ``data``; ``space`` maps train arguments to Ray Tune domains
     (``tune.uniform(1e-5, 1e-1)``) or yolotune specs (``{"dist": "uniform", ...}``, ``"uniform(0, 1)"``);
     None means the default space. ``overrides`` is a list of CLI overrides (["scheduler=fifo", "seed=0"]);
-    ``train_args`` are Ultralytics train arguments (epochs=50, imgsz=320, ...). ``use_ray`` is accepted
-    for the guide's calls: yolotune always tunes with Ray.
+    ``objectives`` (["fitness:max", "latency_ms:min"]) and ``select`` ("latency_ms<=5") are the
+    experiment's keys of those names. ``train_args`` are Ultralytics train arguments (epochs=50, imgsz=320,
+    ...). ``use_ray`` is accepted for the guide's calls: yolotune always tunes with Ray.
 
     With ``resume=True`` the experiment's saved config is used: only ``name``, ``storage``,
     ``gpu_per_trial`` and harmless ``overrides`` apply.
@@ -55,6 +56,8 @@ def tune(model: str = "yolo11n.pt", data: str = "coco8.yaml", space: Optional[Di
     values = {"storage": storage, "resume": resume, "name": name, "resources.gpu_per_trial": gpu_per_trial}
     if not resume:
         values.update({"iterations": iterations, "model.weights": model})
+        values.update({key: value for key, value in (("objectives", objectives), ("select", select))
+                       if value is not None})
         if data != "shapes":
             values["data.yaml"] = data
         if "grace_period" in cfg.scheduler:

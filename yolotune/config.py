@@ -28,6 +28,7 @@ from yolotune.data import DataConfig
 from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line, storage_dir
 from yolotune.storage import Location, is_uri
+from yolotune import objectives
 from yolotune.model import ModelConfig
 from yolotune.resources import ResourcesConfig
 from yolotune.schedulers import SchedulerConfig
@@ -105,6 +106,8 @@ class ExperimentConfig:
     resume_errored: bool = False
     metric: str = "fitness"
     mode: str = "max"
+    objectives: List[str] = field(default_factory=list)  # [] or NAME:MODE entries, the first metric:mode
+    select: Optional[str] = None  # with objectives: the constraints the selected trial meets (objectives.py)
     seed: Optional[int] = None
     verbose: str = "yolotune"  # yolotune: a live view | ray: Ray Tune's tables | quiet: the final summary only
     validate: str = "decisions"  # decisions: only at the scheduler's decision epochs and the last | every: each epoch
@@ -168,6 +171,7 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     for key, value in (("train", train), ("space", space)):
         if not isinstance(value, dict):
             raise ConfigError(key, value, "a mapping")
+    train = {k: v for k, v in train.items() if v is not None}  # null: unset (a preset that tunes a fixed key)
     raw = literal(plain)
     _refuse_unknown_keys(raw, ExperimentConfig, "")
     for group in GROUPS:
@@ -284,6 +288,7 @@ def validate(exp: ExperimentConfig) -> None:
     if not REPORTED_METRIC.match(exp.metric):
         raise ConfigError("metric", exp.metric, "a reported metric: fitness, metrics/mAP50-95(B), metrics/mAP50(B), "
                                                 "metrics/precision(B), metrics/recall(B), val/box_loss, ...")
+    objectives.check(exp, REPORTED_METRIC.match)
     if exp.name is not None and not NAME.match(exp.name):
         raise ConfigError("name", exp.name, "one folder name: letters, digits and _ . = + - (not starting with "
                                             "'.' or '-'), at most 128 characters")

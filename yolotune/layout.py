@@ -57,6 +57,9 @@ TRAINING_VALUES = ("train/", "lr/")
 # In each history row: the batch the epoch trained with, smaller than asked when Ultralytics cut it after
 # running out of GPU memory in the first epoch.
 TRAINED_BATCH = "trained_batch"
+# What a trial measures of its best epoch's model after training when the experiment has objectives
+# (trainable.py): inference time per image (ms), parameters (millions), GFLOPs at the trial's imgsz.
+MODEL_COSTS = ("latency_ms", "params", "gflops")
 PLOTS_DIR = "plots"
 REPORT = "report.html"
 

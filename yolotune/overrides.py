@@ -3,6 +3,7 @@
 - ``epochs=50 imgsz=320`` (bare Ultralytics train arguments, as ``yolo train`` takes them) mean
   ``train.epochs=50 train.imgsz=320``; ``train.KEY=VALUE`` adds KEY without Hydra's ``+``, and
   ``space.KEY=...`` adds an entry.
+- ``select=latency_ms<=5`` is quoted for Hydra, whose grammar has no ``<`` or ``>`` outside quotes.
 - ``space.lr0={dist: choice, values: [...]}`` replaces the entry (Hydra would merge it into the
   old one, keeping fields of the old distribution).
 - A composition error (unknown key or option, wrong type, bad syntax) becomes a ConfigError that
@@ -56,6 +57,8 @@ def normalize(argv: Sequence[str]) -> List[str]:
             arg = f"++train.{key}={value}"
         elif prefix in ("", "+") and key.split(".")[0] in ("train", "space") and key.count(".") == 1:
             arg = f"++{key}={value}"  # a new train argument, or a space entry that replace_space_entries replaces
+        elif key == "select" and re.search(r"[<>]", value) and value[:1] not in "'\"":
+            arg = f"{prefix}select='{value}'"  # Hydra's grammar has no < or > outside quotes
         out.append(arg)
     return out
 

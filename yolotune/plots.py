@@ -19,6 +19,7 @@ from yolotune.layout import PLOTS_DIR, write_atomic
 from yolotune.results import ExperimentResults, better, lower_is_better, measured
 
 KINDS = ("history", "params", "progress", "parallel", "importance")
+PARETO = "pareto"  # an experiment with objectives has this plot too (kinds_of())
 DPI = 110
 BEST_COLOR = "black"
 STAR = dict(marker="*", s=260, color="gold", edgecolor="black", linewidth=1, zorder=5)
@@ -29,25 +30,30 @@ def figure(results: ExperimentResults, kind: str, metric: Optional[str] = None, 
     """The ``kind`` plot of ``results`` ranked by ``metric`` (default: the results' own; ``mode``: its
     mode, or guessed from the name), as a matplotlib Figure (not saved)."""
     draw = {"history": _history, "params": _params, "progress": _progress, "parallel": _parallel,
-            "importance": _importance}.get(kind)
+            "importance": _importance, PARETO: _pareto}.get(kind)
     if draw is None:
-        raise ValueError(f"plot kind {kind!r}: one of {', '.join(KINDS)}")
+        raise ValueError(f"plot kind {kind!r}: one of {', '.join(KINDS)}, {PARETO}")
     return draw(results, *results.resolve(metric, mode))
 
 
 def save(results: ExperimentResults, kinds: Optional[Iterable[str]] = None, metric: Optional[str] = None,
          mode: Optional[str] = None, directory=None) -> Dict[str, Path]:
-    """``<kind>.png`` for each of ``kinds`` (default: all) in ``directory`` (default: the experiment's
+    """``<kind>.png`` for each of ``kinds`` (default: ``kinds_of(results)``) in ``directory`` (default: the experiment's
     plots/), each written atomically; returns kind -> path."""
     directory = Path(directory) if directory is not None else results.path / PLOTS_DIR
     paths = {}
-    for kind in kinds or KINDS:
+    for kind in kinds or kinds_of(results):
         fig = figure(results, kind, metric, mode)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=DPI)
         paths[kind] = directory / f"{kind}.png"
         write_atomic(paths[kind], png.getvalue())
     return paths
+
+
+def kinds_of(results: ExperimentResults) -> Tuple[str, ...]:
+    """The plots of ``results``: KINDS, and the Pareto plot of an experiment with objectives."""
+    return KINDS + ((PARETO,) if results.objectives else ())
 
 
 def _new_figure(width: float, height: float):
@@ -69,7 +75,7 @@ def _history(results, metric: str, mode: str):
     reported = set(history.trial_id)
     shown = _count(len(trials), "trial") + ("" if len(reported) == len(trials) else f", {len(reported)} reported")
     title = f"{metric} per epoch of each trial ({shown}): experiment {results.path.name}"
-    if best is None:
+    if trials[f"best_{metric}"].isna().all():
         return _empty(title, f"no trial has reported {metric} yet")
     fig = _new_figure(10, 5.5)
     ax = fig.add_subplot()
@@ -86,7 +92,7 @@ def _history(results, metric: str, mode: str):
         runs = by_trial.get(trial_id)
         if runs is None:
             continue
-        is_best = trial_id == best["trial_id"]
+        is_best = best is not None and trial_id == best["trial_id"]  # None: no trial meets select
         color = BEST_COLOR if is_best else colors.get(trial_id, "0.6")
         label = f"{trial_id} (best)" if is_best else (trial_id if few else None)
         ax.plot(runs["epoch"], runs[metric], color=color, lw=3 if is_best else 1.4, alpha=1 if is_best else 0.85,
@@ -95,10 +101,11 @@ def _history(results, metric: str, mode: str):
         if end:
             ends.add(end)
             ax.plot(runs["epoch"].iloc[-1], runs[metric].iloc[-1], ls="", color=color, zorder=6, **_END_STYLE[end])
-    ax.scatter(best["best_epoch"], best[f"best_{metric}"], **STAR,
-               label=f"best: {best[f'best_{metric}']:.4g} at epoch {best['best_epoch']}")
+    if best is not None:
+        ax.scatter(best["best_epoch"], best[f"best_{metric}"], **STAR,
+                   label=f"best: {best[f'best_{metric}']:.4g} at epoch {best['best_epoch']}")
     if not few:
-        ax.plot([], [], color="0.6", lw=1.4, label=f"other trials ({len(ids) - 1})")
+        ax.plot([], [], color="0.6", lw=1.4, label=f"other trials ({len(ids) - (best is not None)})")
     handles = ax.get_legend_handles_labels()[0]
     handles += [Line2D([], [], ls="", color="0.3", **_END_STYLE[end], label=_END_LABEL[end]) for end in sorted(ends)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=9)
@@ -148,8 +155,9 @@ def _params(results, metric: str, mode: str):
         position = {str(v): k for k, v in enumerate(dist.values)} if categorical else None
         x = scored[name].map(lambda v: position.get(str(v))) if categorical else scored[name]
         ax.scatter(x, scored[key], s=40, color="tab:blue", alpha=0.8, edgecolor="white", label="trial")
-        ax.scatter(position.get(str(best[name])) if categorical else best[name], best[key], **STAR,
-                   label=f"best trial ({best['trial_id']})")
+        if best is not None:
+            ax.scatter(position.get(str(best[name])) if categorical else best[name], best[key], **STAR,
+                       label=f"best trial ({best['trial_id']})")
         if categorical:
             ax.set_xticks(range(len(dist.values)), [str(v) for v in dist.values])
             ax.set_xlim(-0.5, len(dist.values) - 0.5)
@@ -251,7 +259,7 @@ def _parallel(results, metric: str, mode: str):
     low, high = _span(values.min(), values.max())
     cmap = colormaps["viridis_r" if lower_is_better(mode) else "viridis"]  # better: brighter
     norm = Normalize(low, high)
-    best = results.best(metric, mode)["trial_id"]
+    best = getattr(results.best(metric, mode), "trial_id", None)
     # worst first, so that the better trials' lines are drawn on top
     for trial_id in values.sort_values(ascending=not lower_is_better(mode), kind="stable").index:
         is_best = trial_id == best
@@ -344,6 +352,44 @@ def _importance(results, metric: str, mode: str):
     ax.set_xlabel(f"share of the variance of best {metric} that each parameter explains (sums to 1)\n"
                   f"counted: {counted}", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _pareto(results, metric: str, mode: str):
+    """The trials by their objectives: the first (y) against each other one (x), the Pareto front (rank 1)
+    highlighted, the selected trial starred, select's bounds drawn."""
+    objectives = results.objectives
+    names = ", ".join(o.name for o in objectives) or "no objectives"
+    title = f"Pareto front of {names}: experiment {results.path.name}"
+    if not objectives:
+        return _empty(title, "the experiment has one objective (metric); set objectives=[...] for several")
+    values = results.pareto().dropna(subset=["pareto_rank"])
+    if values.empty:
+        return _empty(title, "no trial has a value of every objective yet")
+    first, others = objectives[0], objectives[1:]
+    fig = _new_figure(5.2 * len(others) + 1.5, 5)
+    fig.suptitle(f"{title}\n{_count(len(values), 'trial')}; best: {results.select_rule}")
+    best = results.best()
+    front, dominated = values[values.pareto_rank == 1], values[values.pareto_rank != 1]
+    for ax, other in zip(fig.subplots(1, len(others), squeeze=False)[0], others):
+        ax.scatter(dominated[other.name], dominated[first.name], s=40, color="0.6", gid="dominated",
+                   label=f"dominated ({len(dominated)})")
+        ax.scatter(front[other.name], front[first.name], s=60, color="tab:red", edgecolor="black", zorder=3,
+                   gid="front", label=f"Pareto front, rank 1 ({len(front)})")
+        if len(others) == 1:  # with two objectives the front is a line
+            line = front.sort_values(other.name)
+            ax.plot(line[other.name], line[first.name], color="tab:red", alpha=0.5, zorder=2)
+        for constraint in results.constraints:
+            if constraint.name in (first.name, other.name):
+                (ax.axhline if constraint.name == first.name else ax.axvline)(
+                    constraint.bound, color="tab:blue", ls="--", label=f"select: {constraint}")
+        if best is not None:
+            chosen = values[values.trial_id == best["trial_id"]]
+            ax.scatter(chosen[other.name], chosen[first.name], **STAR, label=f"best ({best['trial_id']})")
+        ax.set_xlabel(f"{other.name} ({better(other.mode)})")
+        ax.set_ylabel(f"best {first.name} ({better(first.mode)})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return fig
 
 

@@ -6,7 +6,8 @@ Ray's private experiment state. Events, each with ``trial_id``, ``event``, ``sta
     started    RUNNING     a trial's first start; with its sampled ``config``
     resumed    RUNNING     started again (unpaused, resumed sweep, retried); with its ``config``
     paused     PAUSED      paused by its scheduler (PBT, HyperBand)
-    completed  TERMINATED  ended normally, or stopped early by its scheduler
+    completed  TERMINATED  ended normally, or stopped early by its scheduler; with its
+                           ``layout.MODEL_COSTS`` when it measured them (an experiment with objectives)
     errored    ERROR       raised; with ``error`` (its exception line) and ``error_file``
     retried    PENDING     a system failure (a lost node or worker) that Ray retries from the trial's last
                            checkpoint; with ``error``, the ``node`` it ran on ({hostname, node_id}) and
@@ -100,7 +101,8 @@ def _recorder_class():
                     self._append(trial, "paused")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._append(trial, "completed")
+            last = trial.last_result or {}  # the model's costs, measured after training (with objectives)
+            self._append(trial, "completed", **{k: last[k] for k in layout.MODEL_COSTS if k in last})
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error_file = Path(trial.path) / layout.ERROR_FILE  # where Ray syncs trial.error_file to

@@ -63,6 +63,7 @@ def summary(results: ExperimentResults, top: int = 5) -> str:
     """What the runner prints when a sweep ends: status, the best ``top`` trials and where the files are."""
     lines = [*overview(results), *ranking(results, top)]
     path = results.path
+    lines += rule_line(results)
     if results.best() is not None:
         lines.append(f"Best hyperparameters: {path / layout.BEST_HYPERPARAMETERS}")
         lines.append(f"Best weights:         {path / layout.BEST_WEIGHTS}")
@@ -73,7 +74,7 @@ def summary(results: ExperimentResults, top: int = 5) -> str:
 
 def details(results: ExperimentResults, top: Optional[int], written: Dict[str, Path]) -> str:
     """``yolotune results EXP``'s table output: overview, ranking, the best config, the files written."""
-    lines = [*overview(results), "", *ranking(results, top), ""]
+    lines = [*overview(results), "", *ranking(results, top), "", *rule_line(results)]
     best = results.best()
     if best is not None:
         metric = results.metric
@@ -86,6 +87,13 @@ def details(results: ExperimentResults, top: Optional[int], written: Dict[str, P
     return "\n".join(lines)
 
 
+def rule_line(results: ExperimentResults) -> List[str]:
+    """With objectives: how the best trial (best_hyperparameters.yaml, best.pt) is chosen."""
+    if not results.objectives:
+        return []
+    return [f"Best trial: {results.select_rule}" + ("" if results.best() is not None else ": no trial meets it yet")]
+
+
 def overview(results: ExperimentResults) -> List[str]:
     counts = results.status_counts()
     lines = [f"Experiment {results.path}  ({results.status})",
@@ -96,7 +104,9 @@ def overview(results: ExperimentResults) -> List[str]:
 def ranking(results: ExperimentResults, top: Optional[int]) -> List[str]:
     table = results.table(top)
     shown = f", top {len(table)} of {results.trial_count}" if len(table) < results.trial_count else ""
-    return [f"Trials ranked by best {results.metric} ({better(results.mode)}){shown}:",
+    by = f"Pareto rank of {', '.join(f'{o.name} ({o.mode})' for o in results.objectives)}, then best " \
+        if results.objectives else "best "
+    return [f"Trials ranked by {by}{results.metric} ({better(results.mode)}){shown}:",
             format_table(table) if len(table) else "  (no trials yet)"]
 
 
@@ -144,7 +154,9 @@ img {{ max-width: 100%; }}
 <h1>Experiment {esc(results.path.name)}</h1>
 <p><code>{esc(str(results.path))}</code><br>
 {results.status if results.status != 'unfinished' else 'unfinished (running or interrupted)'}; trials: {esc(counts)}<br>
-ranked by best <b>{esc(results.metric)}</b> ({better(results.mode)}); report written {datetime.now():%Y-%m-%d %H:%M}</p>
+ranked by {f"Pareto rank of {esc(', '.join(o.name for o in results.objectives))}, then " if results.objectives
+           else ""}best <b>{esc(results.metric)}</b> ({better(results.mode)}); best trial: {esc(results.select_rule)};
+report written {datetime.now():%Y-%m-%d %H:%M}</p>
 <h2>Errors</h2>{f'<ul>{errors}</ul>' if errors else '<p>none</p>'}
 <h2>Trials</h2>{table}
 <h2>Parameter importance</h2>

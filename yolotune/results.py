@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from yolotune import layout, records
+from yolotune import layout, objectives, records
 from yolotune.errors import ConfigError
 from yolotune.space import Dist, parse_space
 from yolotune.storage import Location
@@ -78,6 +78,10 @@ class ExperimentResults:
             lower_is_better(mode)
         self.config = _read_config(self.path)
         self.metric, self.mode = self._ranking(metric, mode)
+        # The saved config was validated: any name is taken as a metric here
+        self.objectives = objectives.parse_objectives(self.config.objectives, bool) if self.config.get("objectives") \
+            else []
+        self.constraints = objectives.parse_select(self.config.get("select"), self.objectives)
         self.problems: List[str] = []  # one line each: what was skipped as damaged
         self._trials = self._read_trials()
         self._history = self._read_history()
@@ -193,21 +197,56 @@ class ExperimentResults:
         return frame.astype({f"last_{metric}": float, f"best_{metric}": float, "best_epoch": "Int64",
                              layout.TRAINED_BATCH: "Int64"})
 
+    def by_objectives(self, metric: Optional[str] = None, mode: Optional[str] = None) -> bool:
+        """Whether a ranking by (``metric``, ``mode``) is the experiment's own by its several objectives."""
+        return bool(self.objectives) and self.resolve(metric, mode) == (self.config.metric, self.config.mode)
+
+    def pareto(self) -> pd.DataFrame:
+        """With objectives: per trial (in trial order), its value of each objective (a metric's best over
+        its validated epochs, a model cost's last measured value; NaN: not yet) and ``pareto_rank``."""
+        frame = pd.DataFrame({"trial_id": [t.trial_id for t in self._trials]})
+        for objective in self.objectives:
+            if objective.name in layout.MODEL_COSTS:
+                frame[objective.name] = frame.trial_id.map(self._last_measured(objective.name))
+            elif objective.name in self.reported_metrics() or objective.name == self.config.metric:
+                frame[objective.name] = self.dataframe(objective.name, objective.mode)[f"best_{objective.name}"]
+            else:
+                frame[objective.name] = float("nan")  # no epoch has validated yet
+        frame = frame.astype({o.name: float for o in self.objectives})
+        frame["pareto_rank"] = objectives.pareto_ranks(frame, self.objectives)
+        return frame
+
+    def _last_measured(self, name: str) -> Dict[str, float]:
+        if name not in self._history:
+            return {}
+        rows = self._history.dropna(subset=[name])
+        return rows.groupby("trial_id")[name].last().to_dict()
+
     def ranked(self, metric: Optional[str] = None, mode: Optional[str] = None) -> pd.DataFrame:
-        """``dataframe()`` sorted best first by ``metric``, trials without a value last, with a 1-based rank."""
+        """``dataframe()`` sorted best first by ``metric``, trials without a value last, with a 1-based rank.
+        The experiment's own ranking with objectives: by Pareto rank, then the first objective, with each
+        objective's value and ``pareto_rank``; trials without a Pareto rank last."""
         metric, mode = self.resolve(metric, mode)
         frame = self.dataframe(metric, mode)
-        frame = frame.sort_values(f"best_{metric}", ascending=lower_is_better(mode), na_position="last",
-                                  kind="stable")
+        keys, ascending = [f"best_{metric}"], [lower_is_better(mode)]
+        if self.by_objectives(metric, mode):
+            pareto = self.pareto()
+            frame.insert(2, "pareto_rank", pareto["pareto_rank"])
+            frame = pd.concat([frame, pareto[[o.name for o in self.objectives[1:]]]], axis=1)
+            keys, ascending = ["pareto_rank", *keys], [True, *ascending]
+        frame = frame.sort_values(keys, ascending=ascending, na_position="last", kind="stable")
         ranks = pd.Series(range(1, len(frame) + 1), index=frame.index, dtype="Int64")
-        frame.insert(0, "rank", ranks.where(frame[f"best_{metric}"].notna()))
+        frame.insert(0, "rank", ranks.where(frame[keys[0]].notna()))
         return frame.reset_index(drop=True)
 
     def table(self, top: Optional[int] = None) -> pd.DataFrame:
-        """The ranked trials as the CLI shows them: rank, id, status, params, epochs, best and last value."""
+        """The ranked trials as the CLI shows them: rank, id, status, params, epochs, best and last value;
+        with objectives also the Pareto rank and the other objectives' values."""
         frame = self.ranked()
-        cols = ["rank", "trial_id", "status", *self.params, "epochs", f"best_{self.metric}",
-                "best_epoch", f"last_{self.metric}"]
+        own = self.by_objectives()
+        cols = ["rank", *(["pareto_rank"] if own else []), "trial_id", "status", *self.params, "epochs",
+                f"best_{self.metric}", "best_epoch", f"last_{self.metric}",
+                *([o.name for o in self.objectives[1:]] if own else [])]
         return frame[cols].head(top) if top else frame[cols]
 
     @property
@@ -253,19 +292,31 @@ class ExperimentResults:
         return "stopped by budget" if layout.stopped_by_budget(self.path) else "unfinished"
 
     def best(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[pd.Series]:
-        """The best trial's row (by its best value of ``metric`` over its validated epochs), or None."""
+        """The best trial's row (by its best value of ``metric`` over its validated epochs), or None. With
+        objectives, the experiment's own best is the trial its ``select`` rule picks (objectives.select),
+        None if no trial meets it."""
         metric, mode = self.resolve(metric, mode)
+        if self.by_objectives(metric, mode):
+            chosen = objectives.select(self.pareto(), self.objectives, self.constraints)
+            return None if chosen is None else self.dataframe(metric, mode).loc[chosen]
         frame = self.dataframe(metric, mode).dropna(subset=[f"best_{metric}"])
         if frame.empty:
             return None
         return frame.loc[best_index(frame[f"best_{metric}"], mode)]
+
+    @property
+    def select_rule(self) -> str:
+        """How the best trial is chosen, in words."""
+        if self.objectives:
+            return objectives.rule(self.objectives, self.constraints)
+        return f"the {'lowest' if lower_is_better(self.mode) else 'highest'} best {self.metric}"
 
     def best_hyperparameters(self) -> Optional[dict]:
         """Flat Ultralytics train arguments: the fixed ones plus the best trial's sampled values."""
         best = self.best()
         if best is None:
             return None
-        fixed = OmegaConf.to_container(self.config.train, resolve=True)
+        fixed = {k: v for k, v in OmegaConf.to_container(self.config.train, resolve=True).items() if v is not None}
         sampled = {p: python_scalar(best[p]) for p in self.params}
         data_yaml = self.job_data_yaml()
         return {"model": self.config.model.weights, **({"data": data_yaml} if data_yaml else {}), **fixed, **sampled}

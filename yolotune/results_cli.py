@@ -98,6 +98,7 @@ def _as_json(results: ExperimentResults, top: Optional[int], written: Dict[str, 
     return {
         "experiment": str(results.path), "finished": results.finished,
         "metric": results.metric, "mode": results.mode,
+        "objectives": [f"{o.name}:{o.mode}" for o in results.objectives], "select": results.select_rule,
         "trials": sum(results.status_counts().values()), "status": results.status_counts(),
         "errors": results.errors,
         "ranked": _records(results.table(top)),

@@ -24,6 +24,7 @@ from yolotune.config import ExperimentConfig
 from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError, StorageFull, is_storage_full
 from yolotune.layout import trial_dirname
+from yolotune.model import resolve_weights
 from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
 from yolotune.space import to_ray_space
 from yolotune.storage import Location, cache_root, is_uri, node_dataset
@@ -226,7 +227,9 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
         trainable,
         param_space=to_ray_space(space),
         tune_config=tune.TuneConfig(
-            metric=exp.metric, mode=exp.mode, num_samples=exp.iterations,
+            # With objectives Tune gets no metric: it would replace OptunaSearch's list of them.
+            metric=None if exp.objectives else exp.metric, mode=None if exp.objectives else exp.mode,
+            num_samples=exp.iterations,
             scheduler=exp.search.build_scheduler(exp) if exp.search.replaces_scheduler
             else exp.scheduler.build(exp, space),
             search_alg=exp.search.build(exp, resources.max_concurrent_trials),
@@ -409,6 +412,8 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
         check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
     weights, data = exp.model.resolve(), exp.data.resolve()
+    tuned_models = exp.dists["model"].values if "model" in exp.dists else []
+    models = {str(m): resolve_weights(f"space.model.values[{i}]", m) for i, m in enumerate(tuned_models)}
     build_label_caches(str(node_dataset(data)) if is_uri(data) else data)  # the copy trials on this node share
     train = {**exp.train, "epochs": exp.epochs}  # explicit: trials and resumes compare against it
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
@@ -418,8 +423,8 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     # and the trials' seeds reproducible; train.deterministic=true asks for bit-exact GPU training too.
     train.setdefault("deterministic", False)
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
-    job = {"weights": weights, "data": data, "train": train, "experiment_dir": experiment, "threads": 1,
-           "metric": exp.metric, "mode": exp.mode,
+    job = {"weights": weights, "models": models, "data": data, "train": train, "experiment_dir": experiment,
+           "threads": 1, "metric": exp.metric, "mode": exp.mode, "measure_model": bool(exp.objectives),
            "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs()}
     return job, resources
 

@@ -26,6 +26,9 @@ class SchedulerConfig:
     stops_early = True
     # A trial resumes from its newest checkpoint; PBT also clones other trials' checkpoints.
     checkpoints_to_keep = 1
+    # Runs with several objectives: Ray's ASHA, HyperBand, median stopping and PBT compare one metric;
+    # FIFO compares none.
+    multi_objective = False
 
     def trial_epochs(self, exp) -> int:
         """The most epochs a trial trains."""
@@ -94,6 +97,7 @@ class FifoConfig(SchedulerConfig):
     type: str = "fifo"
     needs_validation = False
     stops_early = False
+    multi_objective = True
 
     def decision_epochs(self, exp) -> Set[int]:
         return {exp.epochs}  # the final result ranks the trial

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -22,6 +22,9 @@ class SearchConfig:
     type: str = MISSING
     extras = ()  # the modules the option needs: pip install 'yolotune[<type>]'
     replaces_scheduler = False  # True: build_scheduler() replaces the scheduler group's
+    # Runs with several objectives: random search reads no metric, Ray's OptunaSearch takes a list of them;
+    # HyperOpt and BOHB optimise one.
+    multi_objective = False
 
     def check(self, exp) -> None:
         for module in self.extras:
@@ -41,6 +44,7 @@ class SearchConfig:
 class RandomSearchConfig(SearchConfig):
     """Random sampling (and grid) from the space; reproducible with seed."""
     type: str = "random"
+    multi_objective = True
 
     def build(self, exp, max_concurrent: Optional[int] = None):
         from ray.tune.search import BasicVariantGenerator
@@ -51,29 +55,34 @@ class RandomSearchConfig(SearchConfig):
 
 @dataclass
 class OptunaSearchConfig(SearchConfig):
-    """Optuna's TPE."""
+    """Optuna's TPE (multi-objective TPE with objectives)."""
     type: str = "optuna"
     n_startup_trials: int = 5  # random trials before TPE takes over
 
     extras = ("optuna",)
+    multi_objective = True
 
     def check(self, exp) -> None:
         check_range("search.n_startup_trials", self.n_startup_trials, 0, None, "an integer >= 0", integer=True)
         super().check(exp)
 
     def build(self, exp, max_concurrent: Optional[int] = None):
-        return optuna_search(exp.seed, self.n_startup_trials)
+        return optuna_search(exp.seed, self.n_startup_trials, list(exp.objectives))
 
 
-def optuna_search(seed: Optional[int], n_startup_trials: int):
+def optuna_search(seed: Optional[int], n_startup_trials: int, objectives: Sequence[str] = ()):
     """Ray's OptunaSearch with TPE, skipping the results of epochs without validation (no metric, see
-    trainable.py), on which Ray's would raise. Ray saves and restores its state apart from the object
-    (Searcher.save): a pickled one (tuner.pkl) is built again from its settings."""
+    trainable.py), on which Ray's would raise; with ``objectives`` (NAME:MODE), TPE on all of them (Optuna's
+    multi-objective TPE), told each trial's last result (Ray's OptunaSearch reads no intermediate results
+    then; the runner gives Tune no metric, which would replace the list). Not NSGA-II: Ray saves the
+    searcher's state by pickling its sampler (Searcher.save), and Optuna's NSGA-II samplers hold a lock.
+    A pickled searcher (tuner.pkl) is built again from its settings."""
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
-    searcher = _validated_optuna_search()(sampler=sampler)
-    searcher.rebuild = (seed, n_startup_trials)
+    names, modes = zip(*(o.rsplit(":", 1) for o in objectives)) if objectives else (None, None)
+    searcher = _validated_optuna_search()(sampler=sampler, metric=names and list(names), mode=modes and list(modes))
+    searcher.rebuild = (seed, n_startup_trials, list(objectives))
     return searcher
 
 
@@ -83,7 +92,7 @@ def _validated_optuna_search():
 
     class ValidatedOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id, result):
-            if self.metric in result:
+            if isinstance(self.metric, list) or self.metric in result:  # a list: Ray's skips every result
                 super().on_trial_result(trial_id, result)
 
         def __reduce__(self):

@@ -21,7 +21,8 @@ from yolotune.layout import first_line
 
 # Arguments that yolotune sets itself, and where to set them instead.
 OWNED = {
-    "model": "set model.weights",
+    "model": "set model.weights, or tune it as a choice: "
+             "space.model={dist: choice, values: [yolo11n.yaml, yolo11s.yaml]}",
     "data": "set data.yaml (or pick a data option)",
     "project": "yolotune writes each trial's output in its trial directory",
     "name": "yolotune writes each trial's output in its trial directory",
@@ -64,6 +65,8 @@ def check_names(exp) -> None:
     """Every fixed and tuned key is a train argument that the user may set, and none is both."""
     for name in exp.dists:
         _check_name(f"space.{name}", name, _shown(exp.space[name]))
+        if name == "model" and exp.dists[name].values is not None:
+            continue  # a choice of models (model.py checks each)
         if name in OWNED or name in NOT_TUNABLE:
             raise ConfigError(f"space.{name}", _shown(exp.space[name]), {**OWNED, **NOT_TUNABLE}[name])
     for name, value in exp.train.items():

@@ -65,12 +65,14 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, checkpo
     DECODED_IMAGES.use(job.get("image_cache_mb", 0) * 2**20, job["threads"])
     save_dir = trial_dir / "train"
     data = str(node_dataset(job["data"])) if is_uri(job["data"]) else job["data"]  # a store's: this node's copy
-    args = {**job["train"], **config, "data": data, "project": str(trial_dir), "name": "train",
-            "exist_ok": True, "device": device}
+    # A tuned model (space.model) is a choice of weights, not an Ultralytics train argument.
+    weights = job["models"][str(config["model"])] if "model" in config else job["weights"]
+    args = {**job["train"], **{k: v for k, v in config.items() if k != "model"}, "data": data,
+            "project": str(trial_dir), "name": "train", "exist_ok": True, "device": device}
 
     ckpt = _resume_point(trial_dir, save_dir, checkpoint)
     if ckpt is None:
-        model = YOLO(node_file(job["weights"]))
+        model = YOLO(node_file(weights))
     elif ckpt.get("epoch", -1) + 1 >= args["epochs"]:
         return  # every epoch was already reported: the trial is complete
     else:
@@ -81,7 +83,8 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, checkpo
     _move_staged_checkpoints()
     reporter = _EpochReporter(trial_dir, gpu, job.get("checkpoint_every", 1), Location(job["experiment_dir"]).remote,
                               job.get("deadline"), job.get("validate_epochs"), job["train"].get("val", True) is not False,
-                              BestEpoch.of_history(trial_dir / HISTORY, job["metric"], job["mode"]))
+                              BestEpoch.of_history(trial_dir / HISTORY, job["metric"], job["mode"]),
+                              job.get("measure_model", False))
     keep_threads(model, job["threads"])
     model.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
     model.add_callback("on_model_save", reporter.on_model_save)
@@ -389,7 +392,7 @@ class _EpochReporter:
     """
 
     def __init__(self, trial_dir: Path, gpu: str, every: int, remote: bool, deadline: Optional[float],
-                 validate_epochs: Optional[list], val: bool, best: BestEpoch):
+                 validate_epochs: Optional[list], val: bool, best: BestEpoch, measure_model: bool):
         # Where the trial ran: the node, the worker process (shared by trials when actors are reused)
         # and the physical GPUs (CUDA_VISIBLE_DEVICES as Ray set it; "" on the CPU).
         self.node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -400,6 +403,7 @@ class _EpochReporter:
         self.val = val  # train.val=false: only Ultralytics' final validation
         self.ended_at = time.time()  # when this epoch's training ended: before or after the deadline
         self.best = best
+        self.measure_model = measure_model  # the experiment has objectives: its last report has MODEL_COSTS
 
     def on_train_epoch_end(self, trainer) -> None:
         self.ended_at = time.time()
@@ -431,11 +435,14 @@ class _EpochReporter:
                        **self.node)
         if self.best.improves(metrics):  # before its history row: a kill between them never leaves a row without weights
             write_atomic(trainer.wdir / TRIAL_BEST_WEIGHTS, trainer.last.read_bytes())
+        out_of_time = self._out_of_time()
+        if self.measure_model and (trainer.stop or out_of_time):  # the trial's last report (of this run)
+            best = trainer.wdir / TRIAL_BEST_WEIGHTS
+            metrics.update(model_costs(best if best.is_file() else trainer.last, trainer.args.imgsz, trainer.device))
         now = time.time()
         append_jsonl(self.trial_dir / HISTORY,
                      {**metrics, "timestamp": now, "time_this_iter_s": now - self.last_report})
         self.last_report = now
-        out_of_time = self._out_of_time()
         if out_of_time:  # this trial stops here (validated): the time budget's driver waits for this report
             metrics[PAST_DEADLINE] = self.deadline
         if (trainer.epoch + 1) % self.every and not trainer.stop and not out_of_time:
@@ -450,6 +457,37 @@ class _EpochReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         if out_of_time and not trainer.stop and trainer.epoch + 1 < trainer.epochs:
             _wait_for_the_stop()  # the time budget's driver ends the run once every trial got here (runner.TimeBudget)
+
+
+WARMUP_PASSES, TIMED_PASSES = 3, 15
+
+
+def model_costs(weights: Path, imgsz, device) -> Dict[str, float]:
+    """MODEL_COSTS of the model in ``weights`` on ``device``, the same way for every trial: its EMA (what
+    Ultralytics saves as the model) in fp32 with Conv and BatchNorm fused (as Ultralytics predicts), one
+    image of ``imgsz``: the median time of TIMED_PASSES forward passes after WARMUP_PASSES, its parameters
+    (millions) and GFLOPs (Ultralytics' get_flops)."""
+    import statistics
+
+    import torch
+    from ultralytics.utils.torch_utils import get_flops
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float().fuse(verbose=False).eval().to(device)
+    height, width = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    image = torch.zeros(1, 3, height, width, device=device)
+    sync = torch.cuda.synchronize if image.is_cuda else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for n in range(WARMUP_PASSES + TIMED_PASSES):
+            sync()
+            start = time.perf_counter()
+            model(image)
+            sync()
+            if n >= WARMUP_PASSES:
+                times.append(time.perf_counter() - start)
+    return {"latency_ms": 1000 * statistics.median(times), "params": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": get_flops(model, [height, width])}
 
 
 STAGED = ".ckpt-"  # the prefix of the folders a trial stages its checkpoints in

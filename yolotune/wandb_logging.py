@@ -87,6 +87,7 @@ def trial_settings(exp, exp_dir: Path, train: Dict[str, Any]) -> Dict[str, Any]:
         "tags": list(cfg.tags), "notes": cfg.notes,
         "dir": str(Path(os.environ.get("WANDB_DIR") or exp_dir).expanduser().resolve()),
         "experiment": exp_dir.name, "metric": exp.metric, "metric_mode": exp.mode, "train": dict(train),
+        "objectives": list(exp.objectives),
     }
 
 
@@ -124,8 +125,10 @@ class TrialRuns:
         self.thread = threading.Thread(target=self._work, name="yolotune-wandb", daemon=True)
         self.thread.start()
 
-    def log(self, trial_id: str, name: str, config: dict, row: Dict[str, float], best: Optional[float]) -> None:
-        self.tasks.put((self._log, trial_id, name, config, row, best))
+    def log(self, trial_id: str, name: str, config: dict, row: Dict[str, float], best: Optional[float],
+            objectives: Optional[Dict[str, float]] = None) -> None:
+        """``objectives``: the trial's value of each objective so far (objective/<name> in its run's summary)."""
+        self.tasks.put((self._log, trial_id, name, config, row, best, objectives or {}))
 
     def finish(self, trial_id: str, failed: bool) -> None:
         self.tasks.put((self._finish, trial_id, failed))
@@ -141,7 +144,7 @@ class TrialRuns:
         for trial_id in list(self.runs):
             _warn_on_failure(self._finish, trial_id, False)
 
-    def _log(self, trial_id, name, config, row, best) -> None:
+    def _log(self, trial_id, name, config, row, best, objectives) -> None:
         train = self.settings["train"]
         if trial_id not in self.runs:
             self.runs[trial_id] = _init(self.settings, trial_id, name, "trial", {**train, **config})
@@ -152,6 +155,7 @@ class TrialRuns:
         run = self.runs[trial_id]
         if best is not None:
             run.summary[f"best_{self.settings['metric']}"] = best
+        run.summary.update({f"objective/{k}": v for k, v in objectives.items()})
         run.log(row)
 
     def _finish(self, trial_id, failed) -> None:
@@ -196,11 +200,15 @@ def _callback_class():
             row = {k: v for k, v in result.items()
                    if k not in AUTO_RESULT_KEYS and k != layout.PAST_DEADLINE and isinstance(v, (int, float))
                    and not isinstance(v, bool)}
-            # Ray's running min/max over the trial's earlier results, kept across a resume.
-            values = [trial.metric_analysis.get(metric, {}).get(mode), row.get(metric)]
-            values = [v for v in values if v is not None]
-            best = (max if mode == "max" else min)(values) if values else None
-            self.runs.log(trial.trial_id, str(trial), dict(trial.config), row, best)
+            objectives = {}
+            for entry in self.settings.get("objectives", []):  # settings pickled before objectives have none
+                name, objective_mode = entry.rsplit(":", 1)
+                value = row.get(name) if name in layout.MODEL_COSTS else \
+                    _running_best(trial, row, name, objective_mode)
+                if value is not None:
+                    objectives[name] = value
+            self.runs.log(trial.trial_id, str(trial), dict(trial.config), row, _running_best(trial, row, metric, mode),
+                          objectives)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.runs.finish(trial.trial_id, failed=False)
@@ -214,11 +222,19 @@ def _callback_class():
     return WandbCallback
 
 
+def _running_best(trial, row: Dict[str, float], metric: str, mode: str) -> Optional[float]:
+    """Ray's running min/max of ``metric`` over the trial's earlier results (kept across a resume) and this row's."""
+    values = [trial.metric_analysis.get(metric, {}).get(mode), row.get(metric)]
+    values = [v for v in values if v is not None]
+    return (max if mode == "max" else min)(values) if values else None
+
+
 def log_experiment_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
     """One run in the experiment's group: a table of all trials (config, best metric, status) for
     the parallel-coordinates and scatter panels, one scatter chart per tuned parameter, the parameters'
-    importance (importance.py: a bar chart and ``importance/<parameter>`` in the run's summary), and the
-    best config as the run's config."""
+    importance (importance.py: a bar chart and ``importance/<parameter>`` in the run's summary), with
+    objectives each trial's objectives and Pareto rank (a table, a scatter, the front's trial ids and the
+    select rule in the summary), and the best config as the run's config."""
     _warn_on_failure(_log_summary, exp_dir, settings)
 
 
@@ -241,6 +257,15 @@ def _log_summary(exp_dir: Path, settings: Dict[str, Any]) -> None:
         shares = wandb.Table(columns=["parameter", "importance"], data=[[p, v] for p, v in judged.values.items()])
         charts["importance"] = wandb.plot.bar(shares, "parameter", "importance",
                                               title=f"Parameter importance for {best_key} ({judged.method})")
+    if results.objectives:  # each trial's objectives and Pareto rank, the first two as a scatter chart
+        pareto = results.pareto()
+        charts["pareto_table"] = wandb.Table(dataframe=pareto.astype({"pareto_rank": float}))
+        first, second = results.objectives[:2]
+        charts["pareto"] = wandb.plot.scatter(charts["pareto_table"], second.name, first.name,
+                                              title=f"{first.name} vs {second.name}")
+        run.summary.update({"objectives": [f"{o.name}:{o.mode}" for o in results.objectives],
+                            "select": results.select_rule,
+                            "pareto_front": list(pareto.trial_id[pareto.pareto_rank == 1])})
     run.log({"trials": table, **charts})
     # importance/<parameter>, beside which method judged it on how many trials (or why it did not)
     run.summary.update({"importance_method": judged.method, "importance_trials": judged.trials,
