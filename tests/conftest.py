@@ -7,6 +7,7 @@ hold files there, and only those, so tests never touch another Ray running on th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -126,3 +127,14 @@ def small_sweep(tmp_path_factory, shapes_cache) -> Path:
     proc = run_cli(*small_sweep_overrides(storage, shapes_cache, "small"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return storage / "small"
+
+
+@pytest.fixture
+def ultralytics_log_to_stdout(monkeypatch):
+    """Ultralytics' log handlers write to this test's stdout: imported under an earlier test's captured
+    output, they may hold a stream that is closed now (a trial's log redirects them)."""
+    from ultralytics.utils import LOGGER
+
+    for handler in LOGGER.handlers:
+        if type(handler) is logging.StreamHandler:
+            monkeypatch.setattr(handler, "stream", sys.stdout)

@@ -619,14 +619,11 @@ def test_live_view_on_a_terminal_redraws_its_bar_at_most_every_second(tmp_path, 
         "trial b stopped early by the scheduler at epoch 0: fitness - (best -)", final]
 
 
-def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path, monkeypatch):
+def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path, ultralytics_log_to_stdout):
     from ultralytics.utils import LOGGER
 
     from yolotune.trainable import _trial_log
 
-    for handler in LOGGER.handlers:  # imported under an earlier test's captured output, now closed
-        if type(handler) is logging.StreamHandler:
-            monkeypatch.setattr(handler, "stream", sys.stdout)
     streams = [getattr(h, "stream", None) for h in LOGGER.handlers]  # pytest may add a handler without one
     out, err = sys.stdout, sys.stderr
     log = tmp_path / "trial_x" / "train.log"

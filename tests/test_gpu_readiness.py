@@ -156,7 +156,8 @@ def test_a_node_without_the_amp_check_model_skips_the_check_with_amp_on_at_once(
     assert not list((tmp_path / "cache" / "amp-check").glob("*.json"))
 
 
-def test_the_memory_of_a_trial_that_failed_is_free_when_the_gpu_cache_is_emptied(tmp_path, monkeypatch):
+def test_the_memory_of_a_trial_that_failed_is_free_when_the_gpu_cache_is_emptied(tmp_path, monkeypatch,
+                                                                                    ultralytics_log_to_stdout):
     """A failed trial's error holds the frames it went through, and their locals (the model): they are
     dropped before torch.cuda.empty_cache, or the GPU memory stays taken while Ray keeps the error."""
     import torch
