@@ -170,7 +170,7 @@ def test_a_trial_is_reported_with_its_latest_config(tmp_path):
     (exp / "trials.jsonl").unlink()
     storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(exp))  # Ray's
     trials = {t: SimpleNamespace(trial_id=t, path=str(exp / f"trial_{t}"), status="RUNNING", error_file=None,
-                                 config={"lr0": s["lr0"], "momentum": s["momentum"], "__trial_index__": 0},
+                                 last_result={}, config={"lr0": s["lr0"], "momentum": s["momentum"], "__trial_index__": 0},
                                  storage=storage) for t, s in TRIALS.items()}
     recorder = records.trial_recorder()
     for trial in trials.values():
