@@ -66,7 +66,8 @@ def test_cli_table_lists_every_trial_ranked_and_counts_match_trials_csv(experime
     positions = [out.index(f" {trial_id} ") for trial_id in ranked]  # each in the table, best first
     assert positions == sorted(positions), out
     assert f"Best trial: {ranked[0]}:" in out
-    best_config = yaml.safe_load(out.split("Best config (Ultralytics train arguments):\n", 1)[1].split("\nWrote ")[0])
+    best_config = yaml.safe_load(out.split("Best config (Ultralytics train arguments):\n", 1)[1].split("\n\n")[0])
+    assert "Parameter importance for best" in out
     assert best_config["lr0"] == pytest.approx(trials.set_index("trial_id").at[ranked[0], "lr0"])
     assert "Traceback" not in cli_run.stderr
 
