@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import ray_temp_dir
+from yolotune.errors import ConfigError
 from yolotune.train_args import ultralytics_args
 
 pytestmark = pytest.mark.slow
@@ -114,8 +115,8 @@ def test_python_api_returns_a_result_grid(tmp_path, coco8):
 
 
 def test_python_api_grace_period_gpu_per_trial_and_resume(tmp_path, shapes_cache, monkeypatch):
-    """The API's own arguments land in the saved config; resume=True goes on with that config and
-    ignores the arguments that would change the search."""
+    """The API's own arguments land in the saved config; resume=True of the finished experiment says it is
+    finished and changes nothing."""
     import yolotune
 
     shapes = ["data.train_images=16", "data.val_images=8", "data.imgsz=64", f"data.cache_dir={shapes_cache}"]
@@ -133,8 +134,8 @@ def test_python_api_grace_period_gpu_per_trial_and_resume(tmp_path, shapes_cache
         assert saved["train"]["epochs"] == 2 and saved["data"]["train_images"] == 16
         trials = pd.read_csv(tmp_path / "api" / "trials.csv")
 
-        resumed = yolotune.tune(resume=True, grace_period=1, iterations=5, epochs=9, **where)
-    assert sorted(r.metrics["trial_id"] for r in resumed) == sorted(trials["trial_id"])
+        with pytest.raises(ConfigError, match="finished: every trial of .* has ended, nothing to resume"):
+            yolotune.tune(resume=True, grace_period=1, iterations=5, epochs=9, **where)  # before Ray starts
     assert yaml.safe_load(saved_path.read_text()) == saved
     assert pd.read_csv(tmp_path / "api" / "trials.csv")["epochs"].tolist() == trials["epochs"].tolist()
 
