@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -639,6 +640,21 @@ def test_multirun_into_a_storage_that_cannot_be_made_is_one_line(shapes_cache):
     assert (proc.returncode, proc.stderr) == (2, "yolotune: error: storage=/proc/yolotune: a writable directory; "
                                                  "cannot create a folder in /proc: No such file or directory\n")
 
+
+
+@pytest.mark.subprocess
+def test_multirun_over_storages_refuses_the_one_that_cannot_be_made_and_keeps_one_summary(tmp_path, shapes_cache):
+    """Each job's storage is checked before Hydra makes folders in it; every job's row goes to the
+    summary under the multirun's own storage (here the default, runs/tune in the current directory)."""
+    proc = run_cli("-m", f"storage=/proc/a,{tmp_path}/b", "data=shapes", f"data.cache_dir={shapes_cache}", *BASE,
+                   "resources.cpu_per_trial=512", cwd=tmp_path, timeout=120)
+    summary = pd.read_csv(next((tmp_path / "runs" / "tune" / "multirun").glob("*/multirun_summary.csv")))
+    assert list(summary["status"]) == ["refused", "refused"]
+    assert summary["error"][0] == ("storage=/proc/a: a writable directory; cannot create a folder in /proc: "
+                                   "No such file or directory")
+    assert summary["error"][1].startswith("resources.cpu_per_trial=512")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "b").exists()
 
 # The Python API: the same ConfigError, before Ray starts.
 @pytest.mark.parametrize("kwargs,key", [
