@@ -132,6 +132,20 @@ def in_workdir(workdir, monkeypatch):
     return workdir
 
 
+@pytest.fixture
+def unrendered(monkeypatch):
+    """Figures are made but not rendered: a PNG's drawing is most of a plot's time, and not what the docs say."""
+    from matplotlib.figure import Figure
+
+    def savefig(self, target, **kwargs):
+        if hasattr(target, "write"):
+            target.write(b"")
+        else:
+            Path(target).write_bytes(b"")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
 def _example_paths(override: str, workdir: Path) -> str:
     """An absolute data YAML in an example (``data.yaml=/data/my.yaml``) is the test's own."""
     key, _, value = override.partition("=")
@@ -256,7 +270,7 @@ PYTHON_PAGES = sorted({block.page for block in ALL if block.lang == "python"})
 
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=[str(p.relative_to(REPO)) for p in PYTHON_PAGES])
-def test_python_snippets_run(page, in_workdir, monkeypatch):
+def test_python_snippets_run(page, in_workdir, monkeypatch, unrendered):
     """A page's python blocks, in order, in one namespace; yolotune.tune stops after validation."""
     import yolotune.cli
 
@@ -379,7 +393,7 @@ def test_console_output_is_what_a_sweep_prints(block, small_sweep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", _output_blocks("output", "results"))
-def test_results_output_is_what_yolotune_results_prints(block, small_sweep, tmp_path):
+def test_results_output_is_what_yolotune_results_prints(block, small_sweep, tmp_path, unrendered):
     import shutil
 
     copy = tmp_path / "small"
