@@ -145,7 +145,8 @@ def help_text() -> str:
     lines += ["",
               "Keys: iterations, name, storage, resume, resume_errored, metric, mode, seed, failure.max_failures,",
               "      ray.address, ray.runtime_env, and any Ultralytics train argument as train.KEY=VALUE (or KEY=VALUE).",
-              f"      python -m yolotune --cfg job  prints the composed config; {DOCS}/configuration/index.md lists every key.",
+              f"      python -m yolotune --cfg job  prints the composed config; {DOCS}/configuration/index.md "
+              "lists every key.",
               f"Errors: each one-line error, its cause and what to do: {DOCS}/troubleshooting.md", "",
               "Examples:",
               "  python -m yolotune experiment=quickstart",
