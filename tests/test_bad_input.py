@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
-from yolotune import train_args
+from yolotune import layout, train_args
 from yolotune.cli import prepare
 from yolotune.config import register_configs
 from yolotune.errors import ConfigError
@@ -638,6 +641,77 @@ def test_multirun_into_a_storage_that_cannot_be_made_is_one_line(shapes_cache):
                    "iterations=1,2", timeout=120)
     assert (proc.returncode, proc.stderr) == (2, "yolotune: error: storage=/proc/yolotune: a writable directory; "
                                                  "cannot create a folder in /proc: No such file or directory\n")
+
+
+
+@pytest.mark.subprocess
+def test_multirun_over_storages_refuses_the_one_that_cannot_be_made_and_keeps_one_summary(tmp_path, shapes_cache):
+    """Each job's storage is checked before Hydra makes folders in it; every job's row goes to the
+    summary under the multirun's own storage (here the default, runs/tune in the current directory)."""
+    proc = run_cli("-m", f"storage=/proc/a,{tmp_path}/b", "data=shapes", f"data.cache_dir={shapes_cache}", *BASE,
+                   "resources.cpu_per_trial=512", cwd=tmp_path, timeout=120)
+    summary = pd.read_csv(next((tmp_path / "runs" / "tune" / "multirun").glob("*/multirun_summary.csv")))
+    assert list(summary["status"]) == ["refused", "refused"]
+    assert summary["error"][0] == ("storage=/proc/a: a writable directory; cannot create a folder in /proc: "
+                                   "No such file or directory")
+    assert summary["error"][1].startswith("resources.cpu_per_trial=512")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+# A damaged experiment to resume: one line naming it, before Ray starts, nothing written.
+GOOD_STATE = pickle.dumps({"tuner": "state"})
+DAMAGED = [
+    ("tuner-cut", {layout.TUNER_STATE: GOOD_STATE[:-3]}, "its Ray state tuner.pkl is damaged (pickle exhausted before "
+                                                        "seeing STOP); results still read it (yolotune results), but it "
+                                                        "cannot resume"),
+    ("tuner-empty", {layout.TUNER_STATE: b""}, "its Ray state tuner.pkl is damaged (pickle exhausted before seeing "
+                                               "STOP)"),
+    ("tuner-garbage", {layout.TUNER_STATE: b"<html>"}, "its Ray state tuner.pkl is damaged ("),
+    ("config-list", {layout.SAVED_CONFIG: b"- a\n"}, "its saved config .hydra/config.yaml is not a mapping"),
+    ("config-cut", {layout.SAVED_CONFIG: b"space: {lr0: [\n"}, "its saved config .hydra/config.yaml is unreadable: "),
+    ("intact", {}, None),
+]
+
+
+@pytest.fixture
+def saved_experiment(tmp_path, shapes_cache) -> Path:
+    """An unfinished experiment as a run leaves it once Ray started: its saved config and Ray's state."""
+    from yolotune.experiment import save_config
+
+    register_configs()
+    with initialize_config_module("yolotune.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["data=shapes", f"data.cache_dir={shapes_cache}", "space=minimal",
+                                           "model=yolo11n-scratch"])
+    exp_dir = tmp_path / "runs" / "exp"
+    save_config(exp_dir, cfg, [])
+    (exp_dir / layout.TUNER_STATE).write_bytes(GOOD_STATE)
+    return exp_dir
+
+
+@pytest.mark.parametrize("files,problem", [c[1:] for c in DAMAGED], ids=[c[0] for c in DAMAGED])
+def test_resuming_a_damaged_experiment_names_the_file(saved_experiment, files, problem):
+    from yolotune.experiment import resume_config
+
+    for name, data in files.items():
+        (saved_experiment / name).write_bytes(data)
+    before = {p: p.read_bytes() for p in saved_experiment.rglob("*") if p.is_file()}
+    cfg = OmegaConf.create({"storage": str(saved_experiment.parent), "name": "exp", "resume": True,
+                            "resume_errored": False})
+    if problem is None:
+        assert resume_config(cfg, [])[1] == saved_experiment
+        return
+    with pytest.raises(ConfigError) as err:
+        resume_config(cfg, [])
+    assert str(err.value).startswith(f"name=exp: {problem}"), str(err.value)
+    assert {p: p.read_bytes() for p in saved_experiment.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.subprocess
+def test_resuming_a_damaged_experiment_from_the_command_line_is_one_line(saved_experiment):
+    (saved_experiment / layout.TUNER_STATE).write_bytes(GOOD_STATE[:-3])
+    proc = run_cli("resume=true", "name=exp", f"storage={saved_experiment.parent}", timeout=120)
+    assert (proc.returncode, proc.stderr) == (2, f"yolotune: error: name=exp: {DAMAGED[0][2]}\n")
 
 
 # The Python API: the same ConfigError, before Ray starts.

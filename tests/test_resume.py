@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -322,8 +323,8 @@ cp -a {storage}/full {out}/after_resume"""
 
 @pytest.mark.subprocess
 def test_a_running_experiment_is_refused_to_a_second_run_and_a_killed_ones_lock_is_free(tmp_path, shapes_cache):
-    """resume=true of an experiment another process holds: one line, before Ray starts (tuner.pkl here is empty:
-    Ray would fail on it), nothing written. Killed, that process holds it no more."""
+    """resume=true of an experiment another process holds: one line, before Ray starts (tuner.pkl here is
+    not Ray's: Ray would fail on it), nothing written. Killed, that process holds it no more."""
     from hydra import compose, initialize_config_module
 
     from yolotune.config import register_configs
@@ -335,7 +336,7 @@ def test_a_running_experiment_is_refused_to_a_second_run_and_a_killed_ones_lock_
         cfg = compose("config", overrides=["data=shapes", f"data.cache_dir={shapes_cache}", "space=minimal",
                                            "model=yolo11n-scratch"])
     save_config(exp_dir, cfg, [])
-    (exp_dir / layout.TUNER_STATE).write_bytes(b"")
+    (exp_dir / layout.TUNER_STATE).write_bytes(pickle.dumps({}))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from yolotune.experiment import RunLock; lock = RunLock(Path(sys.argv[1])); "
                                "lock.acquire(); print('locked', flush=True); time.sleep(600)", str(exp_dir)],

@@ -17,7 +17,6 @@ from yolotune import experiment, layout
 from yolotune.config import ExperimentConfig, register_configs, to_experiment, validate
 from yolotune.errors import ConfigError, StorageFull
 from yolotune.overrides import composition_error, group_options, normalize, replace_space_entries
-from yolotune.storage import Location
 
 register_configs()
 
@@ -67,8 +66,7 @@ def _main(cfg: DictConfig) -> None:
             exp_dir, _ = run_experiment(cfg, overrides)
             return exp_dir, layout.is_finished(exp_dir)
 
-        run_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, overrides, job,
-                lambda summary: Location(cfg.storage).upload(summary))
+        run_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, overrides, job)
         return
     try:
         exp_dir, grid = run_experiment(cfg, overrides)

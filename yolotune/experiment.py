@@ -164,6 +164,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[DictConfig
                               f"allowed: {', '.join(RESUMABLE_KEYS[:-1])}")
     exp_dir = find_resumable(open_storage(cfg.storage), cfg.name, cfg.resume_errored)
     saved = load_saved_config(exp_dir)
+    check_tuner_state(exp_dir)
     for key in changed:
         if key.split(".")[0] != "hydra":
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
@@ -185,6 +186,19 @@ def load_saved_config(exp_dir: Path) -> DictConfig:
     saved.pop("defaults", None)
     saved.pop("hydra", None)
     return saved
+
+
+def check_tuner_state(exp_dir: Path) -> None:
+    """Ray's saved state, read through without loading it (that would import Ray and run its code): a
+    cut or damaged file is one line here rather than Ray's traceback once it has started."""
+    import pickletools
+
+    try:
+        for _ in pickletools.genops((exp_dir / TUNER_STATE).read_bytes()):
+            pass
+    except Exception as e:  # noqa: BLE001 - pickletools raises ValueError and others on bad data
+        raise ConfigError("name", exp_dir.name, f"its Ray state {TUNER_STATE} is damaged ({first_line(str(e))}); "
+                                                "results still read it (yolotune results), but it cannot resume") from None
 
 
 def _override_key(override: str) -> str:

@@ -23,9 +23,9 @@ from yolotune.layout import first_line, write_atomic
 SUMMARY = "multirun_summary.csv"
 
 
-def run_job(sweep_dir: Path, job_num: int, overrides, run, publish=None) -> None:
-    """Run one job with ``run() -> experiment dir``; record its row whatever happens, and hand the
-    summary to ``publish`` (a store's upload, when storage is a URI)."""
+def run_job(sweep_dir: Path, job_num: int, overrides, run) -> None:
+    """Run one job with ``run() -> (experiment dir, finished)``; record its row whatever happens
+    (the launcher uploads the summary when storage is a URI)."""
     start = time.time()
     row = new_row(job_num, overrides)
     try:
@@ -39,8 +39,6 @@ def run_job(sweep_dir: Path, job_num: int, overrides, run, publish=None) -> None
             traceback.print_exc()
     row["wall_time_s"] = round(time.time() - start, 1)
     append_row(sweep_dir, row)
-    if publish:
-        publish(sweep_dir / SUMMARY)
 
 
 def new_row(job_num: int, overrides) -> dict:
