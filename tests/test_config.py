@@ -98,8 +98,8 @@ SCHEDULERS, SEARCHES = "asha, fifo, hyperband, median, pbt", "random, optuna, hy
     ("scheduler", "asha", f"scheduler.type=None: one of {SCHEDULERS}"),  # a group that is not a mapping
     ("scheduler.foo", 1, "scheduler.foo=1: not a key of scheduler=asha (its keys: grace_period, reduction_factor, "
                          "max_t, brackets)"),
-    ("colour", "red", "colour=red: not a key of the experiment nor an Ultralytics train argument (README lists the "
-                      "keys)"),
+    ("colour", "red", "colour=red: not a key of the experiment nor an Ultralytics train argument "
+                      "(docs/configuration/index.md lists the keys)"),
     ("train", [1], "train=[1]: a mapping"), ("train", None, "train=None: a mapping"),
     ("space", 3, "space=3: a mapping"), ("space", None, "space=None: a mapping"),
 ])

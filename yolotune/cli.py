@@ -130,15 +130,22 @@ def _register_plugins() -> None:
         plugins.class_name_to_class.setdefault(f"{plugin.__module__}.{plugin.__name__}", plugin)
 
 
+# The documentation's pages, as the repository holds them (docs/; `mkdocs serve` shows them as a site).
+DOCS = "docs"
+
+
 def help_text() -> str:
     lines = ["yolotune: tune Ultralytics YOLO hyperparameters on Ray Tune.",
              "Usage: python -m yolotune [group=option ...] [key=value ...]   (-m for a multirun)", "",
-             "Config groups (group=option; conf/<group>/<option>.yaml):"]
-    lines += [f"  {group}: {', '.join(options)}" for group, options in group_options().items()]
+             "Config groups (group=option; conf/<group>/<option>.yaml), each with its page of the docs:"]
+    lines += [f"  {group}: {', '.join(options)}   ({DOCS}/configuration/{group}.md)"
+              for group, options in group_options().items()]
     lines += ["",
               "Keys: iterations, name, storage, resume, resume_errored, metric, mode, seed, failure.max_failures,",
               "      ray.address, ray.runtime_env, and any Ultralytics train argument as train.KEY=VALUE (or KEY=VALUE).",
-              "      python -m yolotune --cfg job  prints the composed config; README.md lists every option.", "",
+              f"      python -m yolotune --cfg job  prints the composed config; {DOCS}/configuration/index.md "
+              "lists every key.",
+              f"Errors: each one-line error, its cause and what to do: {DOCS}/troubleshooting.md", "",
               "Examples:",
               "  python -m yolotune experiment=quickstart",
               "  python -m yolotune space=minimal data=coco128 iterations=20 epochs=30 imgsz=320",

@@ -232,7 +232,8 @@ def unknown_key_hint(key: str, message: str) -> str:
     if close:
         return f"not a key of {head or 'the experiment'}; did you mean {head + '.' if head else ''}{close[0]}?"
     if not head:
-        return "not a key of the experiment nor an Ultralytics train argument (README lists the keys)"
+        return ("not a key of the experiment nor an Ultralytics train argument "
+                "(docs/configuration/index.md lists the keys)")
     return f"not a key of {head} (its keys: {', '.join(candidates) or 'none'})"
 
 

@@ -1,6 +1,6 @@
 """The search space: typed distributions parsed from the config, and their Ray Tune domains.
 
-Bounds, as the README states them:
+Bounds, as docs/configuration/space.md states them:
   uniform(low, high)         float in [low, high]
   loguniform(low, high)      float in [low, high], log-spaced, low > 0
   quniform(low, high, q)     float in [low, high], a multiple of q
