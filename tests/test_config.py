@@ -16,6 +16,7 @@ from compose import REPO, compose_config, experiment, options
 from conftest import run_cli
 from yolotune.config import GROUPS, options as option_classes, register_configs, to_experiment, validate
 from yolotune.errors import ConfigError
+from yolotune.overrides import normalize
 
 GROUPS_ON_DISK = [p.name for p in sorted((REPO / "conf").iterdir()) if p.is_dir() and p.name != "hydra"]
 NEEDS_LOGIN = {("wandb", "online")}  # tested in test_wandb
@@ -231,6 +232,18 @@ def test_option_yamls_state_only_what_differs_from_their_schema():
 def test_hydra_overrides_edit_the_space():
     cfg = compose_config("space.lr0.high=0.01", "~space.mixup", "+space.dropout={dist:uniform,low:0,high:0.5}")
     assert cfg.space.lr0.high == 0.01 and "mixup" not in cfg.space and cfg.space.dropout.high == 0.5
+
+
+@pytest.mark.parametrize("override,env_vars", [
+    ('ray.runtime_env={env_vars:{A:"1"}}', {"A": "1"}),
+    ('+ray.runtime_env={env_vars:{A:"1"}}', {"A": "1"}),
+    ('ray.runtime_env.env_vars={A:"1",B:"2"}', {"A": "1", "B": "2"}),
+    ("ray.runtime_env.env_vars.A=1", {"A": 1}),
+])
+def test_rays_runtime_env_takes_new_keys_without_a_plus(override, env_vars):
+    """Ray's mapping is empty by default, so every key in it is new to Hydra (which wants a + for that)."""
+    exp = to_experiment(compose_config(*normalize([override])))
+    assert exp.ray.runtime_env == {"env_vars": env_vars}
 
 
 def test_compact_string_form():

@@ -57,6 +57,8 @@ def normalize(argv: Sequence[str]) -> List[str]:
             arg = f"++train.{key}={value}"
         elif prefix in ("", "+") and key.split(".")[0] in ("train", "space") and key.count(".") == 1:
             arg = f"++{key}={value}"  # a new train argument, or a space entry that replace_space_entries replaces
+        elif prefix in ("", "+") and (key + ".").startswith("ray.runtime_env."):
+            arg = f"++{key}={value}"  # Ray's own mapping, empty by default: its keys are new to Hydra
         elif key == "select" and re.search(r"[<>]", value) and value[:1] not in "'\"":
             arg = f"{prefix}select='{value}'"  # Hydra's grammar has no < or > outside quotes
         out.append(arg)
