@@ -222,6 +222,91 @@ def test_an_old_experiment_is_converted_from_the_newest_of_its_saved_states(tmp_
         records.convert(exp)
 
 
+# An old experiment's trials in every state Ray saves, and one started after Ray's last save (only
+# its params.json): the converted record, line by line (times aside).
+def test_a_converted_record_has_every_trial_in_its_saved_state(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    trial_data = [[json.dumps(trial), "{}"] for trial in (
+        {"trial_id": "a", "status": "TERMINATED", "config": {"lr0": 0.1, "__trial_index__": 0}},
+        {"trial_id": "b", "status": "ERROR", "config": {"lr0": 0.2}},
+        {"trial_id": "c", "status": "PAUSED", "config": {"lr0": 0.3}},
+        {"trial_id": "d", "status": "ERROR"},  # no config saved, no error file
+        {"trial_id": "e", "status": "RUNNING", "config": {}})]
+    (exp / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    (exp / "trial_b").mkdir()
+    (exp / "trial_b" / "error.txt").write_bytes(b"Failure # 1 (occurred at then)\nTraceback\nOSError: first\n"
+                                                b"Failure # 2 (occurred at now)\nTraceback\n  File x\n"
+                                                b"ValueError: caf\xe9 \n\n")  # not UTF-8
+    for trial_id, config in (("a", {"lr0": 0.1}), ("f", {"lr0": 0.6})):  # f: started after the save
+        (exp / f"trial_{trial_id}").mkdir(exist_ok=True)
+        (exp / f"trial_{trial_id}" / "params.json").write_text(json.dumps(config))
+    records.convert(exp)
+    events = [{k: v for k, v in e.items() if k != "time"} for e in layout.read_jsonl(exp / "trials.jsonl")[0]]
+    started = {"event": "started", "status": "RUNNING"}
+    assert events == [
+        {"trial_id": "a", **started, "config": {"lr0": 0.1}},
+        {"trial_id": "a", "event": "completed", "status": "TERMINATED"},
+        {"trial_id": "b", **started, "config": {"lr0": 0.2}},
+        {"trial_id": "b", "event": "errored", "status": "ERROR", "error": "ValueError: caf\ufffd",
+         "error_file": str(exp / "trial_b" / "error.txt")},
+        {"trial_id": "c", **started, "config": {"lr0": 0.3}},
+        {"trial_id": "c", "event": "paused", "status": "PAUSED"},
+        {"trial_id": "d", **started, "config": {}},
+        {"trial_id": "d", "event": "errored", "status": "ERROR", "error": None,
+         "error_file": str(exp / "trial_d" / "error.txt")},
+        {"trial_id": "e", **started, "config": {}},
+        {"trial_id": "f", **started, "config": {"lr0": 0.6}}]
+    assert events[-1] == {"trial_id": "f", "event": "started", "status": "RUNNING", "config": {"lr0": 0.6}}
+    assert layout.read_jsonl(exp / "trials.jsonl")[0][-1]["time"] == (exp / "trial_f" / "params.json").stat().st_mtime
+    with pytest.raises(FileExistsError, match=f"^{exp / 'trials.jsonl'} exists already$"):
+        records.convert(exp)
+
+
+def test_converting_an_experiment_without_saved_state_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path}: no Ray experiment state "):
+        records.convert(tmp_path)
+
+
+# Ray's error file: one "Failure # N" section per failure; the exception is its last line.
+ERROR_LINES = [
+    ("Failure # 1 (occurred at t)\nTraceback\nOSError: first\nFailure # 2 (occurred at u)\n"
+     "Traceback\n  File x\n  ValueError: second  \n\n", "ValueError: second"),
+    ("Traceback\n  File x\nKeyError: 'k'\n", "KeyError: 'k'"),  # no failure header
+    ("The actor died.", "The actor died."),  # a single line: a message's first line
+    ("Failure # 1 (occurred at t)\n\n", "Failure # 1 (occurred at t)"),
+    # the last failure has no lines (cut short): the first line of the whole text
+    ("Failure # 1 (occurred at t)\nOSError: first\nFailure # 2 (occurred at u)\n", "Failure # 1 (occurred at t)"),
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize("text, expected", ERROR_LINES)
+def test_error_line_is_the_last_failures_exception(text, expected):
+    assert records.error_line(text) == expected
+
+
+def test_a_recorded_error_reads_an_error_file_that_is_not_utf8(tmp_path):
+    error_file = tmp_path / "error.txt"
+    error_file.write_bytes(b"Failure # 1 (occurred at t)\nTraceback\nValueError: caf\xe9\n")
+    assert records._error(SimpleNamespace(error_file=str(error_file))) == "ValueError: caf\ufffd"
+    assert records._error(SimpleNamespace(error_file=str(tmp_path / "none.txt"))) is None
+    assert records._error(SimpleNamespace(error_file=None)) is None
+
+
+def test_experiments_in_a_storage_dir_oldest_first_and_finished_ones_marked(tmp_path):
+    for name, saved_at in (("a", 300), ("b", 100), ("c", 200), ("d", 100)):  # b and d: the same time, by name
+        config = tmp_path / name / layout.SAVED_CONFIG
+        config.parent.mkdir(parents=True)
+        config.write_text("{}")
+        os.utime(config, (saved_at, saved_at))
+    (tmp_path / "e").mkdir()  # no saved config: not an experiment
+    assert [d.name for d in layout.experiments_in(tmp_path)] == ["b", "d", "c", "a"]
+    assert not layout.is_finished(tmp_path / "a")
+    layout.mark_finished(tmp_path / "a")
+    assert layout.is_finished(tmp_path / "a") and (tmp_path / "a" / layout.DONE_MARKER).is_file()
+
+
 # --- checkpoints reach Ray without a copy of last.pt -------------------------------------------
 
 def _persist(tmp_path, monkeypatch, staged_name: str):

@@ -171,9 +171,65 @@ def test_a_location_on_rays_file_system_keeps_it(s3, tmp_path):
     on = Location.on(remote.fs, remote.fs_path)
     assert (on.uri, on.fs, on.fs_path, on.remote) == (f"s3://yolotune/on-{tmp_path.name}", remote.fs,
                                                        remote.fs_path, True)
+    assert on.fs is remote.fs  # Ray's own, with settings its URI may not carry (an endpoint override)
     local = LocalFileSystem()
     on = Location.on(local, str(tmp_path / "exp"))
     assert (on.uri, on.fs, on.fs_path, on.remote) == (str(tmp_path / "exp"), local, str(tmp_path / "exp"), False)
+
+
+# (relative path under an experiment, whether download copies it: results and resume read it)
+SMALL = [
+    ("trials.jsonl", True),
+    ("trial_a/history.jsonl", True),
+    ("trial_a/train/weights/best.pt", False),
+    ("trial_a/checkpoint_000003/.metadata.json", False),  # anything in a checkpoint folder
+    ("checkpoint_000000/notes.txt", False),
+    ("trial_a/my_checkpoint_notes.txt", True),
+    ("trial_a/train/results.csv", True),
+]
+
+
+@pytest.mark.parametrize("relative, small", SMALL)
+def test_download_copies_what_results_read_and_no_checkpoint(relative, small):
+    from yolotune.storage import _small
+
+    assert _small(relative) is small
+
+
+def test_node_copy_of_a_local_path_is_the_path(tmp_path):
+    assert Location(str(tmp_path / "data")).node_copy() == tmp_path / "data"
+
+
+def test_node_copy_of_nothing_names_it(s3, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"^s3://yolotune/none-{tmp_path.name}: not found$"):
+        Location(f"s3://yolotune/none-{tmp_path.name}").node_copy()
+
+
+def test_node_copy_of_a_file_that_became_a_folder(s3, tmp_path):
+    client = boto3.client("s3")
+    key = f"became-{tmp_path.name}/weights"
+    client.put_object(Bucket="yolotune", Key=key, Body=b"one file")
+    where = Location(f"s3://yolotune/{key}")
+    assert where.node_copy().read_bytes() == b"one file"
+    client.delete_object(Bucket="yolotune", Key=key)
+    client.put_object(Bucket="yolotune", Key=f"{key}/a.pt", Body=b"a")
+    copy = where.node_copy()
+    assert [(p.relative_to(copy).as_posix(), p.read_bytes()) for p in copy.rglob("*")] == [("a.pt", b"a")]
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_data_yaml_in_the_store_gets_its_folder_as_path_and_keeps_its_key_order(s3, tmp_path, slash):
+    from yolotune.storage import node_dataset
+
+    prefix = f"dy-{tmp_path.name}"
+    body = "val: images/val\ntrain: images/train\npath: sub\nnames: {0: circle}\n"
+    boto3.client("s3").put_object(Bucket="yolotune", Key=f"{prefix}/data.yaml", Body=body.encode())
+    boto3.client("s3").put_object(Bucket="yolotune", Key=f"{prefix}/sub/images/val/x.jpg", Body=b"x")
+    folder = Path(s3["YOLOTUNE_CACHE"], "fetched", "s3", "yolotune", prefix)
+    local = node_dataset(f"s3://yolotune/{prefix}/data.yaml{slash}")
+    assert local == Path(f"{folder}.data.yaml")
+    assert local.read_text() == f"val: images/val\ntrain: images/train\npath: {folder / 'sub'}\nnames:\n  0: circle\n"
+    assert (folder / "sub" / "images" / "val" / "x.jpg").read_bytes() == b"x"
 
 
 def test_node_copy_fetches_a_same_size_replacement(s3, tmp_path):
