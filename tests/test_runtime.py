@@ -398,6 +398,67 @@ def test_resume_command_names_the_experiment_and_its_storage(tmp_path):
         "python -m yolotune resume=true name=exp storage='s3://bucket/runs?region=x'"
 
 
+def test_ray_address_comes_before_the_recorded_cluster_and_a_host_may_hold_colons(tmp_path, monkeypatch):
+    with socket.socket(socket.AF_INET6) as server, socket.socket() as closed:
+        server.bind(("::1", 0))
+        server.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed.getsockname()[1]}\n")
+        address = f"::1:{server.getsockname()[1]}"  # an IPv6 host: the port is after the last colon
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert check_reachable("auto") is None
+        assert check_reachable(f"ray://{address}") is None
+
+
+@pytest.mark.parametrize("timeout", [None, 0.5])
+def test_the_cluster_check_is_bounded_by_its_timeout(monkeypatch, timeout):
+    """A head that drops packets would hold connect() for the system's minutes: the check waits timeout_s."""
+    calls = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: calls.append((address, timeout)) or
+                        SimpleNamespace(close=lambda: None))
+    assert check_reachable("head:6379", **({} if timeout is None else {"timeout_s": timeout})) is None
+    assert calls == [(("head", 6379), 5.0 if timeout is None else timeout)]
+
+
+def test_the_amp_check_model_is_found_where_ultralytics_keeps_it_or_fetched_into_the_cache(tmp_path, monkeypatch):
+    import ultralytics.utils
+    import ultralytics.utils.downloads
+
+    from yolotune.runner import amp_check_weights
+    from yolotune.trainable import AMP_CHECK_MODEL
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("YOLOTUNE_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    downloads = []
+
+    def case(weights_dir, online, fails=False):
+        def download(path):  # Ultralytics' download of a release asset
+            downloads.append(path)
+            if fails:
+                raise ConnectionError("no answer")
+            layout.write_atomic(Path(path), b"weights")
+
+        monkeypatch.setattr(ultralytics.utils, "WEIGHTS_DIR", weights_dir)
+        monkeypatch.setattr(ultralytics.utils, "ONLINE", online)
+        monkeypatch.setattr(ultralytics.utils.downloads, "attempt_download_asset", download)
+        return amp_check_weights()
+
+    held = tmp_path / "ultralytics"
+    layout.write_atomic(held / AMP_CHECK_MODEL, b"weights")
+    layout.write_atomic(tmp_path / "weights" / AMP_CHECK_MODEL, b"weights")  # a relative dir: never the cwd's
+    assert case(held, online=True) == str(held) and downloads == []
+    assert case(Path("weights"), online=False) is None and downloads == []
+    assert case(tmp_path / "empty", online=False) is None
+    assert case(Path("weights"), online=True, fails=True) is None
+    assert downloads == [cache / "weights" / AMP_CHECK_MODEL]
+    assert case(Path("weights"), online=True) == str(cache / "weights")
+    assert case(tmp_path / "empty", online=True) == str(cache / "weights")  # fetched once
+    assert downloads == [cache / "weights" / AMP_CHECK_MODEL] * 2
+
+
 def test_a_cluster_that_answers_passes_and_one_that_does_not_is_one_error(tmp_path, monkeypatch):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
