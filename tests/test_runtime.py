@@ -307,6 +307,40 @@ def test_experiments_in_a_storage_dir_oldest_first_and_finished_ones_marked(tmp_
     assert layout.is_finished(tmp_path / "a") and (tmp_path / "a" / layout.DONE_MARKER).is_file()
 
 
+# A line that a writer without append_jsonl's repair glued onto one cut short by a kill: the whole
+# record after the cut, or None.
+GLUED = [
+    ('{"epoch": 2, "lo{"epoch": 3}', {"epoch": 3}),
+    ('{"a": {"b": 1, "lo{"epoch": 3}', {"epoch": 3}),  # the first "{" inside does not start a record
+    ('{"a": {{"epoch": 3}', {"epoch": 3}),
+    ('{{"epoch": 3}', {"epoch": 3}),  # cut right after its first character
+    ('{"epoch": 2, "lo{"epoch": 3, "m": {"x": 1}}', {"epoch": 3, "m": {"x": 1}}),  # a record holding a mapping
+    ('{"epoch": 2, "lo', None),
+    ('"epoch": 2', None),
+]
+
+
+@pytest.mark.parametrize("line, record", GLUED)
+def test_a_glued_record_is_the_whole_record_after_the_cut(line, record):
+    assert layout._glued_record(line) == record
+
+
+@pytest.mark.parametrize("text, line", [
+    (None, ""), ("", ""), ("\n  \n", ""), ("  first\nsecond", "first"),
+    ("Traceback (most recent call last):\n  File x\nValueError: bad\n\n", "ValueError: bad"),
+])
+def test_first_line_of_a_message_or_traceback(text, line):
+    assert layout.first_line(text) == line
+
+
+def test_stopped_by_budget_unless_finished_since(tmp_path):
+    assert not layout.stopped_by_budget(tmp_path)
+    (tmp_path / layout.BUDGET_MARKER).touch()
+    assert layout.stopped_by_budget(tmp_path)
+    layout.mark_finished(tmp_path)  # resume=true finished it
+    assert not layout.stopped_by_budget(tmp_path)
+
+
 # --- checkpoints reach Ray without a copy of last.pt -------------------------------------------
 
 def _persist(tmp_path, monkeypatch, staged_name: str):

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -232,6 +233,43 @@ def test_a_data_yaml_in_the_store_gets_its_folder_as_path_and_keeps_its_key_orde
     assert (folder / "sub" / "images" / "val" / "x.jpg").read_bytes() == b"x"
 
 
+def test_the_cache_is_under_home_unless_set(monkeypatch, tmp_path):
+    from yolotune.storage import cache_root
+
+    monkeypatch.delenv("YOLOTUNE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root() == tmp_path / ".cache" / "yolotune"
+    monkeypatch.setenv("YOLOTUNE_CACHE", "~/elsewhere")
+    assert cache_root() == tmp_path / "elsewhere"
+
+
+class _SlowStore:
+    """A store's file system that answers after ``delay_s``, or fails."""
+
+    type_name = "s3"
+
+    def __init__(self, delay_s=0.0, error=None):
+        self.delay_s, self.error = delay_s, error
+
+    def get_file_info(self, path):
+        from pyarrow.fs import FileType
+
+        time.sleep(self.delay_s)
+        if self.error:
+            raise self.error
+        return SimpleNamespace(type=FileType.Directory)
+
+
+def test_a_store_that_does_not_answer_is_given_up_on_time():
+    store = Location("s3://bucket/runs", _SlowStore(delay_s=3), "bucket/runs")
+    started = time.monotonic()
+    assert store.check_reachable(timeout_s=0.3) == "no answer within 0.3 s"
+    assert time.monotonic() - started < 2  # neither the probe nor its thread is waited for
+    assert Location("s3://bucket/runs", _SlowStore(), "bucket/runs").check_reachable() is None
+    failing = Location("s3://bucket/runs", _SlowStore(error=OSError("Access Denied\nrequest id 1")), "bucket/runs")
+    assert failing.check_reachable() == "Access Denied"
+
+
 def test_node_copy_fetches_a_same_size_replacement(s3, tmp_path):
     """A dataset or weights file replaced by one of the same size: the store's time tells them apart
     (S3 keeps it to the second: a replacement within the same second as the copy goes unseen)."""
@@ -316,7 +354,8 @@ def test_weights_in_an_unreachable_store_are_one_line(s3, tmp_path, shapes_cache
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(ConfigError) as err:
         attempt(tmp_path / "runs", shapes_cache, *BASE, "model.weights=s3://yolotune/m/best.pt")
-    assert err.value.key == "model.weights" and "cannot reach the store" in str(err.value)
+    assert (err.value.key, err.value.value) == ("model.weights", "s3://yolotune/m/best.pt")
+    assert "cannot reach the store" in str(err.value)
 
 
 def test_the_report_refreshes_from_and_into_the_store(s3, tmp_path):
