@@ -315,6 +315,7 @@ GLUED = [
     ('{"a": {{"epoch": 3}', {"epoch": 3}),
     ('{{"epoch": 3}', {"epoch": 3}),  # cut right after its first character
     ('{"epoch": 2, "lo{"epoch": 3, "m": {"x": 1}}', {"epoch": 3, "m": {"x": 1}}),  # a record holding a mapping
+    ('{"a": {"b": 1, "lo{"epoch": 3, "m": {"x": 1}}', {"epoch": 3, "m": {"x": 1}}),
     ('{"epoch": 2, "lo', None),
     ('"epoch": 2', None),
 ]
