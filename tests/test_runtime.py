@@ -222,6 +222,23 @@ def test_an_old_experiment_is_converted_from_the_newest_of_its_saved_states(tmp_
         records.convert(exp)
 
 
+def test_the_record_folds_into_each_trials_latest_state_and_counts_what_it_skips(tmp_path):
+    events = [
+        {"trial_id": "a", "event": "started", "config": {"lr0": 0.1}},
+        {"trial_id": "a", "event": "errored", "error": "ValueError: x", "error_file": "/e/trial_a/error.txt"},
+        {"trial_id": "a", "event": "resumed", "config": "not a mapping"},  # keeps its config; the error is over
+        {"trial_id": "b", "event": "paused"},
+        {"trial_id": 5, "event": "started"},  # skipped: the id is not a string
+        {"trial_id": "c", "event": "exploded"},  # skipped: no such event
+        {"event": "started"},  # skipped: no id
+    ]
+    (tmp_path / layout.TRIAL_RECORD).write_text("".join(json.dumps(e) + "\n" for e in events) + "not json\n")
+    trials, skipped = records.read_trials(tmp_path)
+    assert [(t.trial_id, t.status, t.config, t.error, t.error_file) for t in trials] == [
+        ("a", "RUNNING", {"lr0": 0.1}, None, None), ("b", "PAUSED", {}, None, None)]
+    assert skipped == 4
+
+
 # An old experiment's trials in every state Ray saves, and one started after Ray's last save (only
 # its params.json): the converted record, line by line (times aside).
 def test_a_converted_record_has_every_trial_in_its_saved_state(tmp_path):
