@@ -228,6 +228,7 @@ def test_the_record_folds_into_each_trials_latest_state_and_counts_what_it_skips
         {"trial_id": "a", "event": "errored", "error": "ValueError: x", "error_file": "/e/trial_a/error.txt"},
         {"trial_id": "a", "event": "resumed", "config": "not a mapping"},  # keeps its config; the error is over
         {"trial_id": "b", "event": "paused"},
+        {"trial_id": "d", "event": "errored", "error": "OSError: y", "error_file": "/e/trial_d/error.txt"},
         {"trial_id": 5, "event": "started"},  # skipped: the id is not a string
         {"trial_id": "c", "event": "exploded"},  # skipped: no such event
         {"event": "started"},  # skipped: no id
@@ -235,7 +236,8 @@ def test_the_record_folds_into_each_trials_latest_state_and_counts_what_it_skips
     (tmp_path / layout.TRIAL_RECORD).write_text("".join(json.dumps(e) + "\n" for e in events) + "not json\n")
     trials, skipped = records.read_trials(tmp_path)
     assert [(t.trial_id, t.status, t.config, t.error, t.error_file) for t in trials] == [
-        ("a", "RUNNING", {"lr0": 0.1}, None, None), ("b", "PAUSED", {}, None, None)]
+        ("a", "RUNNING", {"lr0": 0.1}, None, None), ("b", "PAUSED", {}, None, None),
+        ("d", "ERROR", {}, "OSError: y", "/e/trial_d/error.txt")]
     assert skipped == 4
 
 

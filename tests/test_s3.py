@@ -233,6 +233,20 @@ def test_a_data_yaml_in_the_store_gets_its_folder_as_path_and_keeps_its_key_orde
     assert (folder / "sub" / "images" / "val" / "x.jpg").read_bytes() == b"x"
 
 
+def test_download_keeps_the_stores_times_and_copies_a_local_experiment_elsewhere(s3, tmp_path):
+    prefix = f"dl-{tmp_path.name}"
+    boto3.client("s3").put_object(Bucket="yolotune", Key=f"{prefix}/trials.jsonl", Body=b"{}\n")
+    store = Location(f"s3://yolotune/{prefix}")
+    mirror = store.download(tmp_path / "mirror")
+    stored = store.fs.get_file_info(f"{store.fs_path}/trials.jsonl").mtime.timestamp()
+    assert (mirror / "trials.jsonl").stat().st_mtime == stored  # "the newest experiment" compares these
+    assert Location(f"s3://yolotune/none-{tmp_path.name}").download(tmp_path / "none") == tmp_path / "none"
+    assert not (tmp_path / "none").exists()
+    local = Location(str(mirror))
+    assert local.download() == mirror  # a local experiment is its own mirror
+    assert local.download(tmp_path / "copy") == tmp_path / "copy" and (tmp_path / "copy" / "trials.jsonl").is_file()
+
+
 def test_the_cache_is_under_home_unless_set(monkeypatch, tmp_path):
     from yolotune.storage import cache_root
 
