@@ -299,6 +299,37 @@ def test_console_log_copies_the_output_and_appends(tmp_path, capsys):
     assert "only in the log" not in capsys.readouterr().out
 
 
+def test_the_console_flushes_the_terminal_when_its_log_cannot(capsys):
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    tee = console._Tee(sys.stdout, SimpleNamespace(write=len, flush=fail))
+    tee.write("shown")
+    tee.flush()
+    assert capsys.readouterr().out == "shown"
+
+
+@pytest.mark.parametrize("result, node", [
+    ({"hostname": "h1", "node_id": "0123456789abcdef"}, "h1 (node 01234567)"),
+    ({"hostname": "h1"}, "h1 (node ?)"),
+    ({"node_id": "abc"}, "? (node abc)"),
+    ({}, "? (node ?)"),
+])
+def test_node_of_names_host_and_node(result, node):
+    assert console.node_of(result) == node
+
+
+def test_a_retried_trial_goes_on_once(tmp_path, clock, capsys):
+    view = console.live_view(tmp_path, "val/box_loss", "min", 4, True, "yolotune", print, 16)
+    view.setup(total_num_samples=1)
+    trial = _live_trial("a", epoch=1, last=1.0, best=1.0)
+    view.on_trial_recover(0, [trial], trial)
+    for epoch in (2, 3):
+        _report(view, [trial], trial, epoch, 1.0, 1.0, hostname="h", node_id="n")
+    went_on = [line for line in capsys.readouterr().out.splitlines() if "goes on" in line]
+    assert went_on == ["trial a goes on on h (node n) with epoch 2"]
+
+
 def test_console_goes_on_when_its_log_finds_the_disk_full(capsys):
     """/dev/full: every write finds no space left (ENOSPC), as on a storage that filled up."""
     with console.log_to(Path("/dev/full")):
@@ -359,7 +390,26 @@ def test_refresher_warns_and_goes_on(monkeypatch, capsys):
     time.sleep(0.3)
     refresher.close()
     assert len(calls) == 2  # one retry, then a warning
-    assert "warning: could not refresh the report: state file half written" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("warning: could not refresh the report: state file half written") == 1
+
+
+def test_refresher_retries_once_quietly_in_a_daemon_thread(monkeypatch, capsys):
+    """A state file Ray was rewriting as it was read: the retry reads it whole, and nothing is said.
+    The thread is a daemon (a hung refresh never keeps the driver from exiting), named in stack dumps."""
+    monkeypatch.setattr(console, "RETRY_S", 0.01)
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("state file half written")
+
+    refresher = Refresher(refresh)
+    assert (refresher.thread.name, refresher.thread.daemon) == ("yolotune-report", True)
+    refresher.request()
+    time.sleep(0.3)
+    refresher.close()
+    assert len(calls) == 2 and capsys.readouterr().err == ""
 
 
 def test_a_trial_whose_batch_ultralytics_cut_is_named_once(tmp_path, capsys):

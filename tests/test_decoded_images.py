@@ -75,3 +75,16 @@ def test_a_cache_of_zero_holds_nothing():
     train, decoded = fake_dataset("train", 4, 100)
     cache.add(train)
     assert (cache.images, decoded) == ({}, [])
+
+
+def test_images_are_decoded_without_augmenting_and_held_as_decoded():
+    """Decoding with the dataset's augment on would fill Ultralytics' mosaic buffer as a side effect."""
+    cache = DecodedImages()
+    cache.limit = 1000
+    train, _ = fake_dataset("train", 3, 100)
+    seen, load = [], train._load_image_uncached
+    train._load_image_uncached = lambda i, *a: seen.append(train.augment) or load(i, *a)
+    cache.add(train)
+    assert seen == [False] * 3 and train.augment is True
+    assert [(key[0], value[0].nbytes, value[1:]) for key, value in cache.images.items()] == \
+        [(f"train/{i}.jpg", 100, ((1, 1), (1, 1))) for i in range(3)]

@@ -222,6 +222,145 @@ def test_an_old_experiment_is_converted_from_the_newest_of_its_saved_states(tmp_
         records.convert(exp)
 
 
+def test_the_record_folds_into_each_trials_latest_state_and_counts_what_it_skips(tmp_path):
+    events = [
+        {"trial_id": "a", "event": "started", "config": {"lr0": 0.1}},
+        {"trial_id": "a", "event": "errored", "error": "ValueError: x", "error_file": "/e/trial_a/error.txt"},
+        {"trial_id": "a", "event": "resumed", "config": "not a mapping"},  # keeps its config; the error is over
+        {"trial_id": "b", "event": "paused"},
+        {"trial_id": "d", "event": "errored", "error": "OSError: y", "error_file": "/e/trial_d/error.txt"},
+        {"trial_id": 5, "event": "started"},  # skipped: the id is not a string
+        {"trial_id": "c", "event": "exploded"},  # skipped: no such event
+        {"event": "started"},  # skipped: no id
+    ]
+    (tmp_path / layout.TRIAL_RECORD).write_text("".join(json.dumps(e) + "\n" for e in events) + "not json\n")
+    trials, skipped = records.read_trials(tmp_path)
+    assert [(t.trial_id, t.status, t.config, t.error, t.error_file) for t in trials] == [
+        ("a", "RUNNING", {"lr0": 0.1}, None, None), ("b", "PAUSED", {}, None, None),
+        ("d", "ERROR", {}, "OSError: y", "/e/trial_d/error.txt")]
+    assert skipped == 4
+
+
+# An old experiment's trials in every state Ray saves, and one started after Ray's last save (only
+# its params.json): the converted record, line by line (times aside).
+def test_a_converted_record_has_every_trial_in_its_saved_state(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    trial_data = [[json.dumps(trial), "{}"] for trial in (
+        {"trial_id": "a", "status": "TERMINATED", "config": {"lr0": 0.1, "__trial_index__": 0}},
+        {"trial_id": "b", "status": "ERROR", "config": {"lr0": 0.2}},
+        {"trial_id": "c", "status": "PAUSED", "config": {"lr0": 0.3}},
+        {"trial_id": "d", "status": "ERROR"},  # no config saved, no error file
+        {"trial_id": "e", "status": "RUNNING", "config": {}})]
+    (exp / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    (exp / "trial_b").mkdir()
+    (exp / "trial_b" / "error.txt").write_bytes(b"Failure # 1 (occurred at then)\nTraceback\nOSError: first\n"
+                                                b"Failure # 2 (occurred at now)\nTraceback\n  File x\n"
+                                                b"ValueError: caf\xe9 \n\n")  # not UTF-8
+    for trial_id, config in (("a", {"lr0": 0.1}), ("f", {"lr0": 0.6})):  # f: started after the save
+        (exp / f"trial_{trial_id}").mkdir(exist_ok=True)
+        (exp / f"trial_{trial_id}" / "params.json").write_text(json.dumps(config))
+    records.convert(exp)
+    events = [{k: v for k, v in e.items() if k != "time"} for e in layout.read_jsonl(exp / "trials.jsonl")[0]]
+    started = {"event": "started", "status": "RUNNING"}
+    assert events == [
+        {"trial_id": "a", **started, "config": {"lr0": 0.1}},
+        {"trial_id": "a", "event": "completed", "status": "TERMINATED"},
+        {"trial_id": "b", **started, "config": {"lr0": 0.2}},
+        {"trial_id": "b", "event": "errored", "status": "ERROR", "error": "ValueError: caf\ufffd",
+         "error_file": str(exp / "trial_b" / "error.txt")},
+        {"trial_id": "c", **started, "config": {"lr0": 0.3}},
+        {"trial_id": "c", "event": "paused", "status": "PAUSED"},
+        {"trial_id": "d", **started, "config": {}},
+        {"trial_id": "d", "event": "errored", "status": "ERROR", "error": None,
+         "error_file": str(exp / "trial_d" / "error.txt")},
+        {"trial_id": "e", **started, "config": {}},
+        {"trial_id": "f", **started, "config": {"lr0": 0.6}}]
+    assert events[-1] == {"trial_id": "f", "event": "started", "status": "RUNNING", "config": {"lr0": 0.6}}
+    assert layout.read_jsonl(exp / "trials.jsonl")[0][-1]["time"] == (exp / "trial_f" / "params.json").stat().st_mtime
+    with pytest.raises(FileExistsError, match=f"^{exp / 'trials.jsonl'} exists already$"):
+        records.convert(exp)
+
+
+def test_converting_an_experiment_without_saved_state_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path}: no Ray experiment state "):
+        records.convert(tmp_path)
+
+
+# Ray's error file: one "Failure # N" section per failure; the exception is its last line.
+ERROR_LINES = [
+    ("Failure # 1 (occurred at t)\nTraceback\nOSError: first\nFailure # 2 (occurred at u)\n"
+     "Traceback\n  File x\n  ValueError: second  \n\n", "ValueError: second"),
+    ("Traceback\n  File x\nKeyError: 'k'\n", "KeyError: 'k'"),  # no failure header
+    ("The actor died.", "The actor died."),  # a single line: a message's first line
+    ("Failure # 1 (occurred at t)\n\n", "Failure # 1 (occurred at t)"),
+    # the last failure has no lines (cut short): the first line of the whole text
+    ("Failure # 1 (occurred at t)\nOSError: first\nFailure # 2 (occurred at u)\n", "Failure # 1 (occurred at t)"),
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize("text, expected", ERROR_LINES)
+def test_error_line_is_the_last_failures_exception(text, expected):
+    assert records.error_line(text) == expected
+
+
+def test_a_recorded_error_reads_an_error_file_that_is_not_utf8(tmp_path):
+    error_file = tmp_path / "error.txt"
+    error_file.write_bytes(b"Failure # 1 (occurred at t)\nTraceback\nValueError: caf\xe9\n")
+    assert records._error(SimpleNamespace(error_file=str(error_file))) == "ValueError: caf\ufffd"
+    assert records._error(SimpleNamespace(error_file=str(tmp_path / "none.txt"))) is None
+    assert records._error(SimpleNamespace(error_file=None)) is None
+
+
+def test_experiments_in_a_storage_dir_oldest_first_and_finished_ones_marked(tmp_path):
+    for name, saved_at in (("a", 300), ("b", 100), ("c", 200), ("d", 100)):  # b and d: the same time, by name
+        config = tmp_path / name / layout.SAVED_CONFIG
+        config.parent.mkdir(parents=True)
+        config.write_text("{}")
+        os.utime(config, (saved_at, saved_at))
+    (tmp_path / "e").mkdir()  # no saved config: not an experiment
+    assert [d.name for d in layout.experiments_in(tmp_path)] == ["b", "d", "c", "a"]
+    assert not layout.is_finished(tmp_path / "a")
+    layout.mark_finished(tmp_path / "a")
+    assert layout.is_finished(tmp_path / "a") and (tmp_path / "a" / layout.DONE_MARKER).is_file()
+
+
+# A line that a writer without append_jsonl's repair glued onto one cut short by a kill: the whole
+# record after the cut, or None.
+GLUED = [
+    ('{"epoch": 2, "lo{"epoch": 3}', {"epoch": 3}),
+    ('{"a": {"b": 1, "lo{"epoch": 3}', {"epoch": 3}),  # the first "{" inside does not start a record
+    ('{"a": {{"epoch": 3}', {"epoch": 3}),
+    ('{{"epoch": 3}', {"epoch": 3}),  # cut right after its first character
+    ('{"epoch": 2, "lo{"epoch": 3, "m": {"x": 1}}', {"epoch": 3, "m": {"x": 1}}),  # a record holding a mapping
+    ('{"a": {"b": 1, "lo{"epoch": 3, "m": {"x": 1}}', {"epoch": 3, "m": {"x": 1}}),
+    ('{"epoch": 2, "lo', None),
+    ('"epoch": 2', None),
+]
+
+
+@pytest.mark.parametrize("line, record", GLUED)
+def test_a_glued_record_is_the_whole_record_after_the_cut(line, record):
+    assert layout._glued_record(line) == record
+
+
+@pytest.mark.parametrize("text, line", [
+    (None, ""), ("", ""), ("\n  \n", ""), ("  first\nsecond", "first"),
+    ("Traceback (most recent call last):\n  File x\nValueError: bad\n\n", "ValueError: bad"),
+])
+def test_first_line_of_a_message_or_traceback(text, line):
+    assert layout.first_line(text) == line
+
+
+def test_stopped_by_budget_unless_finished_since(tmp_path):
+    assert not layout.stopped_by_budget(tmp_path)
+    (tmp_path / layout.BUDGET_MARKER).touch()
+    assert layout.stopped_by_budget(tmp_path)
+    layout.mark_finished(tmp_path)  # resume=true finished it
+    assert not layout.stopped_by_budget(tmp_path)
+
+
 # --- checkpoints reach Ray without a copy of last.pt -------------------------------------------
 
 def _persist(tmp_path, monkeypatch, staged_name: str):
@@ -311,6 +450,67 @@ def test_resume_command_names_the_experiment_and_its_storage(tmp_path):
     remote = experiment("storage='s3://bucket/runs?region=x'")
     assert resume_command(remote, tmp_path / "cache" / "exp") == \
         "python -m yolotune resume=true name=exp storage='s3://bucket/runs?region=x'"
+
+
+def test_ray_address_comes_before_the_recorded_cluster_and_a_host_may_hold_colons(tmp_path, monkeypatch):
+    with socket.socket(socket.AF_INET6) as server, socket.socket() as closed:
+        server.bind(("::1", 0))
+        server.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed.getsockname()[1]}\n")
+        address = f"::1:{server.getsockname()[1]}"  # an IPv6 host: the port is after the last colon
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert check_reachable("auto") is None
+        assert check_reachable(f"ray://{address}") is None
+
+
+@pytest.mark.parametrize("timeout", [None, 0.5])
+def test_the_cluster_check_is_bounded_by_its_timeout(monkeypatch, timeout):
+    """A head that drops packets would hold connect() for the system's minutes: the check waits timeout_s."""
+    calls = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: calls.append((address, timeout)) or
+                        SimpleNamespace(close=lambda: None))
+    assert check_reachable("head:6379", **({} if timeout is None else {"timeout_s": timeout})) is None
+    assert calls == [(("head", 6379), 5.0 if timeout is None else timeout)]
+
+
+def test_the_amp_check_model_is_found_where_ultralytics_keeps_it_or_fetched_into_the_cache(tmp_path, monkeypatch):
+    import ultralytics.utils
+    import ultralytics.utils.downloads
+
+    from yolotune.runner import amp_check_weights
+    from yolotune.trainable import AMP_CHECK_MODEL
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("YOLOTUNE_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    downloads = []
+
+    def case(weights_dir, online, fails=False):
+        def download(path):  # Ultralytics' download of a release asset
+            downloads.append(path)
+            if fails:
+                raise ConnectionError("no answer")
+            layout.write_atomic(Path(path), b"weights")
+
+        monkeypatch.setattr(ultralytics.utils, "WEIGHTS_DIR", weights_dir)
+        monkeypatch.setattr(ultralytics.utils, "ONLINE", online)
+        monkeypatch.setattr(ultralytics.utils.downloads, "attempt_download_asset", download)
+        return amp_check_weights()
+
+    held = tmp_path / "ultralytics"
+    layout.write_atomic(held / AMP_CHECK_MODEL, b"weights")
+    layout.write_atomic(tmp_path / "weights" / AMP_CHECK_MODEL, b"weights")  # a relative dir: never the cwd's
+    assert case(held, online=True) == str(held) and downloads == []
+    assert case(Path("weights"), online=False) is None and downloads == []
+    assert case(tmp_path / "empty", online=False) is None
+    assert case(Path("weights"), online=True, fails=True) is None
+    assert downloads == [cache / "weights" / AMP_CHECK_MODEL]
+    assert case(Path("weights"), online=True) == str(cache / "weights")
+    assert case(tmp_path / "empty", online=True) == str(cache / "weights")  # fetched once
+    assert downloads == [cache / "weights" / AMP_CHECK_MODEL] * 2
 
 
 def test_a_cluster_that_answers_passes_and_one_that_does_not_is_one_error(tmp_path, monkeypatch):

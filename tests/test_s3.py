@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -171,9 +172,116 @@ def test_a_location_on_rays_file_system_keeps_it(s3, tmp_path):
     on = Location.on(remote.fs, remote.fs_path)
     assert (on.uri, on.fs, on.fs_path, on.remote) == (f"s3://yolotune/on-{tmp_path.name}", remote.fs,
                                                        remote.fs_path, True)
+    assert on.fs is remote.fs  # Ray's own, with settings its URI may not carry (an endpoint override)
     local = LocalFileSystem()
     on = Location.on(local, str(tmp_path / "exp"))
     assert (on.uri, on.fs, on.fs_path, on.remote) == (str(tmp_path / "exp"), local, str(tmp_path / "exp"), False)
+
+
+# (relative path under an experiment, whether download copies it: results and resume read it)
+SMALL = [
+    ("trials.jsonl", True),
+    ("trial_a/history.jsonl", True),
+    ("trial_a/train/weights/best.pt", False),
+    ("trial_a/checkpoint_000003/.metadata.json", False),  # anything in a checkpoint folder
+    ("checkpoint_000000/notes.txt", False),
+    ("trial_a/my_checkpoint_notes.txt", True),
+    ("trial_a/train/results.csv", True),
+]
+
+
+@pytest.mark.parametrize("relative, small", SMALL)
+def test_download_copies_what_results_read_and_no_checkpoint(relative, small):
+    from yolotune.storage import _small
+
+    assert _small(relative) is small
+
+
+def test_node_copy_of_a_local_path_is_the_path(tmp_path):
+    assert Location(str(tmp_path / "data")).node_copy() == tmp_path / "data"
+
+
+def test_node_copy_of_nothing_names_it(s3, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"^s3://yolotune/none-{tmp_path.name}: not found$"):
+        Location(f"s3://yolotune/none-{tmp_path.name}").node_copy()
+
+
+def test_node_copy_of_a_file_that_became_a_folder(s3, tmp_path):
+    client = boto3.client("s3")
+    key = f"became-{tmp_path.name}/weights"
+    client.put_object(Bucket="yolotune", Key=key, Body=b"one file")
+    where = Location(f"s3://yolotune/{key}")
+    assert where.node_copy().read_bytes() == b"one file"
+    client.delete_object(Bucket="yolotune", Key=key)
+    client.put_object(Bucket="yolotune", Key=f"{key}/a.pt", Body=b"a")
+    copy = where.node_copy()
+    assert [(p.relative_to(copy).as_posix(), p.read_bytes()) for p in copy.rglob("*")] == [("a.pt", b"a")]
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_data_yaml_in_the_store_gets_its_folder_as_path_and_keeps_its_key_order(s3, tmp_path, slash):
+    from yolotune.storage import node_dataset
+
+    prefix = f"dy-{tmp_path.name}"
+    body = "val: images/val\ntrain: images/train\npath: sub\nnames: {0: circle}\n"
+    boto3.client("s3").put_object(Bucket="yolotune", Key=f"{prefix}/data.yaml", Body=body.encode())
+    boto3.client("s3").put_object(Bucket="yolotune", Key=f"{prefix}/sub/images/val/x.jpg", Body=b"x")
+    folder = Path(s3["YOLOTUNE_CACHE"], "fetched", "s3", "yolotune", prefix)
+    local = node_dataset(f"s3://yolotune/{prefix}/data.yaml{slash}")
+    assert local == Path(f"{folder}.data.yaml")
+    assert local.read_text() == f"val: images/val\ntrain: images/train\npath: {folder / 'sub'}\nnames:\n  0: circle\n"
+    assert (folder / "sub" / "images" / "val" / "x.jpg").read_bytes() == b"x"
+
+
+def test_download_keeps_the_stores_times_and_copies_a_local_experiment_elsewhere(s3, tmp_path):
+    prefix = f"dl-{tmp_path.name}"
+    boto3.client("s3").put_object(Bucket="yolotune", Key=f"{prefix}/trials.jsonl", Body=b"{}\n")
+    store = Location(f"s3://yolotune/{prefix}")
+    mirror = store.download(tmp_path / "mirror")
+    stored = store.fs.get_file_info(f"{store.fs_path}/trials.jsonl").mtime.timestamp()
+    assert (mirror / "trials.jsonl").stat().st_mtime == stored  # "the newest experiment" compares these
+    assert Location(f"s3://yolotune/none-{tmp_path.name}").download(tmp_path / "none") == tmp_path / "none"
+    assert not (tmp_path / "none").exists()
+    local = Location(str(mirror))
+    assert local.download() == mirror  # a local experiment is its own mirror
+    assert local.download(tmp_path / "copy") == tmp_path / "copy" and (tmp_path / "copy" / "trials.jsonl").is_file()
+
+
+def test_the_cache_is_under_home_unless_set(monkeypatch, tmp_path):
+    from yolotune.storage import cache_root
+
+    monkeypatch.delenv("YOLOTUNE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root() == tmp_path / ".cache" / "yolotune"
+    monkeypatch.setenv("YOLOTUNE_CACHE", "~/elsewhere")
+    assert cache_root() == tmp_path / "elsewhere"
+
+
+class _SlowStore:
+    """A store's file system that answers after ``delay_s``, or fails."""
+
+    type_name = "s3"
+
+    def __init__(self, delay_s=0.0, error=None):
+        self.delay_s, self.error = delay_s, error
+
+    def get_file_info(self, path):
+        from pyarrow.fs import FileType
+
+        time.sleep(self.delay_s)
+        if self.error:
+            raise self.error
+        return SimpleNamespace(type=FileType.Directory)
+
+
+def test_a_store_that_does_not_answer_is_given_up_on_time():
+    store = Location("s3://bucket/runs", _SlowStore(delay_s=3), "bucket/runs")
+    started = time.monotonic()
+    assert store.check_reachable(timeout_s=0.3) == "no answer within 0.3 s"
+    assert time.monotonic() - started < 2  # neither the probe nor its thread is waited for
+    assert Location("s3://bucket/runs", _SlowStore(), "bucket/runs").check_reachable() is None
+    failing = Location("s3://bucket/runs", _SlowStore(error=OSError("Access Denied\nrequest id 1")), "bucket/runs")
+    assert failing.check_reachable() == "Access Denied"
 
 
 def test_node_copy_fetches_a_same_size_replacement(s3, tmp_path):
@@ -260,7 +368,8 @@ def test_weights_in_an_unreachable_store_are_one_line(s3, tmp_path, shapes_cache
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(ConfigError) as err:
         attempt(tmp_path / "runs", shapes_cache, *BASE, "model.weights=s3://yolotune/m/best.pt")
-    assert err.value.key == "model.weights" and "cannot reach the store" in str(err.value)
+    assert (err.value.key, err.value.value) == ("model.weights", "s3://yolotune/m/best.pt")
+    assert "cannot reach the store" in str(err.value)
 
 
 def test_the_report_refreshes_from_and_into_the_store(s3, tmp_path):
