@@ -91,7 +91,10 @@ def rule_line(results: ExperimentResults) -> List[str]:
     """With objectives: how the best trial (best_hyperparameters.yaml, best.pt) is chosen."""
     if not results.objectives:
         return []
-    return [f"Best trial: {results.select_rule}" + ("" if results.best() is not None else ": no trial meets it yet")]
+    if results.best() is not None:
+        return [f"Best trial: {results.select_rule}"]
+    nobody = "no trial met it, so no best weights or hyperparameters" if results.finished else "no trial meets it yet"
+    return [f"Best trial: {results.select_rule}: {nobody}"]
 
 
 def overview(results: ExperimentResults) -> List[str]:
