@@ -749,3 +749,28 @@ def test_python_api_takes_paths_literally(tmp_path):
     with pytest.raises(ConfigError) as err:
         yolotune.tune(model="yolo11n.yaml", data=path, storage=str(tmp_path / "runs"), epochs=10)
     assert (err.value.key, err.value.value) == ("data.yaml", path)
+
+
+DRY_RUNS = [  # (overrides, the refused key, or the start of the plan printed: checked)
+    ([], "Plan: 2 trials at once, each 1 CPU"),
+    (["resume=false", "iterations=1"], "Plan: 1 trial at once, each 2 CPUs"),
+    (["+train.fliplr=2"], "train.fliplr"),  # Ultralytics' value rules: preflight's, not validate's
+    (["data=coco8", "data.yaml=/nonexistent/data.yaml"], "data.yaml"),
+    (["resources.cpu_per_trial=512"], "resources.cpu_per_trial"),  # the plan for this machine
+]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("overrides,key", DRY_RUNS, ids=[" ".join(o) or "quickstart" for o, _ in DRY_RUNS])
+def test_dry_run_checks_everything_and_starts_nothing(overrides, key, tmp_path, shapes_cache):
+    """dry_run=true: every check a run makes before Ray, then the plan and exit 0; or the one-line refusal."""
+    cache = [] if "data=coco8" in overrides else [f"data.cache_dir={shapes_cache}"]
+    proc = run_cli("experiment=quickstart", "dry_run=true", f"storage={tmp_path}/runs", *cache, *overrides, timeout=120)
+    if key.startswith("Plan: "):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert any(line.startswith(key) for line in proc.stdout.splitlines()), proc.stdout
+        assert "nothing was run. Drop dry_run=true to start it." in proc.stdout
+    else:
+        assert proc.returncode == 2 and proc.stderr.startswith(f"yolotune: error: {key}="), proc.stderr[-2000:]
+        assert len(proc.stderr.splitlines()) == 1 and "Plan" not in proc.stdout
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -300,21 +301,40 @@ def test_group_key_typo_fails_at_composition():
 
 
 @pytest.mark.slow
-def test_installs_as_a_wheel_and_runs_outside_the_checkout(tmp_path):
-    """`pip install .` (not -e) ships conf/ and the multirun plugin; built from a copy of the checkout."""
-    source = tmp_path / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs"))
-    venv = tmp_path / "venv"
+def test_installs_as_a_wheel_and_runs_in_the_clone_and_outside_it(tmp_path):
+    """`pip install .` (not -e) ships conf/ and the multirun plugin, and the README's quickstart checks out
+    both in the clone's root (where Python imports the source folder, which has no conf/ of its own) and
+    elsewhere. The wheel is built from a copy of the checkout and installed into a venv that sees this
+    environment's packages through a .pth file: its .pth files (an editable yolotune) are not read there,
+    and nothing depends on what the base Python has installed."""
+    source = tmp_path / "clone"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                "runs", "site"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
+    venv_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (Path(venv_site) / "test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
     wheel = next((tmp_path / "dist").glob("yolotune-*.whl"))
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, cwd=tmp_path)
-    proc = subprocess.run([str(py), "-m", "yolotune", "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "lr0" in proc.stdout
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, cwd=tmp_path)
     where = subprocess.run([str(py), "-c", "import yolotune.conf, hydra_plugins.yolotune_launcher as p, os; "
                                            "print(os.path.dirname(yolotune.conf.__file__)); print(p.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True).stdout.split()
-    assert all(path.startswith(str(venv)) for path in where), where
+    assert len(where) == 2 and all(path.startswith(str(venv)) for path in where), where
+    quickstart = ["-m", "yolotune", "experiment=quickstart", "dry_run=true", f"data.cache_dir={tmp_path / 'shapes'}"]
+    for cwd in (source, tmp_path):
+        proc = subprocess.run([str(py), *quickstart], cwd=cwd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Plan: 2 trials at once" in proc.stdout and "nothing was run" in proc.stdout, proc.stdout
+        assert not (cwd / "runs").exists()
+    # In the clone's root its own conf/ is read, as edited there: not the copy the wheel installed.
+    preset = source / "conf" / "experiment" / "quickstart.yaml"
+    preset.write_text(preset.read_text().replace("iterations: 4\n", "iterations: 3\n"))
+    proc = subprocess.run([str(py), "-m", "yolotune", "experiment=quickstart", "--cfg", "job"], cwd=source,
+                          capture_output=True, text=True)
+    assert "iterations: 3\n" in proc.stdout, proc.stderr[-3000:]

@@ -424,3 +424,16 @@ def test_site_config_needs_no_network_and_lists_every_page():
 
 def test_readme_is_short():
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_ci_runs_the_readme_install_and_test_commands_as_written():
+    """.ci/run runs, in order: the quickstart's install and its config checked (dry_run=true: the sweep would
+    take minutes), then Development's commands; so a README step that does not work fails CI, not a user."""
+    readme = [block for block in ALL if block.page.name == "README.md" and block.lang == "bash"]
+    install, quickstart = commands(readme[0].text)
+    development = commands(next(block for block in readme if "pytest" in block.text).text)
+    ci = commands((REPO / ".ci" / "run").read_text())
+    for expected in ([install, f"{quickstart} dry_run=true"], development):
+        found = [line for line in ci if line in expected]
+        assert found == expected, f".ci/run runs {found}, README.md gives {expected}"
+    assert ci.index(install) < ci.index(development[-1])  # the quickstart checked before the suite

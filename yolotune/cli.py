@@ -39,9 +39,13 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
 
 
 def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
-    """Run the experiment, holding its lock; returns its directory and Ray's ResultGrid."""
+    """Run the experiment, holding its lock; returns its directory and Ray's ResultGrid (None for a dry run)."""
     exp, exp_dir, cfg = prepare(cfg, overrides)
-    from yolotune.runner import run
+    from yolotune.runner import dry_run, run
+
+    if exp.dry_run:
+        dry_run(exp, exp_dir)
+        return exp_dir, None
 
     lock = experiment.RunLock(exp_dir)
     try:
@@ -75,6 +79,8 @@ def _main(cfg: DictConfig) -> None:
     except StorageFull as e:
         print(f"yolotune: error: {e}", file=sys.stderr)
         sys.exit(1)
+    if grid is None:  # dry_run: checked, nothing run
+        return
     if not layout.is_finished(exp_dir) and not layout.stopped_by_budget(exp_dir):
         sys.exit(130)  # interrupted: the conventional exit code of a Ctrl-C
     if grid.num_terminated == 0:

@@ -104,6 +104,7 @@ class ExperimentConfig:
     storage: str = "runs/tune"
     resume: bool = False
     resume_errored: bool = False
+    dry_run: bool = False  # every check and the plan, no sweep
     metric: str = "fitness"
     mode: str = "max"
     objectives: List[str] = field(default_factory=list)  # [] or NAME:MODE entries, the first metric:mode

@@ -24,7 +24,7 @@ from yolotune.layout import (PROVENANCE, RUN_LOCK, SAVED_CONFIG, TUNER_STATE, fi
 from yolotune.storage import Location
 
 # What a resume may change: how trials run, not what they search.
-RESUMABLE_KEYS = ("resume", "resume_errored", "name", "storage", "resources", "wandb", "failure", "ray", "verbose",
+RESUMABLE_KEYS = ("resume", "resume_errored", "dry_run", "name", "storage", "resources", "wandb", "failure", "ray", "verbose",
                   "budget", "validate",
                   "hydra")
 

@@ -151,6 +151,16 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             ray.shutdown()
 
 
+def dry_run(exp: ExperimentConfig, exp_dir: Path) -> None:
+    """Every check a run makes before Ray starts, and its plan; starts nothing (``dry_run=true``)."""
+    with _ultralytics_quiet(exp):
+        _, resources = preflight(exp, exp_dir)
+    where = f"resume {exp_dir}" if exp.resume else f"a new experiment {exp_dir}"
+    print(resources.summary() if resources else f"Plan: made once Ray connects to the cluster at {exp.ray.address}")
+    print(f"Checked: the data, the model, every value a trial may train with, the storage and the plan for {where}; "
+          "nothing was run. Drop dry_run=true to start it.")
+
+
 def time_budget(deadline: Optional[float]):
     """The TimeBudget callback for a run that must end at ``deadline`` (a time.time() in whole seconds;
     None: never)."""
