@@ -157,11 +157,23 @@ NOT_A_DOMAIN = ("a Ray Tune domain (tune.uniform, loguniform, quniform, randint,
                 "or a yolotune space mapping")
 
 
-@pytest.mark.parametrize("domain,allowed", [
-    (tune.qloguniform(1e-4, 1e-1, 1e-4), "qloguniform is not supported; use loguniform"),
-    (0.5, NOT_A_DOMAIN), ({"grid_search": [1], "x": 2}, NOT_A_DOMAIN),
-], ids=["qloguniform", "number", "grid-and-more"])
-def test_unsupported_ray_domains_name_the_key(domain, allowed):
+def _pick(spec):
+    return 0.1
+
+
+@pytest.mark.parametrize("domain,written,allowed", [
+    (tune.qloguniform(1e-5, 1e-1, 1e-5), "tune.qloguniform(1e-05, 0.1, 1e-05)",
+     "qloguniform is not supported; use loguniform"),
+    (tune.randn(0, 1), "tune.randn(0, 1)", "a normal distribution is not supported; use uniform or loguniform"),
+    (tune.qrandn(0, 1, 0.5), "tune.qrandn(0, 1, 0.5)",
+     "a normal distribution is not supported; use uniform or loguniform"),
+    (tune.lograndint(1, 100), "tune.lograndint(1, 100)", "lograndint is not supported; use randint or qrandint"),
+    (tune.qlograndint(1, 100, 2), "tune.qlograndint(1, 100, 2)", "lograndint is not supported; use randint or qrandint"),
+    (tune.sample_from(_pick), "tune.sample_from(_pick)", NOT_A_DOMAIN),
+    (0.5, 0.5, NOT_A_DOMAIN), ({"grid_search": [1], "x": 2}, {"grid_search": [1], "x": 2}, NOT_A_DOMAIN),
+], ids=["qloguniform", "randn", "qrandn", "lograndint", "qlograndint", "sample_from", "number", "grid-and-more"])
+def test_unsupported_ray_domains_name_the_key_and_the_domain_as_written(domain, written, allowed):
+    """Named as the call that made them, not as Ray's repr (<ray.tune.search.sample.Float object at 0x...>)."""
     with pytest.raises(ConfigError) as err:
         from_ray("space.x", domain)
-    assert (err.value.key, err.value.value, err.value.allowed) == ("space.x", domain, allowed)
+    assert (err.value.key, err.value.value, err.value.allowed) == ("space.x", written, allowed)

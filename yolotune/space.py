@@ -151,7 +151,7 @@ def to_ray_space(space: Dict[str, Dist]) -> Dict[str, Any]:
 
 def from_ray(key: str, domain: Any) -> Dict[str, Any]:
     """A Ray Tune domain (as the guide's ``space={"lr0": tune.uniform(...)}``) -> a config mapping."""
-    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Normal, Quantized
 
     if isinstance(domain, dict) and set(domain) == {"grid_search"}:
         return {"dist": "grid", "values": list(domain["grid_search"])}
@@ -160,17 +160,42 @@ def from_ray(key: str, domain: Any) -> Dict[str, Any]:
     sampler = domain.get_sampler() if isinstance(domain, (Float, Integer)) else None
     quantized = isinstance(sampler, Quantized)
     base = sampler.sampler if quantized else sampler
+    if isinstance(base, Normal):
+        raise ConfigError(key, ray_call(domain), "a normal distribution is not supported; use uniform or loguniform")
     if isinstance(domain, Float):
         if isinstance(base, LogUniform):
             if quantized:
-                raise ConfigError(key, domain, "qloguniform is not supported; use loguniform")
+                raise ConfigError(key, ray_call(domain), "qloguniform is not supported; use loguniform")
             return {"dist": "loguniform", "low": domain.lower, "high": domain.upper}
         if quantized:
             return {"dist": "quniform", "low": domain.lower, "high": domain.upper, "q": sampler.q}
         return {"dist": "uniform", "low": domain.lower, "high": domain.upper}
     if isinstance(domain, Integer):
+        if isinstance(base, LogUniform):
+            raise ConfigError(key, ray_call(domain), "lograndint is not supported; use randint or qrandint")
         if quantized:
             return {"dist": "qrandint", "low": domain.lower, "high": domain.upper, "q": sampler.q}
         return {"dist": "randint", "low": domain.lower, "high": domain.upper - 1}
-    raise ConfigError(key, domain, "a Ray Tune domain (tune.uniform, loguniform, quniform, randint, qrandint, "
-                                   "choice, grid_search) or a yolotune space mapping")
+    raise ConfigError(key, ray_call(domain), "a Ray Tune domain (tune.uniform, loguniform, quniform, randint, "
+                                             "qrandint, choice, grid_search) or a yolotune space mapping")
+
+
+def ray_call(domain: Any) -> Any:
+    """A Ray Tune domain as the call that made it (``tune.qloguniform(1e-05, 0.1, 1e-05)``): its repr
+    only names its class and address. Anything else as it is."""
+    from ray.tune.search.sample import Float, Function, Integer, LogUniform, Normal, Quantized
+
+    if isinstance(domain, Function):
+        return f"tune.sample_from({getattr(domain.func, '__qualname__', domain.func)})"
+    if not isinstance(domain, (Float, Integer)):
+        return domain
+    sampler, q = domain.get_sampler(), None
+    if isinstance(sampler, Quantized):
+        sampler, q = sampler.sampler, sampler.q
+    if isinstance(sampler, Normal):
+        name, args = "randn", [sampler.mean, sampler.sd]
+    else:
+        name = ("log" if isinstance(sampler, LogUniform) else "") + ("uniform" if isinstance(domain, Float) else "randint")
+        args = [domain.lower, domain.upper]
+    args += [q] if q is not None else []
+    return f"tune.{'q' if q is not None else ''}{name}({', '.join(map(repr, args))})"
