@@ -115,7 +115,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
 def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp_path, shapes_cache):
     """Ctrl-C twice: the run ends at once, resumable. The experiment, moved to another machine's default storage
     (runs/tune in the working dir), resumes there although its saved config names the old storage, which is gone;
-    a second resume of it meanwhile is refused; copied once finished, it reads and says it is finished."""
+    a second resume of it meanwhile is refused; copied once finished, it reads, and its resume shows its results."""
     overrides = small_sweep_overrides(tmp_path / "first", shapes_cache, "exp", iterations=1, epochs=3)
     overrides = [o for o in overrides if not o.startswith(("scheduler", "data.train_images"))] + [
         "scheduler=fifo", "data.train_images=16"]
@@ -158,11 +158,13 @@ def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp
     assert results.finished and results.path == tmp_path / "third" / "exp" and len(results.dataframe()) == 1
     shown = run_cli("results", str(tmp_path / "third" / "exp"), "--format", "json", timeout=120)
     assert shown.returncode == 0 and json.loads(shown.stdout)["finished"], shown.stderr
+    record = (tmp_path / "third" / "exp" / layout.TRIAL_RECORD).read_text()
     finished = run_cli("resume=true", "name=exp", f"storage={tmp_path / 'third'}", timeout=120)
-    assert (finished.returncode, finished.stderr) == (2, (
-        f"yolotune: error: name=exp: finished: every trial of {tmp_path / 'third' / 'exp'} has ended, nothing to "
-        f"resume (yolotune results {tmp_path / 'third' / 'exp'} shows them; resume_errored=true re-runs errored "
-        "ones)\n"))
+    assert (finished.returncode, finished.stderr) == (0, ""), finished.stderr
+    assert finished.stdout.startswith(f"Experiment {tmp_path / 'third' / 'exp'}  (finished)\nTrials: 1 (1 TERMINATED)\n")
+    assert finished.stdout.endswith("\nFinished: every trial has ended, nothing was run again (resume_errored=true "
+                                    "re-runs errored ones).\n"), finished.stdout
+    assert (tmp_path / "third" / "exp" / layout.TRIAL_RECORD).read_text() == record  # nothing ran
 
 
 def _last_checkpoint_epoch(trial_dir: Path) -> int:

@@ -514,7 +514,7 @@ def test_sweep_killed_resumed_and_read_through_the_store(cluster_without_shared_
 @pytest.mark.slow
 def test_a_finished_experiment_moved_into_the_store_and_back_reads_and_says_it_is_finished(small_sweep, s3, tmp_path):
     """Copied local -> bucket, then bucket -> local: read from each place (its saved config names the storage it
-    started in, which neither is) and resume=true there says it is finished, before Ray starts."""
+    started in, which neither is) and resume=true there shows its results and runs nothing."""
     prefix = f"moved-{tmp_path.name}"
     for path in small_sweep.rglob("*"):
         if path.is_file():
@@ -528,6 +528,6 @@ def test_a_finished_experiment_moved_into_the_store_and_back_reads_and_says_it_i
         assert shown.returncode == 0 and json.loads(shown.stdout)["finished"], shown.stderr
         assert len(json.loads(shown.stdout)["ranked"]) == 6
         resumed = run_cli("resume=true", "name=small", f"storage={storage}", timeout=120)
-        assert (resumed.returncode, resumed.stderr) == (2, (
-            f"yolotune: error: name=small: finished: every trial of {experiment} has ended, nothing to resume "
-            f"(yolotune results {experiment} shows them; resume_errored=true re-runs errored ones)\n"))
+        assert (resumed.returncode, resumed.stderr) == (0, ""), resumed.stderr
+        assert "  (finished)\nTrials: 6 (6 TERMINATED)\n" in resumed.stdout and \
+            resumed.stdout.endswith("nothing was run again (resume_errored=true re-runs errored ones).\n"), resumed.stdout

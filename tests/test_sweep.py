@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from conftest import ray_temp_dir
-from yolotune.errors import ConfigError
 from yolotune.train_args import ultralytics_args
 
 pytestmark = pytest.mark.slow
@@ -115,8 +114,10 @@ def test_python_api_returns_a_result_grid(tmp_path, coco8):
 
 
 def test_python_api_grace_period_gpu_per_trial_and_resume(tmp_path, shapes_cache, monkeypatch):
-    """The API's own arguments land in the saved config; resume=True of the finished experiment says it is
-    finished and changes nothing."""
+    """The API's own arguments land in the saved config; resume=True of the finished experiment returns its
+    results, as the guide's model.tune(..., resume=True) does, and runs nothing."""
+    from ray.tune import ResultGrid
+
     import yolotune
 
     shapes = ["data.train_images=16", "data.val_images=8", "data.imgsz=64", f"data.cache_dir={shapes_cache}"]
@@ -133,11 +134,16 @@ def test_python_api_grace_period_gpu_per_trial_and_resume(tmp_path, shapes_cache
         assert saved["resources"]["gpu_per_trial"] == 0 and saved["iterations"] == 2
         assert saved["train"]["epochs"] == 2 and saved["data"]["train_images"] == 16
         trials = pd.read_csv(tmp_path / "api" / "trials.csv")
+        record = (tmp_path / "api" / "trials.jsonl").read_text()
 
-        with pytest.raises(ConfigError, match="finished: every trial of .* has ended, nothing to resume"):
-            yolotune.tune(resume=True, grace_period=1, iterations=5, epochs=9, **where)  # before Ray starts
+        again = yolotune.tune(resume=True, grace_period=1, iterations=5, epochs=9, **where)
+    assert isinstance(again, ResultGrid) and len(again) == 2 and not again.errors
+    assert {(r.config["lr0"], r.metrics["fitness"], r.metrics["epoch"]) for r in again} == \
+        {(r.config["lr0"], r.metrics["fitness"], r.metrics["epoch"]) for r in grid}
+    assert again.get_best_result().config == grid.get_best_result().config  # the experiment's metric and mode
     assert yaml.safe_load(saved_path.read_text()) == saved
     assert pd.read_csv(tmp_path / "api" / "trials.csv")["epochs"].tolist() == trials["epochs"].tolist()
+    assert (tmp_path / "api" / "trials.jsonl").read_text() == record  # no trial started, resumed or ended
 
 
 # (overrides, the epochs its trials validate under validate=decisions: where the scheduler decides)

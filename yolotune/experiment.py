@@ -134,7 +134,7 @@ def open_storage(storage: str) -> Location:
     return location
 
 
-def find_resumable(storage: Location, name: Optional[str], resume_errored: bool = False) -> Path:
+def find_resumable(storage: Location, name: Optional[str]) -> Path:
     """The experiment's local dir (for an object store: its small files, downloaded to the cache)."""
     if name:
         if not NAME.match(name):
@@ -143,10 +143,7 @@ def find_resumable(storage: Location, name: Optional[str], resume_errored: bool 
         exp_dir = storage.child(name).download()
         if not started(exp_dir):
             raise ConfigError("name", name, f"no started yolotune experiment at {uri}")
-        if is_finished(exp_dir) and not resume_errored:
-            raise ConfigError("name", name, f"finished: every trial of {uri} has ended, nothing to resume (yolotune "
-                                            f"results {uri} shows them; resume_errored=true re-runs errored ones)")
-        return exp_dir
+        return exp_dir  # a finished one too: its resume shows its results (cli.run_experiment)
     root = storage.download()
     candidates = [p.parent.parent for p in root.glob(f"*/{SAVED_CONFIG}")
                   if started(p.parent.parent) and not is_finished(p.parent.parent)]
@@ -162,7 +159,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[DictConfig
         if key.split(".")[0] not in RESUMABLE_KEYS:
             raise ConfigError(key, text.split("=", 1)[-1], "cannot change on resume (it would change the search); "
                               f"allowed: {', '.join(RESUMABLE_KEYS[:-1])}")
-    exp_dir = find_resumable(open_storage(cfg.storage), cfg.name, cfg.resume_errored)
+    exp_dir = find_resumable(open_storage(cfg.storage), cfg.name)
     saved = load_saved_config(exp_dir)
     check_tuner_state(exp_dir)
     for key in changed:

@@ -151,6 +151,24 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
             ray.shutdown()
 
 
+def finished_results(exp: ExperimentConfig, exp_dir: Path):
+    """A finished experiment's summary, printed, and Ray's ResultGrid of it, read from its saved state:
+    ``resume=true`` of it runs nothing (Ray's Tuner.restore(...).get_results() reads it the same way)."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from yolotune import report
+    from yolotune.results import load
+
+    location = Location(exp.storage).child(exp_dir.name)
+    with _ultralytics_quiet(exp):
+        print(report.summary(load(exp_dir)))
+    print("\nFinished: every trial has ended, nothing was run again (resume_errored=true re-runs errored ones).")
+    single = not exp.objectives  # with objectives Tune had no metric (see _new_tuner)
+    return ResultGrid(ExperimentAnalysis(location.fs_path, storage_filesystem=location.fs,
+                                         default_metric=exp.metric if single else None,
+                                         default_mode=exp.mode if single else None))
+
+
 def dry_run(exp: ExperimentConfig, exp_dir: Path) -> None:
     """Every check a run makes before Ray starts, and its plan; starts nothing (``dry_run=true``)."""
     with _ultralytics_quiet(exp):
