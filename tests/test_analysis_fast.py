@@ -110,6 +110,19 @@ def test_errored_trials_are_left_out_and_trials_stopped_early_count_at_their_bes
     assert max(judged.values, key=judged.values.get) == "lr0" and judged.values["momentum"] < 0.2
 
 
+def test_mid_sweep_running_trials_count_at_the_best_of_the_epochs_they_reached(tmp_path):
+    """One trial has ended, too few to judge; the running ones, at their best so far, make the trials to
+    judge on: their first epoch, which lr0 decides, not their latest validated one, lower, which momentum
+    decides (their epoch in progress has validated nothing)."""
+    rng = random.Random(5)
+    ended = [(c, [10 + decided_by("lr0", c)], "TERMINATED") for c in [sampled(rng)]]
+    running = [(c, [10 + decided_by("lr0", c), 7 + decided_by("momentum", c), None], "RUNNING")
+               for c in (sampled(rng) for _ in range(20))]
+    judged = importance(load(recorded(tmp_path / "exp", SPACE, ended + running)))
+    assert judged.reason is None and judged.trials == 21
+    assert max(judged.values, key=judged.values.get) == "lr0" and judged.values["lr0"] > 0.5
+
+
 @pytest.mark.parametrize("usable, judged", [(MIN_TRIALS - 1, False), (MIN_TRIALS, True)])
 def test_too_few_trials_say_importance_cannot_be_judged_yet(tmp_path, usable, judged):
     rng = random.Random(1)

@@ -96,6 +96,8 @@ def test_pareto_ranks_of_minimised_objectives_and_all_missing():
     ("latency_ms<=5 and fitness>=0.8", "B"),
     ("fitness>0.8", "A"),
     ("latency_ms<=1", None),     # nobody
+    ("fitness<0.7", "F"),        # E and F meet it: F is the more accurate, though on the third front and E on the first
+    ("latency_ms>=11", "F"),     # F alone meets it, on the third front
 ])
 def test_select_picks_the_most_accurate_trial_that_meets_it_and_the_best_files_follow(select, best, tmp_path):
     from yolotune.runner import export_best
