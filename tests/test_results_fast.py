@@ -828,6 +828,31 @@ def test_an_experiment_with_no_validated_epoch_yet_has_no_best_and_writes_its_fi
         results.dataframe("metrics/mAP50(B)")
 
 
+def test_results_before_any_validated_epoch_show_the_trials_and_say_the_metric_is_not_measured_yet(tmp_path, capsys):
+    """Early in a sweep (validate=decisions, killed or still running): the experiment's own metric, reported
+    by no epoch yet, is no mistake of the user's, typed or not; another metric that none reported is."""
+    trials = {t: dict(events=["started"], lr0=0.01 * (n + 1), momentum=0.9, loss=[], fitness=[])
+              for n, t in enumerate(("t_none", "t_first"))}
+    exp_dir = build(tmp_path / "early", trials, iterations=4,
+                    rows=lambda t: [{k: v for k, v in r.items() if k != LOSS} | {"validated": 0}
+                                    for r in partial_rows(t) if r["epoch"] <= 2])  # training values only
+    unmeasured = (f"{LOSS}: not measured yet: no trial has validated an epoch (trials validate at the epochs their "
+                  "scheduler decides on, and at the last: validate=decisions)")
+    for typed in ([], ["--metric", LOSS]):
+        code, out, err = run_results(capsys, exp_dir, *typed)
+        assert (code, err) == (0, ""), err
+        lines = out.splitlines()
+        assert lines[lines.index(f"Trials ranked by best {LOSS} (lower is better):") + 4] == unmeasured
+        assert [line.split()[1] for line in lines[lines.index(unmeasured) - 2:lines.index(unmeasured)]] == \
+            ["t_none", "t_first"]  # both trials shown, in record order, with 2 epochs each
+    code, out, err = run_results(capsys, exp_dir, "--format", "json")
+    assert code == 0 and [r["epochs"] for r in json.loads(out)["ranked"]] == [2, 2] and json.loads(out)["best"] is None
+    code, out, err = run_results(capsys, exp_dir, "--metric", "metrics/mAP50(B)")
+    assert (code, out) == (2, "") and err.startswith("yolotune results: error: --metric metrics/mAP50(B): not reported")
+    with_value = build(tmp_path / "measured", trials, iterations=4, rows=partial_rows)  # t_first validated epoch 1
+    assert unmeasured not in run_results(capsys, with_value)[1]
+
+
 def test_an_interrupted_atomic_write_leaves_the_file_as_it_was_and_no_temp_file(tmp_path):
     """A second Ctrl-C (or a full disk) mid-write: the old content stays, nothing half-written beside it."""
     layout.write_atomic(tmp_path / "trials.csv", "old")

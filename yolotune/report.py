@@ -110,7 +110,17 @@ def ranking(results: ExperimentResults, top: Optional[int]) -> List[str]:
     by = f"Pareto rank of {', '.join(f'{o.name} ({o.mode})' for o in results.objectives)}, then best " \
         if results.objectives else "best "
     return [f"Trials ranked by {by}{results.metric} ({better(results.mode)}){shown}:",
-            format_table(table) if len(table) else "  (no trials yet)"]
+            format_table(table) if len(table) else "  (no trials yet)", *unmeasured_line(results)]
+
+
+def unmeasured_line(results: ExperimentResults) -> List[str]:
+    """Trials that have run, none with a value of the metric yet: early in a sweep, before any validated epoch."""
+    frame = results.dataframe()
+    if not (frame["epochs"] > 0).any() or frame[f"best_{results.metric}"].notna().any():
+        return []
+    when = " (trials validate at the epochs their scheduler decides on, and at the last: validate=decisions)" \
+        if results.config.get("validate", "decisions") == "decisions" else ""
+    return [f"{results.metric}: not measured yet: no trial has validated an epoch{when}"]
 
 
 def importance_lines(judged: Importance) -> List[str]:

@@ -66,7 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _show_experiment(results: ExperimentResults, args, location: Location) -> int:
     reported = results.reported_metrics()
-    if reported and results.metric not in reported:
+    # The experiment's own metric is known good though no epoch may have validated yet (report says so)
+    if reported and results.metric not in reported and results.metric != results.config.metric:
         raise UsageError(f"--metric {results.metric}: not reported by this experiment; reported: "
                          + ", ".join(reported))
     if results.problems:
