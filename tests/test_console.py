@@ -694,17 +694,45 @@ def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path, ultral
     assert lines[3].startswith("Traceback") and lines[-2:] == ["ValueError: bad lr0", "second trial in the same worker"]
 
 
+def first_run_env(home: Path) -> dict:
+    """A machine where neither Ultralytics nor matplotlib has run yet: no settings file, no font cache."""
+    return {"HOME": str(home), "YOLO_CONFIG_DIR": str(home / "ultralytics"), "MPLCONFIGDIR": str(home / "mpl")}
+
+
+def first_run_happened(home: Path) -> bool:
+    return any((home / "ultralytics").glob("*/settings.json")) and any((home / "mpl").glob("fontlist-*.json"))
+
+
+@pytest.mark.subprocess
+def test_a_first_dry_run_on_a_new_machine_prints_only_yolotunes_lines(tmp_path, shapes_cache):
+    """Ultralytics' three lines about the settings file it creates and matplotlib's font cache line stay off
+    the console; a dry run has no experiment log to keep them."""
+    proc = run_cli("experiment=quickstart", "dry_run=true", f"storage={tmp_path / 'runs'}", "data.train_images=8",
+                   "data.val_images=4", f"data.cache_dir={shapes_cache}", cwd=tmp_path,
+                   env=first_run_env(tmp_path / "home"))
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert first_run_happened(tmp_path / "home")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Plan: ") and lines[1].startswith("Checked: "), proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_a_sweep_prints_a_short_live_view_and_keeps_every_log(tmp_path, shapes_cache):
-    """4 trials of 3 epochs, one of which errors (its optimizer does not exist), stdout a pipe."""
+    """4 trials of 3 epochs, one of which errors (its optimizer does not exist), stdout a pipe, on a machine where
+    Ultralytics and matplotlib run for the first time: only yolotune's lines, their setup lines in yolotune.log."""
     overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "live", iterations=1)
                  if not o.startswith("space.lr0")]
     proc = run_cli(*overrides, "~space.lr0", "~space.momentum", "~train.optimizer",
-                   "+space.optimizer={dist:grid,values:[SGD,SGD,SGD,NotAnOptimizer]}")
+                   "+space.optimizer={dist:grid,values:[SGD,SGD,SGD,NotAnOptimizer]}", env=first_run_env(tmp_path / "home"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert first_run_happened(tmp_path / "home")
     exp_dir = tmp_path / "live"
     live = proc.stdout.split("\nExperiment ")[0].splitlines()
     assert len(live) <= 3 * 4 + 6, proc.stdout
+    assert live[0].startswith("Plan: ") and all(re.match(r"(trial \w+ |\d/4 trials \| )", line) for line in live[1:]), \
+        proc.stdout
+    assert "INFO ultralytics: Creating new Ultralytics Settings" in (exp_dir / "yolotune.log").read_text()
     assert "\r" not in proc.stdout and "\x1b" not in proc.stdout
     assert "Traceback" not in proc.stderr  # the failure is one line on stdout; the traceback is in its log
     trials = pd.read_csv(exp_dir / "trials.csv")

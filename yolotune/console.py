@@ -359,6 +359,45 @@ def log_to(path: Path):
             log.close()
 
 
+class LibraryNotices(logging.Filter):
+    """While entered, the info lines that libraries log in the driver as they set themselves up on a new
+    machine (Ultralytics creating its settings file as it is first imported, matplotlib building its
+    font cache) stay off the console: into yolotune.log when it is open (``log_to``), else held, to be
+    written there when entered again with the log open (a dry run has none: they are dropped). Their
+    warnings still show. With ``verbose=ray`` everything shows."""
+
+    LOGGERS = ("ultralytics", "matplotlib.font_manager")  # a logger's filters see only its own records
+
+    def __init__(self, verbose: str):
+        super().__init__()
+        self.active = verbose != "ray"
+        self.held: list = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        self.held.append(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+        self._write_held()
+        return False
+
+    def _write_held(self) -> None:
+        if isinstance(sys.stdout, _Tee):
+            for line in self.held:
+                sys.stdout.to_log(line)
+            self.held.clear()
+
+    def __enter__(self) -> "LibraryNotices":
+        if self.active:
+            self._write_held()
+            for name in self.LOGGERS:
+                logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
 def announce(line: str, verbose: str) -> None:
     """A line about the whole run (its plan): on the console unless quiet, in yolotune.log always."""
     if verbose == "quiet":

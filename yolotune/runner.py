@@ -58,7 +58,8 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     location = Location(exp.storage).child(exp_dir.name)
     if exp.verbose != "ray":  # Ray's new output engine prints tables even at verbose=0; the legacy one is silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    with _ultralytics_quiet(exp):
+    notices = console.LibraryNotices(exp.verbose)
+    with notices, _ultralytics_quiet(exp):
         job, resources = preflight(exp, exp_dir)
     wandb_settings = None
     if exp.wandb.mode != "disabled":
@@ -93,6 +94,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         written = exp_dir.rglob("*") if not exp.resume else [exp_dir / layout.PLAN]
         location.upload(*(p for p in written if p.is_file() and p.name != layout.RUN_LOCK))  # a lock is local
         log.enter_context(console.log_to(exp_dir / layout.CONSOLE_LOG))
+        log.enter_context(notices)  # those of the preflight, and any later, into yolotune.log
         log.enter_context(console.ray_logs(exp.verbose))
         console.announce(resources.summary(), exp.verbose)
         budget = time_budget(math.ceil(time.time() + exp.budget.seconds) if exp.budget.time else None)
@@ -171,7 +173,7 @@ def finished_results(exp: ExperimentConfig, exp_dir: Path):
 
 def dry_run(exp: ExperimentConfig, exp_dir: Path) -> None:
     """Every check a run makes before Ray starts, and its plan; starts nothing (``dry_run=true``)."""
-    with _ultralytics_quiet(exp):
+    with console.LibraryNotices(exp.verbose), _ultralytics_quiet(exp):
         _, resources = preflight(exp, exp_dir)
     where = f"resume {exp_dir}" if exp.resume else f"a new experiment {exp_dir}"
     print(resources.summary() if resources else f"Plan: made once Ray connects to the cluster at {exp.ray.address}")
