@@ -52,8 +52,8 @@ def test_data_left_out_keeps_the_presets_dataset_and_given_picks_the_data_option
     assert OmegaConf.to_container(given.data) == {"type": "yaml", "yaml": "/data/mine.yaml"}
     assert set_keys == ["data.yaml=/data/mine.yaml"]
     assert (given.iterations, given.model.weights) == (4, "yolo11n.yaml")  # the rest of the preset stays
-    recommended, _ = compose(["experiment=recommended"], data="shapes")
-    assert recommended.data.type == "shapes" and recommended.iterations == 30
+    recommended, _ = compose(["experiment=recommended", "data.train_images=16"], data="shapes")  # its keys too
+    assert (recommended.data.type, recommended.data.train_images, recommended.iterations) == ("shapes", 16, 30)
 
 
 def test_train_arguments_given_replace_the_presets_and_the_others_stay():

@@ -59,10 +59,9 @@ def compose(overrides: Sequence[str] = (), *, model=None, data=None, space=None,
     if space is not None and not isinstance(space, dict):
         raise ConfigError("space", space, "a mapping of train arguments to distributions, e.g. "
                                           "{'lr0': tune.uniform(1e-5, 1e-1)}")
-    cfg = _compose(list(overrides))
-    if data is not None and (data == "shapes") != (cfg.data.type == "shapes"):
-        # the data group's option that takes this data: the synthetic shapes, or a data YAML
-        cfg = _compose([*overrides, "data=shapes" if data == "shapes" else "data=coco8"])
+    # The data group's option that takes the data given: the synthetic shapes, or a data YAML (set below)
+    picked = [] if data is None or resume else ["data=shapes" if data == "shapes" else "data=coco8"]
+    cfg = _compose([*overrides, *picked])
     set_keys = [] if resume is None else [_set(cfg, "resume", resume)]
     values = {"storage": storage, "name": name, "resources.gpu_per_trial": gpu_per_trial}
     if not cfg.resume:
