@@ -15,7 +15,8 @@ from yolotune.overrides import normalize
 def test_no_argument_given_composes_what_the_cli_composes(overrides):
     """``yolotune.tune(overrides=["experiment=recommended"])`` runs the preset as ``python -m yolotune`` does."""
     cfg, set_keys = compose(overrides)
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(compose_config(*normalize(overrides))) and set_keys == []
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(compose_config(*normalize(overrides)))
+    assert set_keys == []
 
 
 # (argument, value given, where it lands, overrides that choose another value there, the value they choose)

@@ -345,6 +345,7 @@ def test_ray_records_the_live_view_reports_stay_off_the_console(tmp_path, capsys
             logger.error("Trial task failed for trial trial_x")
             logger.warning("No trial is running and no new trial has been started")
             logger.error("Saving experiment state failed: OSError: [Errno 28] No space left on device")
+            logger.warning("Failed to fetch metrics for 2 trial(s):\n- trial_p: FileNotFoundError(...)")  # not started
         logger.error("Trial task failed for trial trial_y")  # filter removed
         with console.log_to(tmp_path / "yolotune.log"), console.ray_logs("ray"):
             logger.error("Trial task failed for trial trial_z")  # Ray's console as Ray has it
@@ -352,8 +353,10 @@ def test_ray_records_the_live_view_reports_stay_off_the_console(tmp_path, capsys
         logging.getLogger("ray").removeHandler(handler)
     err = capsys.readouterr().err
     assert "trial_x" not in err and "Errno 28" not in err and "No trial is running" in err and "trial_y" in err and "trial_z" in err
+    assert "trial_p" not in err
     log = (tmp_path / "yolotune.log").read_text()
     assert "Trial task failed for trial trial_x" in log and "trial_z" in log and "trial_y" not in log
+    assert "trial_p" in log
 
 
 def test_refresher_coalesces_requests_and_never_runs_twice_at_once(capsys):
@@ -724,7 +727,8 @@ def test_a_sweep_prints_a_short_live_view_and_keeps_every_log(tmp_path, shapes_c
     overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "live", iterations=1)
                  if not o.startswith("space.lr0")]
     proc = run_cli(*overrides, "~space.lr0", "~space.momentum", "~train.optimizer",
-                   "+space.optimizer={dist:grid,values:[SGD,SGD,SGD,NotAnOptimizer]}", env=first_run_env(tmp_path / "home"))
+                   "+space.optimizer={dist:grid,values:[SGD,SGD,SGD,NotAnOptimizer]}",
+                   env=first_run_env(tmp_path / "home"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert first_run_happened(tmp_path / "home")
     exp_dir = tmp_path / "live"

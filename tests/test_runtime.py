@@ -559,3 +559,37 @@ def test_an_append_first_cuts_off_a_line_cut_short(tmp_path, before, after):
         path.write_text(before)
     layout.append_jsonl(path, {"epoch": 3})
     assert path.read_text() == after + '{"epoch": 3}\n'
+
+
+def test_an_experiment_state_save_never_meets_the_upload_before_it(tmp_path, caplog):
+    """Ray's save replaces files of its staging dir through temporary ones; an upload of that dir still
+    running when it does fails on a temporary file gone ("Saving experiment state to storage ... failed"),
+    that snapshot unsaved. With the runner's patch each upload has ended before the next save. Ray's own
+    checkpoint manager and syncer, on a staging dir the size of a resumed experiment's."""
+    from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.utils.util import _atomic_save
+
+    from yolotune.runner import _save_state_after_its_upload
+
+    _save_state_after_its_upload()
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    for n in range(600):  # the trials' results, params and checkpoint metadata that a restore copies in
+        (staging / f"trial_{n % 20}").mkdir(parents=True, exist_ok=True)
+        (staging / f"trial_{n % 20}" / f"result_{n}.json").write_text("x" * 20_000)
+    syncer = _FilesystemSyncer(storage_filesystem=LocalFileSystem(), sync_period=0, sync_timeout=60)
+    manager = _ExperimentCheckpointManager(
+        storage=SimpleNamespace(experiment_driver_staging_path=str(staging), experiment_fs_path=str(storage),
+                                syncer=syncer), checkpoint_period=0)
+
+    def save():  # as TuneController.save_to_dir: the searcher's and the callbacks' state, each atomically
+        for _ in range(30):  # as many saves as an upload's listing of the dir takes (each lives a moment)
+            _atomic_save({"state": list(range(1000))}, str(staging), "callback-states.pkl", "tmp-callback-states.pkl")
+
+    with caplog.at_level(logging.ERROR, logger="ray.tune.execution.experiment_state"):
+        for _ in range(20):
+            manager.sync_up_experiment_state(save, force=True)
+        syncer.wait()
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    assert pickle.loads((storage / "callback-states.pkl").read_bytes()) == {"state": list(range(1000))}
+    assert not list(storage.glob(".*tmp-callback-states.pkl"))  # no temporary file uploaded

@@ -415,10 +415,12 @@ class _RayConsoleFilter(logging.Filter):
     """On Ray's console handler: copies Ray's records to yolotune.log (the handler writes to the
     stderr of import time, which the tee does not see), and with ``live_view`` keeps the ones the
     live view reports itself off the console: trial failures with their tracebacks (one line each
-    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint, and
-    its writes that found the storage full (the run stops with one line saying so)."""
+    there, the traceback in the trial's train.log), the list of failed trials, Ray's resume hint, its
+    writes that found the storage full (the run stops with one line saying so), and, as a resume
+    restores, that trials not started yet have no results."""
 
-    REPORTED = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted")
+    REPORTED = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted",
+                "Failed to fetch metrics for")
     FULL = "No space left on device"  # Ray's failed writes to a full storage: the run ends with one line on it
 
     def __init__(self, live_view: bool):

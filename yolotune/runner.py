@@ -110,6 +110,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         resumable = True
         location.delete(layout.BUDGET_MARKER)  # this run's budget decides
         _handle_trial_failures()
+        _save_state_after_its_upload()
         TRIAL_FOUND_STORAGE_FULL.clear()
         grid = tuner.fit()
         if TRIAL_FOUND_STORAGE_FULL.is_set():
@@ -380,6 +381,27 @@ def _handle_trial_failures() -> None:
 
     process_trial_failure.yolotune_handles = True
     TuneController._process_trial_failure = process_trial_failure
+
+
+def _save_state_after_its_upload() -> None:
+    """Ray saves the experiment state into its driver staging dir (replacing files through temporary
+    ones) and uploads that dir in the background; a save while the previous upload still runs removes
+    files that upload listed, and the upload fails: that snapshot is not in the storage, and Ray logs
+    "Saving experiment state to storage ... failed" with a traceback. A resume makes it likely: Ray
+    copies every trial's .json and .pkl into the staging dir to restore, and each upload takes them all
+    back. Here each upload is waited for (small files: the state and the trials' logs), so no save meets one.
+    Ray has no public hook for this; patched once per process, in the driver."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    sync_up = _ExperimentCheckpointManager.sync_up_experiment_state
+    if getattr(sync_up, "yolotune_waits", False):
+        return
+
+    def sync_up_experiment_state(manager, save_fn, force=False, wait=False):
+        return sync_up(manager, save_fn, force=force, wait=True)
+
+    sync_up_experiment_state.yolotune_waits = True
+    _ExperimentCheckpointManager.sync_up_experiment_state = sync_up_experiment_state
 
 
 def storage_full_line(exp: ExperimentConfig, exp_dir: Path) -> str:

@@ -195,7 +195,8 @@ def ray_call(domain: Any) -> Any:
     if isinstance(sampler, Normal):
         name, args = "randn", [sampler.mean, sampler.sd]
     else:
-        name = ("log" if isinstance(sampler, LogUniform) else "") + ("uniform" if isinstance(domain, Float) else "randint")
+        log = "log" if isinstance(sampler, LogUniform) else ""
+        name = log + ("uniform" if isinstance(domain, Float) else "randint")
         args = [domain.lower, domain.upper]
     args += [q] if q is not None else []
     return f"tune.{'q' if q is not None else ''}{name}({', '.join(map(repr, args))})"
