@@ -111,8 +111,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
         assert events.count((trial_id, "started")) == 1 and (trial_id, "resumed") in events, events
     # The resume prints yolotune's lines only (no Ray traceback of a failed state save), and its state saved:
     # Ray's newest experiment state has every trial ended
-    assert "Traceback" not in resumed.stdout + resumed.stderr, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "failed" not in resumed.stderr, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stdout and resumed.stderr == "", resumed.stdout[-3000:] + resumed.stderr[-3000:]
     from ray.tune import ExperimentAnalysis
 
     assert [t.status for t in ExperimentAnalysis(str(exp_dir)).trials] == ["TERMINATED"] * 3

@@ -247,7 +247,10 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
 
     from yolotune.records import trial_recorder
 
+    from ray.tune.search import Searcher
+
     space = exp.dists
+    search = exp.search.build(exp, resources.max_concurrent_trials)
     # trial_recorder: trials.jsonl; the live view: the console
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_recorder(), _live_view(exp, location), budget]
     if wandb_settings:  # W&B runs live in the driver, not in the trials' workers (see wandb_logging.py)
@@ -263,8 +266,10 @@ def _new_tuner(exp: ExperimentConfig, location: Location, trainable, resources: 
             num_samples=exp.iterations,
             scheduler=exp.search.build_scheduler(exp) if exp.search.replaces_scheduler
             else exp.scheduler.build(exp, space),
-            search_alg=exp.search.build(exp, resources.max_concurrent_trials),
-            max_concurrent_trials=resources.max_concurrent_trials,
+            search_alg=search,
+            # Ray limits a Searcher by wrapping it; random search's generator limits itself (search.py), and
+            # given the limit too, Ray would only warn that it ignores it
+            max_concurrent_trials=resources.max_concurrent_trials if isinstance(search, Searcher) else None,
             reuse_actors=True,  # one warm worker runs trial after trial: no torch import per trial
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
