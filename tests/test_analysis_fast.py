@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from yolotune import plots, report
-from yolotune.importance import MIN_TRIALS, importance
+from yolotune.importance import BEST_FITTED, MAX_FITTED, MIN_TRIALS, TREES, importance
 from yolotune.results import load
 from yolotune.results_cli import main as results_main
 
@@ -133,9 +133,10 @@ def test_the_command_line_and_the_report_show_the_importance(tmp_path, capsys):
     """`yolotune results --format json`, its table (report.details) and report.html."""
     exp_dir = decided_experiment(tmp_path / "exp", "batch")
     want = importance(load(exp_dir)).values
-    assert results_main([str(exp_dir), "--format", "json"]) == 0
+    assert results_main([str(exp_dir), "--format", "json", "--report"]) == 0
     data = json.loads(capsys.readouterr().out)["importance"]
     assert data["metric"] == FITNESS and "fANOVA" in data["method"] and data["trials"] == 30
+    assert (data["fitted"], data["trees"], data["sampled"]) == (30, TREES, None)  # all of them: no sample
     assert list(data["importance"]) == list(want) and list(want)[0] == "batch" and data["reason"] is None
     assert "best validated value" in data["counted"]
     out = report.details(load(exp_dir), None, {}).splitlines()

@@ -309,7 +309,7 @@ def _live_view(exp: ExperimentConfig, location: Location):
     prunes = exp.scheduler.stops_early or exp.search.replaces_scheduler
     epochs = exp.scheduler.trial_epochs(exp)
     return console.live_view(location.local, exp.metric, exp.mode, epochs, prunes, exp.verbose,
-                             partial(report.write_all_at, location.uri),
+                             partial(report.refresh_in_process, location.uri),
                              exp.train.get("batch", DEFAULT_CFG_DICT["batch"]))
 
 
