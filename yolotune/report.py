@@ -52,12 +52,23 @@ def write_all_at(uri: str) -> None:
     location.upload(*write_all(location.download()).values())
 
 
+def live_refresh(uri: str) -> None:
+    """What the live view runs as trials end, in a process of its own (``refresh_in_process``): the
+    ended trials' weights pruned by ``checkpoint.keep`` (retention.py), then ``write_all_at(uri)``."""
+    from yolotune import retention
+
+    location = Location(uri)
+    results = load(location.download())
+    retention.prune(results, location, retention.configured_keep(results))
+    location.upload(*write_all(results).values())
+
+
 def refresh_in_process(uri: str) -> None:
-    """write_all_at(uri) in a Python process of its own: the live view's refresh, which at thousands
-    of trials takes seconds of CPU the driver's interpreter (its event handling) must not share.
-    Raises RuntimeError with the process's last line of error output if it fails."""
-    proc = subprocess.run([sys.executable, "-c", "import sys; from yolotune.report import write_all_at; "
-                           "write_all_at(sys.argv[1])", uri], capture_output=True, text=True)
+    """``live_refresh(uri)`` in a Python process of its own: at thousands of trials it takes seconds
+    of CPU that the driver's interpreter (its event handling) must not share. Raises RuntimeError
+    with the process's last line of error output if it fails."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; from yolotune.report import live_refresh; "
+                           "live_refresh(sys.argv[1])", uri], capture_output=True, text=True)
     if proc.returncode:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         raise RuntimeError(lines[-1])

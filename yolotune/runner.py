@@ -51,7 +51,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     import ray
     from ray import tune
 
-    from yolotune import report
+    from yolotune import report, retention
     from yolotune.results import load
     from yolotune.trainable import train_trial
 
@@ -115,6 +115,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
             written = export_best(results, location)
+            retention.prune(results, location, exp.checkpoint.keep)  # once more: the last trials' ended too
         if budget.expired:
             (exp_dir / layout.BUDGET_MARKER).touch()
             written.append(exp_dir / layout.BUDGET_MARKER)
