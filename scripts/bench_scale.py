@@ -188,6 +188,22 @@ def main() -> None:
             print(f"  {name:<24} {wall:8.1f} {cpu:8.1f} {'' if part is None else f'{part:17.1f}'}", flush=True)
         report = exp / "report.html"
         print(f"  report.html: {report.stat().st_size / 2**20:.1f} MiB" if report.is_file() else "  report.html: none")
+        if (args.code / "yolotune" / "retention.py").is_file():
+            disk(exp, args.code)
+
+
+def disk(exp: Path, code: Path) -> None:
+    """The weights the experiment keeps before and after checkpoint.keep's pruning (the default, 10)."""
+    before = size_of(exp, ".pt")
+    wall, cpu, _ = measure(["-c", "from yolotune import retention; from yolotune.results import load; "
+                            "from yolotune.storage import Location; "
+                            f"r = load({str(exp)!r}); retention.prune(r, Location({str(exp)!r}), 10)"], code)
+    kept = [d for d in exp.glob("trial_*") if any(d.rglob("*.pt"))]
+    stopped = [d for d in exp.glob("trial_*") if d not in kept]
+    per_stopped = sum(size_of(d) for d in stopped) / max(len(stopped), 1)
+    print(f"  checkpoint.keep=10 ({cpu:.1f} s CPU): weights {before / 2**20:.0f} -> {size_of(exp, '.pt') / 2**20:.0f} "
+          f"MiB as built; {len(kept)} trials keep weights (10 best ended + errored); a pruned trial keeps "
+          f"{per_stopped / 1024:.1f} KiB (history, config)")
 
 
 if __name__ == "__main__":
