@@ -8,7 +8,8 @@ times, each in a fresh process pinned to one core (wall and CPU seconds):
 
 - ``yolotune results EXP`` (table), ``--format json``, ``--format csv``, ``--top 10``
 - importance alone, ``load()`` + ``dataframe()``
-- one live refresh (what the driver's report thread runs after a trial ends)
+- one live refresh (what the driver's report thread runs after a trial ends: ``report.live_refresh``,
+  which prunes weights by ``checkpoint.keep`` and rewrites the report; before it, ``write_all_at``)
 
 and prints the experiment's size, report.html's size and the weights a stopped trial keeps.
 
@@ -139,7 +140,7 @@ def commands(exp: Path) -> list:
             f"load({str(exp)!r}).dataframe(); print('CPU', time.process_time() - t)"]),
         ("live refresh", python + [
             "import time, yolotune.report as r; t = time.process_time(); "
-            f"r.write_all_at({str(exp)!r}); print('CPU', time.process_time() - t)"]),
+            f"getattr(r, 'live_refresh', r.write_all_at)({str(exp)!r}); print('CPU', time.process_time() - t)"]),
     ]
 
 
