@@ -190,12 +190,12 @@ def main() -> None:
         report = exp / "report.html"
         print(f"  report.html: {report.stat().st_size / 2**20:.1f} MiB" if report.is_file() else "  report.html: none")
         if (args.code / "yolotune" / "retention.py").is_file():
-            disk(exp, args.code)
+            disk(exp, size_of(pristine, ".pt"), args.code)
 
 
-def disk(exp: Path, code: Path) -> None:
-    """The weights the experiment keeps before and after checkpoint.keep's pruning (the default, 10)."""
-    before = size_of(exp, ".pt")
+def disk(exp: Path, before: int, code: Path) -> None:
+    """The weights the experiment keeps after checkpoint.keep's pruning (the default, 10; the live
+    refresh timed above pruned already, so this one finds nothing left to delete), against ``before``."""
     wall, cpu, _ = measure(["-c", "from yolotune import retention; from yolotune.results import load; "
                             "from yolotune.storage import Location; "
                             f"r = load({str(exp)!r}); retention.prune(r, Location({str(exp)!r}), 10)"], code)
