@@ -323,6 +323,17 @@ def test_report_writes_the_page_with_the_top_trials_and_fresh_plots(exp):
     assert page.count("data:image/png;base64,") == len(plots.KINDS)
 
 
+def test_a_running_experiments_page_says_how_fresh_it_is(exp):
+    from datetime import datetime
+
+    newest = max(row["timestamp"] for t in TRIALS for row in history_rows(t))
+    page = report.write_all(exp)["report"].read_text()
+    assert f"from the trials' epochs up to {datetime.fromtimestamp(newest):%Y-%m-%d %H:%M:%S}" in page
+    assert report.REFRESH_NOTE in page
+    layout.mark_finished(exp)  # a finished experiment's page is its last: no freshness to tell
+    assert "from the trials' epochs up to" not in report.write_all(exp)["report"].read_text()
+
+
 def test_figures_and_written_plots_follow_the_metric_and_mode_asked_for(exp, tmp_path):
     results = load(exp)
     assert plots.figure(results, "history", mode="max").axes[0].get_ylabel() == f"{LOSS} (higher is better)"
