@@ -334,6 +334,15 @@ def test_a_running_experiments_page_says_how_fresh_it_is(exp):
     assert "from the trials' epochs up to" not in report.write_all(exp)["report"].read_text()
 
 
+def test_the_live_refresh_runs_in_a_process_of_its_own_and_names_its_failure(exp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no yolotune is: the child imports the one this process did
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    report.refresh_in_process(str(exp))
+    assert (exp / "report.html").is_file() and (exp / "trials.csv").is_file()
+    with pytest.raises(RuntimeError, match=r"^FileNotFoundError: .*nowhere is not a yolotune experiment"):
+        report.refresh_in_process(str(tmp_path / "nowhere"))
+
+
 def test_figures_and_written_plots_follow_the_metric_and_mode_asked_for(exp, tmp_path):
     results = load(exp)
     assert plots.figure(results, "history", mode="max").axes[0].get_ylabel() == f"{LOSS} (higher is better)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -67,8 +68,11 @@ def refresh_in_process(uri: str) -> None:
     """``live_refresh(uri)`` in a Python process of its own: at thousands of trials it takes seconds
     of CPU that the driver's interpreter (its event handling) must not share. Raises RuntimeError
     with the process's last line of error output if it fails."""
+    # yolotune as this process imported it, whatever the working directory (Hydra may have changed it)
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", "import sys; from yolotune.report import live_refresh; "
-                           "live_refresh(sys.argv[1])", uri], capture_output=True, text=True)
+                           "live_refresh(sys.argv[1])", uri], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path})
     if proc.returncode:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         raise RuntimeError(lines[-1])
