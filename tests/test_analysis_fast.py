@@ -133,6 +133,7 @@ def test_past_max_fitted_trials_the_forest_is_fitted_on_the_best_and_a_sample_of
         assert judged.sampled == (f"fitted on {MAX_FITTED} of {trials} trials: the best {BEST_FITTED} and "
                                   f"{MAX_FITTED - BEST_FITTED} drawn at random from the rest")
         assert set(values) < set(best)  # a sample, not every trial
+        assert judged.sampled in plots.figure(load(exp_dir), "importance").axes[0].get_xlabel()  # the plot says so
     else:
         assert judged.sampled is None and sorted(values) == pytest.approx(sorted(best))
 

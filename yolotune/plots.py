@@ -362,7 +362,7 @@ def _importance(results, metric: str, mode: str):
     ax.set_xlim(0, max(1.0, max(bars)) * 1.08)
     counted = COUNTED.replace("; ", ";\n")  # narrow enough beside long parameter names
     ax.set_xlabel(f"share of the variance of best {metric} that each parameter explains (sums to 1)\n"
-                  f"counted: {counted}", fontsize=8)
+                  f"counted: {counted}" + (f"\n{judged.sampled}" if judged.sampled else ""), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
