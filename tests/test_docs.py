@@ -297,6 +297,18 @@ def test_python_snippets_run(page, in_workdir, monkeypatch, unrendered):
     assert validated or "tune(" not in page.read_text()
 
 
+def test_api_page_names_every_argument_of_tune():
+    """docs/api.md names each argument of yolotune.tune (the reference below it gives their defaults)."""
+    import inspect
+
+    from yolotune.api import tune
+
+    text = (REPO / "docs" / "api.md").read_text()
+    missing = [name for name, parameter in inspect.signature(tune).parameters.items()
+               if parameter.kind is not parameter.VAR_KEYWORD and f"`{name}`" not in text]
+    assert not missing, f"docs/api.md does not name these arguments of yolotune.tune: {missing}"
+
+
 # --- printed output -------------------------------------------------------------------------------
 
 def _output_blocks(kind: str, arg: str = ""):
@@ -342,6 +354,25 @@ def test_troubleshooting_has_every_refusal_message():
     assert not missing, f"docs/troubleshooting.md lacks the message of {missing}: add each under its cause"
     unknown = [line for line in listed if line not in messages.values()]
     assert not unknown, f"docs/troubleshooting.md lists messages yolotune no longer prints: {unknown}"
+
+
+def _prose(page: Path) -> str:
+    """A page's text outside its fenced blocks (a code line that starts with # is no heading)."""
+    return re.sub(r"^(```+).*?^\1\s*$", "", page.read_text(), flags=re.M | re.S)
+
+
+def test_troubleshooting_lists_each_entry_once_and_indexes_its_sections():
+    """Each message once, each heading once, and the list at the top links every section: a user looks
+    up what they see in one place."""
+    page = REPO / "docs" / "troubleshooting.md"
+    listed = [line for block in blocks(page) if block.kind == "messages" for line in block.text.splitlines()]
+    assert not sorted({line for line in listed if listed.count(line) > 1}), "messages listed twice"
+    headings = re.findall(r"^#+ (.+)$", _prose(page), re.M)
+    assert not sorted({h for h in headings if headings.count(h) > 1}), "headings used twice"
+    index = _prose(page).split("\n## ")[0]
+    for heading in re.findall(r"^## (.+)$", _prose(page), re.M):
+        slug = re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", heading).strip().lower())
+        assert f"](#{slug})" in index, f"docs/troubleshooting.md: the list at the top lacks '{heading}'"
 
 
 # Times, numbers, trial ids and paths differ from run to run; the parameter and metric names with the

@@ -320,10 +320,14 @@ def validate(exp: ExperimentConfig) -> None:
 
     for group in (*GROUPS, *PLAIN_GROUPS):
         getattr(exp, group).check(exp)
-    pruning = exp.scheduler.needs_validation or exp.search.replaces_scheduler
-    if pruning and exp.train.get("val", True) is False:
-        raise ConfigError("train.val", False, f"scheduler={exp.scheduler.type} stops trials on per-epoch validation "
-                                              "metrics; keep val=true or use scheduler=fifo")
+    if exp.train.get("val", True) is False:
+        if exp.search.replaces_scheduler:  # BOHB stops trials whatever the scheduler group says
+            raise ConfigError("train.val", False, f"search={exp.search.type} stops trials with its own scheduler, on "
+                                                  "per-epoch validation metrics; keep val=true or use search=random "
+                                                  "with scheduler=fifo")
+        if exp.scheduler.needs_validation:
+            raise ConfigError("train.val", False, f"scheduler={exp.scheduler.type} stops trials on per-epoch "
+                                                  "validation metrics; keep val=true or use scheduler=fifo")
 
 
 def check_storage(storage: str) -> None:
