@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from test_analysis_fast import FITNESS, SPACE, recorded, sampled
-from yolotune import layout, retention
+from yolotune import layout, report, retention
 from yolotune.results import load
 from yolotune.storage import Location
 from yolotune.trainable import _keep_best
@@ -95,3 +95,14 @@ def test_the_best_epochs_weights_are_a_link_to_the_checkpointed_last_pt_or_else_
         os.replace(last, tmp_path / "checkpoint.pt")  # as the checkpoint takes it
     last.write_bytes(b"epoch 3")  # Ultralytics' next epoch
     assert best.read_bytes() == b"epoch 2"
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_the_live_refresh_prunes_unless_trials_may_clone_ended_ones_checkpoints(tmp_path, prune):
+    """Under PBT (prune=False) a trial may go on from the checkpoint of one that has ended since."""
+    exp_dir = with_weights(tmp_path / "exp")
+    config = exp_dir / ".hydra" / "config.yaml"
+    config.write_text(config.read_text() + "checkpoint: {every: 1, keep: 1}\n")
+    report.live_refresh(str(exp_dir), prune=prune)
+    assert trials_with_weights(exp_dir) == expected_with_weights(1 if prune else None)
+    assert (exp_dir / "report.html").is_file()

@@ -53,26 +53,28 @@ def write_all_at(uri: str) -> None:
     location.upload(*write_all(location.download()).values())
 
 
-def live_refresh(uri: str) -> None:
-    """What the live view runs as trials end, in a process of its own (``refresh_in_process``): the
-    ended trials' weights pruned by ``checkpoint.keep`` (retention.py), then ``write_all_at(uri)``."""
+def live_refresh(uri: str, prune: bool = True) -> None:
+    """What the live view runs as trials end, in a process of its own (``refresh_in_process``): with
+    ``prune``, the ended trials' weights pruned by ``checkpoint.keep`` (retention.py), then
+    ``write_all_at(uri)``."""
     from yolotune import retention
 
     location = Location(uri)
     results = load(location.download())
-    retention.prune(results, location, retention.configured_keep(results))
+    if prune:
+        retention.prune(results, location, retention.configured_keep(results))
     location.upload(*write_all(results).values())
 
 
-def refresh_in_process(uri: str) -> None:
-    """``live_refresh(uri)`` in a Python process of its own: at thousands of trials it takes seconds
-    of CPU that the driver's interpreter (its event handling) must not share. Raises RuntimeError
-    with the process's last line of error output if it fails."""
+def refresh_in_process(uri: str, prune: bool = True) -> None:
+    """``live_refresh(uri, prune)`` in a Python process of its own: at thousands of trials it takes
+    seconds of CPU that the driver's interpreter (its event handling) must not share. Raises
+    RuntimeError with the process's last line of error output if it fails."""
     # yolotune as this process imported it, whatever the working directory (Hydra may have changed it)
     path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", "import sys; from yolotune.report import live_refresh; "
-                           "live_refresh(sys.argv[1])", uri], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": path})
+                           "live_refresh(sys.argv[1], sys.argv[2] == 'prune')", uri, "prune" if prune else "keep"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if proc.returncode:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         raise RuntimeError(lines[-1])
