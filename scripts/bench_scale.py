@@ -66,9 +66,10 @@ def sample(dist: dict, rng: random.Random) -> float:
     return rng.uniform(dist["low"], dist["high"])
 
 
-def build(exp_dir: Path, trials: int, seed: int = 0) -> Path:
-    """An experiment of ``trials`` ended trials (and weights files as yolotune 0.x kept them: the
-    checkpoint's last.pt, Ultralytics' best.pt and best_by_metric.pt, each WEIGHTS_MB)."""
+def build(exp_dir: Path, trials: int, seed: int = 0, weights_mb: float = WEIGHTS_MB) -> Path:
+    """An experiment of ``trials`` ended trials (and weights files as yolotune kept them before
+    checkpoint.keep: the checkpoint's last.pt, Ultralytics' best.pt and best_by_metric.pt, each
+    ``weights_mb``)."""
     rng = random.Random(seed)
     dists = space()
     (exp_dir / ".hydra").mkdir(parents=True)
@@ -82,7 +83,7 @@ def build(exp_dir: Path, trials: int, seed: int = 0) -> Path:
         keep = max(1, len([i for i in order if reached[i] >= rung]) // REDUCTION)
         for i in [i for i in order if reached[i] >= rung][:keep]:
             reached[i] = nxt
-    events, blob = [], os.urandom(int(WEIGHTS_MB * 2**20))
+    events, blob = [], os.urandom(int(weights_mb * 2**20))
     for n, config in enumerate(configs):
         trial_id = f"{n:05d}"
         trial_dir = exp_dir / f"trial_{trial_id}"
