@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from yolotune import plots, report
-from yolotune.importance import MIN_TRIALS, importance
+import yolotune.importance
+from yolotune.importance import MIN_TRIALS, TREES, importance
 from yolotune.results import load
 from yolotune.results_cli import main as results_main
 
@@ -90,6 +91,58 @@ def test_the_parameter_that_alone_decides_the_metric_is_the_most_important(tmp_p
     assert sum(judged.values.values()) == pytest.approx(1.0)
 
 
+@pytest.fixture
+def fitted(monkeypatch) -> list:
+    """Each forest fitted, as (its trials' values, its trees): what importance costs, counted."""
+    from optuna.importance import FanovaImportanceEvaluator
+
+    forests, evaluate, init = [], FanovaImportanceEvaluator.evaluate, FanovaImportanceEvaluator.__init__
+
+    def counting_init(self, *args, n_trees=64, **kwargs):
+        self.counted_trees = n_trees
+        init(self, *args, n_trees=n_trees, **kwargs)
+
+    def counting_evaluate(self, study, *args, **kwargs):
+        forests.append(([t.value for t in study.trials], self.counted_trees))
+        return evaluate(self, study, *args, **kwargs)
+
+    monkeypatch.setattr(FanovaImportanceEvaluator, "__init__", counting_init)
+    monkeypatch.setattr(FanovaImportanceEvaluator, "evaluate", counting_evaluate)
+    return forests
+
+
+@pytest.mark.parametrize("over", [0, 1, 80])
+def test_past_max_fitted_trials_the_forest_is_fitted_on_the_best_and_a_sample_of_the_rest(tmp_path, fitted,
+                                                                                          monkeypatch, over):
+    """Importance's cost stops growing with the trials: one forest of TREES trees, on MAX_FITTED of
+    them at most, the best BEST_FITTED always among them; the parameter that decides still first.
+    (A smaller MAX_FITTED here: the same rule, in a tenth of the time.)"""
+    monkeypatch.setattr(yolotune.importance, "MAX_FITTED", 40)
+    monkeypatch.setattr(yolotune.importance, "BEST_FITTED", 10)
+    MAX_FITTED, BEST_FITTED = 40, 10  # noqa: N806 - the module's, as set
+    trials = MAX_FITTED + over
+    exp_dir = decided_experiment(tmp_path / "exp", "lr0", trials=trials)
+    best = sorted((decided_by("lr0", c) for c in configs_of(exp_dir)), reverse=True)
+    judged = importance(load(exp_dir))
+    assert len(fitted) == 1
+    values, trees = fitted[0]
+    assert trees == TREES and len(values) == min(trials, MAX_FITTED) == judged.fitted and judged.trials == trials
+    assert sorted(values, reverse=True)[:BEST_FITTED] == pytest.approx(best[:BEST_FITTED])
+    assert max(judged.values, key=judged.values.get) == "lr0" and judged.values["lr0"] > 0.5
+    if trials > MAX_FITTED:
+        assert judged.sampled == (f"fitted on {MAX_FITTED} of {trials} trials: the best {BEST_FITTED} and "
+                                  f"{MAX_FITTED - BEST_FITTED} drawn at random from the rest")
+        assert set(values) < set(best)  # a sample, not every trial
+        assert judged.sampled in plots.figure(load(exp_dir), "importance").axes[0].get_xlabel()  # the plot says so
+    else:
+        assert judged.sampled is None and sorted(values) == pytest.approx(sorted(best))
+
+
+def configs_of(exp_dir: Path) -> list:
+    events = [json.loads(line) for line in (exp_dir / "trials.jsonl").read_text().splitlines()]
+    return [e["config"] for e in events if e["event"] == "started"]
+
+
 def test_a_parameter_whose_values_were_shuffled_is_not_the_most_important(tmp_path):
     judged = importance(load(decided_experiment(tmp_path / "exp", "lr0", shuffle=True)))
     assert judged.reason is None and max(judged.values, key=judged.values.get) != "lr0"
@@ -146,9 +199,10 @@ def test_the_command_line_and_the_report_show_the_importance(tmp_path, capsys):
     """`yolotune results --format json`, its table (report.details) and report.html."""
     exp_dir = decided_experiment(tmp_path / "exp", "batch")
     want = importance(load(exp_dir)).values
-    assert results_main([str(exp_dir), "--format", "json"]) == 0
+    assert results_main([str(exp_dir), "--format", "json", "--report"]) == 0
     data = json.loads(capsys.readouterr().out)["importance"]
     assert data["metric"] == FITNESS and "fANOVA" in data["method"] and data["trials"] == 30
+    assert (data["fitted"], data["trees"], data["sampled"]) == (30, TREES, None)  # all of them: no sample
     assert list(data["importance"]) == list(want) and list(want)[0] == "batch" and data["reason"] is None
     assert "best validated value" in data["counted"]
     out = report.details(load(exp_dir), None, {}).splitlines()

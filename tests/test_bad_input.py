@@ -176,6 +176,8 @@ CASES = [
     ("checkpoint-zero", ["checkpoint.every=0"], "checkpoint.every"),
     ("checkpoint-beyond-epochs", ["checkpoint.every=11"], "checkpoint.every"),
     ("checkpoint-float", ["checkpoint.every=1.5"], "checkpoint.every"),
+    ("keep-zero", ["checkpoint.keep=0"], "checkpoint.keep"),
+    ("keep-float", ["checkpoint.keep=2.5"], "checkpoint.keep"),
     ("pbt-between-checkpoints", ["scheduler=pbt", "scheduler.perturbation_interval=3", "checkpoint.every=2"],
      "scheduler.perturbation_interval"),
     ("cpu-beyond-machine", ["resources.cpu_per_trial=512"], "resources.cpu_per_trial"),
@@ -483,6 +485,7 @@ VALID = [
     ["epochs=12"], ["imgsz=64"], ["verbose=quiet"], ["verbose=ray"], ["train.cos_lr=true"], ["+train.cos_lr=true"],
     ["resources.gpu_per_trial=1"], ["resources.gpu_per_trial=1", "train.batch=-1"],
     ["resources.gpu_per_trial=0.25", "train.batch=1"], ["checkpoint.every=1"], ["checkpoint.every=10"],
+    ["checkpoint.keep=1"], ["checkpoint.keep=null"],
     ["scheduler=pbt", "scheduler.perturbation_interval=4", "checkpoint.every=2"], ["+train.deterministic=true"],
     # each rule's last valid value
     ["train.epochs=1", "scheduler.grace_period=1"], ["scheduler.max_t=10"], ["scheduler.brackets=10"],

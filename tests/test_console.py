@@ -359,7 +359,8 @@ def test_ray_records_the_live_view_reports_stay_off_the_console(tmp_path, capsys
     assert "trial_p" in log
 
 
-def test_refresher_coalesces_requests_and_never_runs_twice_at_once(capsys):
+def test_refresher_coalesces_requests_and_never_runs_twice_at_once(capsys, monkeypatch):
+    monkeypatch.setattr(Refresher, "SHARE", 1.0)  # no wait between refreshes: see the test below
     running, runs, release = [], [], threading.Event()
 
     def refresh():
@@ -378,6 +379,36 @@ def test_refresher_coalesces_requests_and_never_runs_twice_at_once(capsys):
     time.sleep(0.5)
     refresher.close()
     assert len(runs) == 2  # the five requests made during the first refresh became one
+
+
+def test_refresher_waits_nine_times_a_refreshs_length_before_the_next():
+    """At most a tenth of the time refreshing, whatever a refresh costs (counted from its own length,
+    so a loaded machine only makes the wait longer)."""
+    starts, took = [], 0.05
+
+    def refresh():
+        starts.append(time.monotonic())
+        time.sleep(took)
+
+    refresher = Refresher(refresh)
+    refresher.request()
+    while not starts:
+        time.sleep(0.01)
+    refresher.request()  # during the first refresh: runs once the wait is over
+    deadline = time.monotonic() + 10
+    while len(starts) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refresher.close()
+    assert len(starts) == 2 and starts[1] - starts[0] >= took / Refresher.SHARE
+
+
+def test_closing_the_refresher_ends_its_wait_at_once():
+    refresher = Refresher(lambda: time.sleep(0.2))  # then a 1.8 s wait
+    refresher.request()
+    time.sleep(0.3)
+    closing = time.monotonic()
+    refresher.close()
+    assert time.monotonic() - closing < 1.0
 
 
 def test_refresher_warns_and_goes_on(monkeypatch, capsys):

@@ -45,8 +45,8 @@ def experiment(small_sweep, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_run(experiment) -> subprocess.CompletedProcess:
-    """`yolotune results EXP_DIR`, run once, as a user runs it."""
-    return run_cli("results", str(experiment), timeout=300)
+    """`yolotune results EXP_DIR --report`, run once, as a user runs it to get the plots and the page."""
+    return run_cli("results", str(experiment), "--report", timeout=300)
 
 
 def _results_cli(*args: str) -> subprocess.CompletedProcess:

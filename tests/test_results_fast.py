@@ -323,6 +323,26 @@ def test_report_writes_the_page_with_the_top_trials_and_fresh_plots(exp):
     assert page.count("data:image/png;base64,") == len(plots.KINDS)
 
 
+def test_a_running_experiments_page_says_how_fresh_it_is(exp):
+    from datetime import datetime
+
+    newest = max(row["timestamp"] for t in TRIALS for row in history_rows(t))
+    page = report.write_all(exp)["report"].read_text()
+    assert f"from the trials' epochs up to {datetime.fromtimestamp(newest):%Y-%m-%d %H:%M:%S}" in page
+    assert report.REFRESH_NOTE in page
+    layout.mark_finished(exp)  # a finished experiment's page is its last: no freshness to tell
+    assert "from the trials' epochs up to" not in report.write_all(exp)["report"].read_text()
+
+
+def test_the_live_refresh_runs_in_a_process_of_its_own_and_names_its_failure(exp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no yolotune is: the child imports the one this process did
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    report.refresh_in_process(str(exp))
+    assert (exp / "report.html").is_file() and (exp / "trials.csv").is_file()
+    with pytest.raises(RuntimeError, match=r"^FileNotFoundError: .*nowhere is not a yolotune experiment"):
+        report.refresh_in_process(str(tmp_path / "nowhere"))
+
+
 def test_figures_and_written_plots_follow_the_metric_and_mode_asked_for(exp, tmp_path):
     results = load(exp)
     assert plots.figure(results, "history", mode="max").axes[0].get_ylabel() == f"{LOSS} (higher is better)"
@@ -374,7 +394,31 @@ def test_cli_table(exp, capsys):
     assert positions == sorted(positions) and f" {ranked[3]} " not in out
     want = expected(LOSS, "min").loc[ranked[0]]
     assert f"Best trial: {ranked[0]}: {LOSS} {want['best']:.6g} at epoch {want['best_epoch']}," in out
-    assert f"Wrote {exp.resolve() / 'report.html'}" in out
+    assert "Wrote " not in out and "--report those and report.html" in out
+
+
+WRITTEN = ("trials.csv", "plots", "report.html")
+
+
+@pytest.mark.parametrize("shown", [[], ["--format", "json"], ["--format", "csv"], ["--top", "2"],
+                                   ["--metric", FITNESS]])
+def test_a_results_command_that_is_not_asked_to_write_writes_nothing(exp, capsys, shown):
+    """Reading a 2,000-trial experiment stays interactive: no plots nor report unless asked for."""
+    before = sorted(p.relative_to(exp) for p in exp.rglob("*"))
+    code, out, _ = run_results(capsys, exp, *shown)
+    assert code == 0 and out
+    assert sorted(p.relative_to(exp) for p in exp.rglob("*")) == before
+    assert not any((exp / name).exists() for name in WRITTEN)
+
+
+@pytest.mark.parametrize("flag, files", [("--plots", {"trials.csv", "plots"}), ("--report", set(WRITTEN))])
+def test_plots_writes_the_table_and_plots_and_report_writes_the_page_too(exp, capsys, flag, files):
+    code, out, _ = run_results(capsys, exp, flag)
+    assert code == 0 and {name for name in WRITTEN if (exp / name).exists()} == files
+    assert sorted(p.name for p in (exp / "plots").iterdir()) == sorted(f"{kind}.png" for kind in plots.KINDS)
+    assert [line for line in out.splitlines() if line.startswith("Wrote ")] == \
+        [f"Wrote {exp.resolve() / 'trials.csv'}", *(f"Wrote {exp.resolve() / 'plots' / kind}.png" for kind in plots.KINDS),
+         *([f"Wrote {exp.resolve() / 'report.html'}"] if flag == "--report" else [])]
 
 
 def test_cli_json_ranks_by_another_metric_with_its_mode(exp, capsys):
@@ -388,7 +432,7 @@ def test_cli_json_ranks_by_another_metric_with_its_mode(exp, capsys):
     assert [row[f"best_{FITNESS}"] for row in data["ranked"]] == [want.at[t, "best"] for t in ranked[:2]]
     assert data["best"]["trial_id"] == ranked[0] and data["best"]["epoch"] == want.at[ranked[0], "best_epoch"]
     assert data["trials"] == ITERATIONS and data["status"]["PENDING"] == 1
-    assert set(data["files"]) == {"trials_csv", *plots.KINDS, "report"}
+    assert data["files"] == {}  # nothing asked for, nothing written (--report: see below)
 
 
 def test_cli_mode_overrides_and_csv_format(exp, capsys):
@@ -453,7 +497,7 @@ def test_history_cut_short_by_a_kill(exp, capsys):
     results = load(exp)
     assert results.problems == ["trial_t_done/history.jsonl: skipped 1 damaged line"]
     assert results.dataframe().set_index("trial_id").at["t_done", "epochs"] == EPOCHS
-    code, _, err = run_results(capsys, exp)
+    code, _, err = run_results(capsys, exp, "--plots")
     assert code == 0 and "trial_t_done/history.jsonl: skipped 1 damaged line" in one_warning(err)
     assert pd.read_csv(exp / "trials.csv").set_index("trial_id").at["t_done", "epochs"] == EPOCHS
 

@@ -69,9 +69,11 @@ def _sequential_sweep(storage, shapes_cache, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig):
+    """With checkpoint.keep=1 too: the ended trials outside the best lose their weights, the running one
+    keeps the checkpoint it resumes from."""
     exp_dir = tmp_path / "exp"
     with ray_temp_dir() as ray_tmp:
-        proc = _start(_sequential_sweep(tmp_path, shapes_cache, "exp"), ray_tmp)
+        proc = _start(_sequential_sweep(tmp_path, shapes_cache, "exp") + ["checkpoint.keep=1"], ray_tmp)
         _wait_for(_one_done_one_midway(exp_dir, EPOCHS), proc)
         os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
         if sig == signal.SIGKILL:  # a dying machine takes this sweep's Ray workers (in their own groups) too
@@ -115,6 +117,14 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, shapes_cache, sig)
     from ray.tune import ExperimentAnalysis
 
     assert [t.status for t in ExperimentAnalysis(str(exp_dir)).trials] == ["TERMINATED"] * 3
+    best = min(after, key=lambda name: after[name][-1]["val/box_loss"])  # FIFO: each trial's one validation
+    weights = {name: sorted(p.relative_to(exp_dir / name).as_posix() for p in (exp_dir / name).rglob("*.pt"))
+               for name in after}
+    assert {name for name, files in weights.items() if files} == {best}, weights
+    kept = exp_dir / best / "train" / "weights" / layout.TRIAL_BEST_WEIGHTS
+    newest_checkpoint = max((exp_dir / best).glob("checkpoint_*/last.pt"))
+    assert kept.samefile(newest_checkpoint)  # its last epoch's weights, once: a link to its checkpoint
+    assert all((exp_dir / name / HISTORY).is_file() for name in after)
 
 
 @pytest.mark.slow

@@ -247,6 +247,25 @@ def test_download_keeps_the_stores_times_and_copies_a_local_experiment_elsewhere
     assert local.download(tmp_path / "copy") == tmp_path / "copy" and (tmp_path / "copy" / "trials.jsonl").is_file()
 
 
+def test_a_second_download_moves_only_the_files_new_or_changed_in_the_store(s3, tmp_path):
+    """The live view downloads a large experiment's small files at each refresh: only what changed."""
+    client, prefix = boto3.client("s3"), f"again-{tmp_path.name}"
+    for name, body in (("trials.jsonl", b"{}\n"), ("trial_a/history.jsonl", b"{}\n")):
+        client.put_object(Bucket="yolotune", Key=f"{prefix}/{name}", Body=body)
+    store = Location(f"s3://yolotune/{prefix}")
+    mirror = store.download(tmp_path / "mirror")
+    unchanged = mirror / "trials.jsonl"
+    stat = unchanged.stat()
+    unchanged.write_bytes(b"XY\n")  # the same size and time: a copy that was not moved again keeps this
+    os.utime(unchanged, (stat.st_atime, stat.st_mtime))
+    client.put_object(Bucket="yolotune", Key=f"{prefix}/trial_a/history.jsonl", Body=b"{}\n{}\n")
+    client.put_object(Bucket="yolotune", Key=f"{prefix}/trial_b/history.jsonl", Body=b"{}\n")
+    store.download(tmp_path / "mirror")
+    assert unchanged.read_bytes() == b"XY\n"
+    assert (mirror / "trial_a" / "history.jsonl").read_bytes() == b"{}\n{}\n"
+    assert (mirror / "trial_b" / "history.jsonl").read_bytes() == b"{}\n"
+
+
 def test_the_cache_is_under_home_unless_set(monkeypatch, tmp_path):
     from yolotune.storage import cache_root
 
@@ -373,20 +392,26 @@ def test_weights_in_an_unreachable_store_are_one_line(s3, tmp_path, shapes_cache
 
 
 def test_the_report_refreshes_from_and_into_the_store(s3, tmp_path):
-    """What the live view does as trials end: the trials' files are in the store, not on the driver."""
+    """What the live view does as trials end: the trials' files are in the store, not on the driver;
+    the ended trials' weights past checkpoint.keep are deleted there."""
     from test_results_fast import build
 
     from yolotune import report
 
     local = build(tmp_path / "exp")
     experiment = Location(f"s3://yolotune/live-{tmp_path.name}").child("exp")
+    config = local / ".hydra" / "config.yaml"  # checkpoint.keep=2: t_paused and t_done, by val/box_loss
+    config.write_text(config.read_text() + "checkpoint: {every: 1, keep: 2}\n")
+    for trial_id in ("t_done", "t_early"):
+        layout.write_atomic(local / f"trial_{trial_id}" / "checkpoint_000001" / "last.pt", b"weights")
     for path in local.rglob("*"):
         if path.is_file():
             boto3.client("s3").upload_file(str(path), "yolotune", f"live-{tmp_path.name}/exp/"
                                            f"{path.relative_to(local).as_posix()}")
-    report.write_all_at(experiment.uri)
+    report.live_refresh(experiment.uri)
     keys = _keys(f"live-{tmp_path.name}/exp/")
     assert {"trials.csv", "report.html", "plots/history.png"} <= keys
+    assert "trial_t_done/checkpoint_000001/last.pt" in keys and "trial_t_early/checkpoint_000001/last.pt" not in keys
     uploaded = boto3.client("s3").get_object(Bucket="yolotune", Key=f"live-{tmp_path.name}/exp/trials.csv")
     assert uploaded["Body"].read() == (experiment.local / "trials.csv").read_bytes() == \
         report.write_trials_csv(yolotune.load(local)).read_bytes()

@@ -60,6 +60,8 @@ class FailureConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1  # epochs between a trial's checkpoints (its last epoch always has one)
+    # ended trials outside the best `keep` lose their weights (retention.py); null: every trial keeps them
+    keep: Optional[int] = 10
 
 
 @dataclass
@@ -299,6 +301,10 @@ def validate(exp: ExperimentConfig) -> None:
     check_range("failure.max_failures", exp.failure.max_failures, 0, None, "an integer >= 0", integer=True)
     check_range("checkpoint.every", exp.checkpoint.every, 1, exp.epochs,
                 f"an integer from 1 to train.epochs ({exp.epochs}): epochs between checkpoints", integer=True)
+    if exp.checkpoint.keep is not None:
+        check_range("checkpoint.keep", exp.checkpoint.keep, 1, None,
+                    "an integer >= 1: the ended trials that keep their weights, the best first (null: all)",
+                    integer=True)
     check_storage(exp.storage)
     exp.budget.check(exp)
     address = exp.ray.address

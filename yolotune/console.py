@@ -4,7 +4,9 @@
 experiment (trials done, trial-epochs run, the best value of the metric and its trial, elapsed
 and remaining time) and prints one line per trial event: started, batch cut by Ultralytics,
 stopped early, finished, errored, retried after a lost node or worker (and the node it goes on on).
-It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a background thread, whenever a trial ends. ``log_to(path)`` copies everything printed into the
+It also asks for the report (trials.csv, plots, report.html) to be refreshed, in a background thread, whenever a trial
+ends; the runner's refresh runs in a process of its own (``report.refresh_in_process``), so the driver's
+interpreter only waits for it, and ``Refresher`` spaces refreshes by their cost. ``log_to(path)`` copies everything printed into the
 experiment's ``yolotune.log``.
 
 On a terminal the progress line is redrawn in place by tqdm: it clears and redraws its line
@@ -284,11 +286,18 @@ class Screen:
 
 class Refresher:
     """Runs ``refresh`` in a background thread when asked. Requests made while it runs coalesce into
-    one more run, two never run at once, and its errors are printed as warnings, never raised."""
+    one more run, two never run at once, and its errors are printed as warnings, never raised.
+
+    A refresh's cost grows with the experiment (at 1,000 trials a report took ~40 s), so after each
+    one it waits ``(1 - SHARE) / SHARE`` times as long as that one took before the next: refreshing
+    takes at most ``SHARE`` of the time, however large the experiment, and the page is at most a few
+    refreshes' time old (it says when it was written and the newest epoch it holds)."""
+
+    SHARE = 0.1
 
     def __init__(self, refresh: Callable[[], None]):
-        self.refresh, self.closing = refresh, False
-        self.wanted = threading.Event()
+        self.refresh = refresh
+        self.wanted, self.closing = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name="yolotune-report", daemon=True)
         self.thread.start()
 
@@ -297,16 +306,17 @@ class Refresher:
 
     def close(self) -> None:
         """Wait for a refresh in progress; drop a pending one (the runner writes the final report)."""
-        self.closing = True
+        self.closing.set()
         self.wanted.set()
         self.thread.join()
 
     def _loop(self) -> None:
         while True:
             self.wanted.wait()
-            if self.closing:
+            if self.closing.is_set():
                 return
             self.wanted.clear()
+            started = time.monotonic()
             for attempt in (1, 2):
                 try:
                     self.refresh()
@@ -316,6 +326,7 @@ class Refresher:
                         print(f"yolotune: warning: could not refresh the report: {e}", file=sys.stderr)
                     else:  # the first failure may be a file Ray was rewriting as it was read
                         time.sleep(RETRY_S)
+            self.closing.wait((time.monotonic() - started) * (1 - self.SHARE) / self.SHARE)
 
 
 # --- the console log

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -23,6 +24,7 @@ from yolotune.space import Dist
 METHOD = "Optuna's fANOVA"
 MIN_TRIALS = 5  # fewer trials than this: a forest fitted to them says nothing
 TREES, SEED = 64, 0  # Optuna's default forest, seeded: the same experiment gets the same importances
+MAX_FITTED, BEST_FITTED = 256, 64  # past MAX_FITTED trials: the best BEST_FITTED and a random sample of the rest
 COUNTED = "each trial's best validated value; trials stopped early or still running at the epochs they reached; " \
           "errored trials left out"
 
@@ -37,9 +39,19 @@ class Importance:
     values: Dict[str, float] = field(default_factory=dict)
     reason: Optional[str] = None
     method: str = METHOD
+    fitted: int = 0  # of ``trials``, those the forest was fitted on (all, up to MAX_FITTED)
+
+    @property
+    def sampled(self) -> Optional[str]:
+        """Which trials the forest was fitted on when not all of them; None when all were."""
+        if self.fitted >= self.trials or not self.values:
+            return None
+        return (f"fitted on {self.fitted} of {self.trials} trials: the best {BEST_FITTED} and "
+                f"{self.fitted - BEST_FITTED} drawn at random from the rest")
 
     def as_json(self) -> dict:
         return {"metric": self.metric, "mode": self.mode, "method": self.method, "trials": self.trials,
+                "fitted": self.fitted, "trees": TREES if self.values else 0, "sampled": self.sampled,
                 "counted": COUNTED, "importance": dict(self.values), "reason": self.reason}
 
 
@@ -76,8 +88,20 @@ def _judge(results: ExperimentResults, metric: str, mode: str) -> Importance:
     missing = [name for name in ("optuna", "sklearn") if importlib.util.find_spec(name) is None]
     if missing:
         return cannot(f"needs {' and '.join(missing)}: pip install 'yolotune[importance]'")
-    values = _fanova(space, used, f"best_{metric}")
-    return Importance(metric, mode, len(used), {name: float(v) for name, v in values.items()})
+    fitted = _fitted(used, f"best_{metric}", mode)
+    values = _fanova(space, fitted, f"best_{metric}")
+    return Importance(metric, mode, len(used), {name: float(v) for name, v in values.items()}, fitted=len(fitted))
+
+
+def _fitted(trials, key: str, mode: str):
+    """The trials the forest is fitted on: all of them up to MAX_FITTED; past it the best BEST_FITTED
+    and MAX_FITTED - BEST_FITTED of the rest drawn at random (seeded), in their record order."""
+    if len(trials) <= MAX_FITTED:
+        return trials
+    ranked = trials[key].sort_values(ascending=mode == "min", kind="stable")
+    best = list(ranked.index[:BEST_FITTED])
+    drawn = random.Random(SEED).sample(list(ranked.index[BEST_FITTED:]), MAX_FITTED - BEST_FITTED)
+    return trials.loc[sorted(best + drawn, key=trials.index.get_loc)]
 
 
 def _fanova(space: Dict[str, Dist], trials, key: str) -> Dict[str, float]:

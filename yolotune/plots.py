@@ -23,6 +23,7 @@ PARETO = "pareto"  # an experiment with objectives has this plot too (kinds_of()
 DPI = 110
 BEST_COLOR = "black"
 STAR = dict(marker="*", s=260, color="gold", edgecolor="black", linewidth=1, zorder=5)
+MARKED_LINES = 200  # parallel coordinates: past this many trials, lines without markers
 LABEL_CHARS = 32  # longer parameter names are shortened in the middle on axes, where they would crowd
 
 
@@ -86,7 +87,7 @@ def _history(results, metric: str, mode: str):
     ids = [t for t in trials.trial_id if t in reported]
     few = len(ids) <= 10  # few trials: one colour and legend entry each; many: grey, only the best named
     colors = dict(zip(ids, _cycle(len(ids)))) if few else {}
-    ends = set()
+    ends: Dict[str, list] = {}  # the grey trials' ends, drawn at once per kind: thousands of trials stay quick
     by_trial = dict(tuple(measured(history, metric).groupby("trial_id", sort=False)))
     for trial_id in ids:
         runs = by_trial.get(trial_id)
@@ -95,12 +96,20 @@ def _history(results, metric: str, mode: str):
         is_best = best is not None and trial_id == best["trial_id"]  # None: no trial meets select
         color = BEST_COLOR if is_best else colors.get(trial_id, "0.6")
         label = f"{trial_id} (best)" if is_best else (trial_id if few else None)
-        ax.plot(runs["epoch"], runs[metric], color=color, lw=3 if is_best else 1.4, alpha=1 if is_best else 0.85,
-                marker="o" if len(runs) < 30 else None, ms=3.5, zorder=4 if is_best else 2, label=label)
-        end = _end_kind(status[trial_id], int(runs["epoch"].iloc[-1]), planned)
+        epochs, values = runs["epoch"].to_numpy(), runs[metric].to_numpy()
+        ax.add_line(Line2D(epochs, values, color=color, lw=3 if is_best else 1.4, alpha=1 if is_best else 0.85,
+                           marker="o" if len(runs) < 30 else None, ms=3.5, zorder=4 if is_best else 2, label=label))
+        end = _end_kind(status[trial_id], int(epochs[-1]), planned)
         if end:
-            ends.add(end)
-            ax.plot(runs["epoch"].iloc[-1], runs[metric].iloc[-1], ls="", color=color, zorder=6, **_END_STYLE[end])
+            ends.setdefault(end, [])
+            if few or is_best:
+                ax.plot(epochs[-1], values[-1], ls="", color=color, zorder=6, **_END_STYLE[end])
+            else:
+                ends[end].append((epochs[-1], values[-1]))
+    for end, points in ends.items():
+        if points:
+            ax.plot(*zip(*points), ls="", color="0.6", zorder=5, **_END_STYLE[end])
+    ax.autoscale_view()
     if best is not None:
         ax.scatter(best["best_epoch"], best[f"best_{metric}"], **STAR,
                    label=f"best: {best[f'best_{metric}']:.4g} at epoch {best['best_epoch']}")
@@ -243,6 +252,7 @@ def _parallel(results, metric: str, mode: str):
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
 
     key = f"best_{metric}"
     scored = results.dataframe(metric, mode).dropna(subset=[key])
@@ -261,11 +271,13 @@ def _parallel(results, metric: str, mode: str):
     norm = Normalize(low, high)
     best = getattr(results.best(metric, mode), "trial_id", None)
     # worst first, so that the better trials' lines are drawn on top
-    for trial_id in values.sort_values(ascending=not lower_is_better(mode), kind="stable").index:
+    order = values.sort_values(ascending=not lower_is_better(mode), kind="stable").index
+    places, colors = table.loc[order].to_numpy(), cmap(norm(values[order].to_numpy()))
+    marker = "o" if len(order) <= MARKED_LINES else None  # thousands of markers: seconds to draw, a blur to read
+    for trial_id, ys, color in zip(order, places, colors):
         is_best = trial_id == best
-        ax.plot(range(len(axes)), table.loc[trial_id], color=cmap(norm(values[trial_id])), gid=trial_id,
-                lw=2.8 if is_best else 1.2, alpha=1 if is_best else 0.75, zorder=3 if is_best else 2,
-                marker="o", ms=3)
+        ax.add_line(Line2D(range(len(axes)), ys, color=color, gid=trial_id, lw=2.8 if is_best else 1.2,
+                           alpha=1 if is_best else 0.75, zorder=3 if is_best else 2, marker=marker, ms=3))
     for x, column in enumerate(axes):
         ax.vlines(x, 0, 1, color="0.25", lw=1, zorder=1)
         for position, text in table.attrs["ticks"][column]:
@@ -350,7 +362,7 @@ def _importance(results, metric: str, mode: str):
     ax.set_xlim(0, max(1.0, max(bars)) * 1.08)
     counted = COUNTED.replace("; ", ";\n")  # narrow enough beside long parameter names
     ax.set_xlabel(f"share of the variance of best {metric} that each parameter explains (sums to 1)\n"
-                  f"counted: {counted}", fontsize=8)
+                  f"counted: {counted}" + (f"\n{judged.sampled}" if judged.sampled else ""), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     return fig
 

@@ -2,13 +2,17 @@
 
 ``write_all`` (re)writes trials.csv, plots/*.png and report.html together; the runner calls it
 when a sweep ends, and anything that wants the files fresh (the live view, as trials end) calls
-it with the experiment dir or a loaded ``ExperimentResults``.
+it with the experiment dir or a loaded ``ExperimentResults``. ``yolotune results`` writes them only
+when asked (``--plots``: trials.csv and the plots; ``--report``: everything).
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -31,10 +35,15 @@ def write_all(experiment: Union[str, Path, ExperimentResults], top: Optional[int
     is read-only.
     """
     results = experiment if isinstance(experiment, ExperimentResults) else load(experiment)
+    written = write_plots(results)
+    pngs = {kind: path for kind, path in written.items() if kind != "trials_csv"}
+    return {**written, "report": write_report(results, pngs, top)}
+
+
+def write_plots(results: ExperimentResults) -> Dict[str, Path]:
+    """(Re)write trials.csv and plots/<kind>.png; returns name -> path (``trials_csv``, each plot's kind)."""
     own = results if results.metric == results.config.metric else load(results.path)
-    csv_path = write_trials_csv(own)
-    pngs = plots.save(results)
-    return {"trials_csv": csv_path, **pngs, "report": write_report(results, pngs, top)}
+    return {"trials_csv": write_trials_csv(own), **plots.save(results)}
 
 
 def write_all_at(uri: str) -> None:
@@ -42,6 +51,33 @@ def write_all_at(uri: str) -> None:
     trials' files reach a store, not the driver), the files written back there."""
     location = Location(uri)
     location.upload(*write_all(location.download()).values())
+
+
+def live_refresh(uri: str, prune: bool = True) -> None:
+    """What the live view runs as trials end, in a process of its own (``refresh_in_process``): with
+    ``prune``, the ended trials' weights pruned by ``checkpoint.keep`` (retention.py), then
+    ``write_all_at(uri)``."""
+    from yolotune import retention
+
+    location = Location(uri)
+    results = load(location.download())
+    if prune:
+        retention.prune(results, location, retention.configured_keep(results))
+    location.upload(*write_all(results).values())
+
+
+def refresh_in_process(uri: str, prune: bool = True) -> None:
+    """``live_refresh(uri, prune)`` in a Python process of its own: at thousands of trials it takes
+    seconds of CPU that the driver's interpreter (its event handling) must not share. Raises
+    RuntimeError with the process's last line of error output if it fails."""
+    # yolotune as this process imported it, whatever the working directory (Hydra may have changed it)
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from yolotune.report import live_refresh; "
+                           "live_refresh(sys.argv[1], sys.argv[2] == 'prune')", uri, "prune" if prune else "keep"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise RuntimeError(lines[-1])
 
 
 def write_trials_csv(results: ExperimentResults) -> Path:
@@ -83,7 +119,9 @@ def details(results: ExperimentResults, top: Optional[int], written: Dict[str, P
                   "Best config (Ultralytics train arguments):",
                   _indent(yaml.safe_dump(results.best_hyperparameters(), sort_keys=False)), ""]
     lines += [*importance_lines(importance(results)), ""]
-    lines += [f"Wrote {p}" for p in written.values()]
+    lines += [f"Wrote {p}" for p in written.values()] or \
+        [f"Plots and report: --plots writes {layout.TRIALS_CSV} and {layout.PLOTS_DIR}/*.png, --report those and "
+         f"{layout.REPORT}"]
     return "\n".join(lines)
 
 
@@ -129,7 +167,8 @@ def importance_lines(judged: Importance) -> List[str]:
     if judged.reason:
         return [f"{head}: {judged.reason}"]
     frame = pd.DataFrame({"parameter": list(judged.values), "importance": list(judged.values.values())})
-    return [f"{head}:", format_table(frame), f"(counted: {COUNTED})"]
+    return [f"{head}:", format_table(frame), f"(counted: {COUNTED}" + (f"; {judged.sampled})" if judged.sampled
+                                                                        else ")")]
 
 
 def counts_text(counts: Dict[str, int]) -> str:
@@ -169,11 +208,12 @@ img {{ max-width: 100%; }}
 {results.status if results.status != 'unfinished' else 'unfinished (running or interrupted)'}; trials: {esc(counts)}<br>
 ranked by {f"Pareto rank of {esc(', '.join(o.name for o in results.objectives))}, then " if results.objectives
            else ""}best <b>{esc(results.metric)}</b> ({better(results.mode)}); best trial: {esc(results.select_rule)};
-report written {datetime.now():%Y-%m-%d %H:%M}</p>
+report written {datetime.now():%Y-%m-%d %H:%M:%S}{freshness(results)}</p>
 <h2>Errors</h2>{f'<ul>{errors}</ul>' if errors else '<p>none</p>'}
 <h2>Trials</h2>{table}
 <h2>Parameter importance</h2>
-<p>For best <b>{esc(judged.metric)}</b> by {esc(judged.method)}, over {judged.trials} trials; counted: {esc(COUNTED)}.
+<p>For best <b>{esc(judged.metric)}</b> by {esc(judged.method)}, over {judged.trials} trials; counted: {esc(COUNTED)}{
+ f"; {esc(judged.sampled)}" if judged.sampled else ""}.
 Each parameter's share of the variance of the metric across trials (they sum to 1).</p>
 {f'<table><tr><th>parameter</th><th>importance</th></tr>{ranked}</table>' if ranked else
  f'<p>Importance {esc(judged.reason or "")}.</p>'}
@@ -182,6 +222,19 @@ Each parameter's share of the variance of the metric across trials (they sum to 
 <h2>Plots</h2>{images}
 </body></html>
 """
+
+
+def freshness(results: ExperimentResults) -> str:
+    """How fresh a running experiment's page is: the newest epoch it holds, and when the live view
+    writes the next one (it refreshes as trials end, at most as often as REFRESH_NOTE says)."""
+    if results.finished or results.history().empty or "timestamp" not in results.history():
+        return ""
+    newest = datetime.fromtimestamp(float(results.history()["timestamp"].max()))
+    return f", from the trials' epochs up to {newest:%Y-%m-%d %H:%M:%S}; {REFRESH_NOTE}"
+
+
+REFRESH_NOTE = "while the experiment runs this page is rewritten as trials end, each rewrite waiting nine " \
+               "times as long as the last one took (reload it)"
 
 
 def _indent(text: str) -> str:

@@ -32,8 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Analyse a yolotune experiment (finished, running or interrupted): print its trials ranked "
-                    "by metric and the best config, and (re)write trials.csv, plots/*.png and report.html in "
-                    "it. Given a storage dir, list the experiments in it.")
+                    "by metric, the best config and the parameters' importance; with --plots or --report, "
+                    "(re)write its files too. Given a storage dir, list the experiments in it.")
     parser.add_argument("path", help="an experiment dir (<storage>/<name>) or a storage dir")
     parser.add_argument("--metric", help="rank and plot by this reported metric (default: the experiment's; "
                                          "trials.csv keeps the experiment's)")
@@ -41,6 +41,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="default: the experiment's for its metric; otherwise min for losses, max for the rest")
     parser.add_argument("--top", type=_positive_int, metavar="N", help="show the best N trials only")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    parser.add_argument("--plots", action="store_true", help=f"(re)write {layout.TRIALS_CSV} and "
+                                                              f"{layout.PLOTS_DIR}/*.png in the experiment")
+    parser.add_argument("--report", action="store_true", help=f"(re)write {layout.TRIALS_CSV}, the plots and "
+                                                               f"{layout.REPORT} in the experiment")
     parser.add_argument("--convert", action="store_true",
                         help=f"first write the {layout.TRIAL_RECORD} of an experiment from an earlier yolotune "
                              "(from Ray's experiment state)")
@@ -72,7 +76,7 @@ def _show_experiment(results: ExperimentResults, args, location: Location) -> in
                          + ", ".join(reported))
     if results.problems:
         _warn("; ".join(results.problems))
-    written = _write_outputs(results, args.top, location)
+    written = _write_outputs(results, args, location) if args.plots or args.report else {}
     if args.format == "json":
         print(json.dumps(_as_json(results, args.top, written), indent=2))
     elif args.format == "csv":
@@ -82,11 +86,11 @@ def _show_experiment(results: ExperimentResults, args, location: Location) -> in
     return 0
 
 
-def _write_outputs(results: ExperimentResults, top: Optional[int], location: Location) -> Dict[str, Path]:
+def _write_outputs(results: ExperimentResults, args, location: Location) -> Dict[str, Path]:
     """A read-only experiment dir (or store) is reported, not fatal. In an object store the files
     are written to the local copy and uploaded."""
     try:
-        written = report.write_all(results, top)
+        written = report.write_all(results, args.top) if args.report else report.write_plots(results)
         location.upload(*written.values())
         return written
     except OSError as e:

@@ -51,7 +51,7 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     import ray
     from ray import tune
 
-    from yolotune import report
+    from yolotune import report, retention
     from yolotune.results import load
     from yolotune.trainable import train_trial
 
@@ -118,6 +118,8 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
             written = export_best(results, location)
+            if results.finished or not exp.scheduler.clones_checkpoints:  # the last trials have ended too
+                retention.prune(results, location, exp.checkpoint.keep)
         if budget.expired:
             (exp_dir / layout.BUDGET_MARKER).touch()
             written.append(exp_dir / layout.BUDGET_MARKER)
@@ -335,7 +337,8 @@ def _live_view(exp: ExperimentConfig, location: Location):
     prunes = exp.scheduler.stops_early or exp.search.replaces_scheduler
     epochs = exp.scheduler.trial_epochs(exp)
     return console.live_view(location.local, exp.metric, exp.mode, epochs, prunes, exp.verbose,
-                             partial(report.write_all_at, location.uri),
+                             partial(report.refresh_in_process, location.uri,
+                                     prune=not exp.scheduler.clones_checkpoints),
                              exp.train.get("batch", DEFAULT_CFG_DICT["batch"]))
 
 

@@ -26,6 +26,9 @@ class SchedulerConfig:
     stops_early = True
     # A trial resumes from its newest checkpoint; PBT also clones other trials' checkpoints.
     checkpoints_to_keep = 1
+    # PBT: a trial may go on from a checkpoint of a trial that has ended since, so checkpoint.keep
+    # prunes only when the experiment ends (retention.py)
+    clones_checkpoints = False
     # Runs with several objectives: Ray's ASHA, HyperBand, median stopping and PBT compare one metric;
     # FIFO compares none.
     multi_objective = False
@@ -173,6 +176,7 @@ class PbtConfig(SchedulerConfig):
     resample_probability: float = 0.25
     stops_early = False  # poor trials continue from better ones' checkpoints instead
     checkpoints_to_keep = 4
+    clones_checkpoints = True
 
     def check(self, exp) -> None:
         _check_epochs("scheduler.perturbation_interval", self.perturbation_interval, exp.epochs)

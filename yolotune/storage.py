@@ -4,7 +4,8 @@
 One code path: yolotune reads and writes an experiment in a local directory, ``Location.local``.
 For a directory that is the experiment itself, and ``download``/``upload`` do nothing. For a URI
 it is a mirror in the local cache (``$YOLOTUNE_CACHE``, default ``~/.cache/yolotune``):
-``download`` copies the experiment's small files there (never checkpoints or weights) and
+``download`` copies the experiment's small files there (never checkpoints or weights; only those
+new or changed since the last download) and
 ``upload`` writes files back. Endpoint and credentials come from the environment (AWS_*,
 profiles, instance roles, as pyarrow and Ray read them), never from yolotune's config.
 """
@@ -35,6 +36,16 @@ def cache_root() -> Path:
 def _small(relative: str) -> bool:
     """What results and resume read: everything but checkpoints and weights."""
     return not relative.endswith(".pt") and not any(p.startswith("checkpoint_") for p in relative.split("/"))
+
+
+def _same(local: Path, info) -> bool:
+    """Whether the local copy is the store's file as ``download`` left it (its size and mtime): a
+    refresh of a large experiment moves only the files that are new or changed."""
+    try:
+        stat = local.stat()
+    except OSError:
+        return False
+    return stat.st_size == info.size and info.mtime is not None and abs(stat.st_mtime - info.mtime.timestamp()) < 1e-3
 
 
 class Location:
@@ -105,7 +116,7 @@ class Location:
         found = self.fs.get_file_info(FileSelector(self.fs_path, recursive=True, allow_not_found=True))
         for info in found:
             relative = info.path[len(self.fs_path) + 1:]
-            if info.type == FileType.File and select(relative):
+            if info.type == FileType.File and select(relative) and not _same(into / relative, info):
                 with self.fs.open_input_stream(info.path) as f:
                     write_atomic(into / relative, f.read())
                 os.utime(into / relative, (info.mtime.timestamp(),) * 2)  # "newest experiment" compares these

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout, suppress
 from functools import partial
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -433,9 +433,12 @@ class _EpochReporter:
         # trainer.batch_size: what the loaders were built with, cut when Ultralytics ran out of GPU memory
         metrics.update(epoch=trainer.epoch + 1, validated=int(validated), **{TRAINED_BATCH: trainer.batch_size},
                        **self.node)
-        if self.best.improves(metrics):  # before its history row: a kill between them never leaves a row without weights
-            write_atomic(trainer.wdir / TRIAL_BEST_WEIGHTS, trainer.last.read_bytes())
         out_of_time = self._out_of_time()
+        checkpointed = not (trainer.epoch + 1) % self.every or trainer.stop or out_of_time
+        if self.best.improves(metrics):  # before its history row: a kill between them never leaves a row without weights
+            # A link when last.pt moves into this epoch's checkpoint (its name is gone before Ultralytics
+            # rewrites it in place): one copy of the weights. Otherwise, and in a store, a copy.
+            _keep_best(trainer.last, trainer.wdir / TRIAL_BEST_WEIGHTS, link=checkpointed and not self.remote)
         if self.measure_model and (trainer.stop or out_of_time):  # the trial's last report (of this run)
             best = trainer.wdir / TRIAL_BEST_WEIGHTS
             metrics.update(model_costs(best if best.is_file() else trainer.last, trainer.args.imgsz, trainer.device))
@@ -445,7 +448,7 @@ class _EpochReporter:
         self.last_report = now
         if out_of_time:  # this trial stops here (validated): the time budget's driver waits for this report
             metrics[PAST_DEADLINE] = self.deadline
-        if (trainer.epoch + 1) % self.every and not trainer.stop and not out_of_time:
+        if not checkpointed:
             tune.report(metrics)
             return
         # In an object store Ray uploads the staged last.pt, and the trial dir (uploaded too) keeps its own,
@@ -637,6 +640,21 @@ def _draw_as_validation_would(trainer) -> None:
     transforms = getattr(getattr(loader.dataset, "transforms", None), "transforms", [])
     for _ in range(len(loader.dataset) * sum(isinstance(t, Format) for t in transforms)):
         random.uniform(0, 1)
+
+
+def _keep_best(last: Path, best: Path, link: bool) -> None:
+    """``best`` replaced atomically by ``last``: a hard link if ``link`` and the file system has them, else a copy."""
+    if link:
+        tmp = best.with_name(f".{best.name}.link")
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(last, tmp)
+            os.replace(tmp, best)
+            return
+        except OSError:  # a file system without hard links
+            pass
+    write_atomic(best, last.read_bytes())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
