@@ -17,6 +17,7 @@ import yaml
 
 from yolotune import plots, report
 from yolotune.layout import BEST_HYPERPARAMETERS
+from yolotune.model_costs import describe
 from yolotune.objectives import Objective, pareto_ranks
 from yolotune.results import load
 from yolotune.results_cli import main as results_main
@@ -165,3 +166,114 @@ def test_results_command_shows_the_pareto_rank(tmp_path, capsys):
     assert [(r["trial_id"], r["pareto_rank"]) for r in data["ranked"]][:5] == [
         ("A", 1), ("D", 1), ("B", 1), ("E", 1), ("C", 2)]
     assert data["best"]["trial_id"] == "B" and data["objectives"] == OBJECTIVES
+
+
+def test_latency_alone_times_the_checkpoint_at_its_image_size_by_the_method_it_records():
+    """Every forward pass seen from outside (a global torch hook): warm-up plus timed passes, each of one
+    image at the checkpoint's imgsz, at CPU_THREADS threads, as the record says. Two measurements of the
+    same model agree within the spread of their own passes (no bound on the time itself)."""
+    import io
+
+    import torch
+    from ultralytics import YOLO
+
+    from yolotune.model_costs import CPU_THREADS, latency_alone
+
+    buffer = io.BytesIO()
+    torch.save({"model": YOLO("yolo11n.yaml").model, "ema": None, "train_args": {"imgsz": 64}}, buffer)
+    passes = []
+
+    def seen(module, args):
+        if type(module).__name__ == "DetectionModel":
+            passes.append((tuple(args[0].shape), torch.get_num_threads()))
+
+    threads = torch.get_num_threads()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    try:
+        first, second = (latency_alone(buffer.getvalue(), gpu=False) for _ in range(2))
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    assert {k: first[k] for k in ("method", "device", "threads", "imgsz", "batch", "warmup", "repeats")} == {
+        "method": "alone", "device": "cpu", "threads": CPU_THREADS, "imgsz": [64, 64], "batch": 1, "warmup": 3,
+        "repeats": 15}
+    assert passes == [((1, 3, 64, 64), CPU_THREADS)] * 2 * (3 + 15)
+    assert abs(first["latency_ms"] - second["latency_ms"]) <= 2 * (first["latency_iqr_ms"] + second["latency_iqr_ms"])
+    assert describe(first) == ("alone on cpu, 1 thread, 64x64, batch 1, fp32, Conv+BN fused, median of 15 after "
+                               "3 warm-up")
+
+
+def test_trials_csv_json_and_report_carry_every_objective_and_how_latency_was_measured(tmp_path, capsys):
+    trials = {"P": (0.9, 10.0, 9.0), "Q": (0.8, 5.0, 9.0), "R": (0.8, 5.0, 3.0)}
+    path = recorded(tmp_path / "exp", {k: dict(zip(("fitness", "latency_ms", "params"), v)) for k, v in trials.items()},
+                    objectives=[*OBJECTIVES, "params:min"], select="latency_ms<=5")
+    # read back independently: latency from the driver's record, params and the best fitness from the histories
+    alone = {r["trial_id"]: r["latency_ms"] for r in map(json.loads, (path / "latency.jsonl").read_text().splitlines())}
+    histories = {t: [json.loads(line) for line in (path / f"trial_{t}" / "history.jsonl").read_text().splitlines()]
+                 for t in trials}
+    expected = {t: {"fitness": max(r["fitness"] for r in rows), "latency_ms": alone[t], "params": rows[-1]["params"]}
+                for t, rows in histories.items()}
+    method = describe({**METHOD, "latency_ms": 0})
+    assert results_main([str(path), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    csv = pd.read_csv(path / "trials.csv").set_index("trial_id")
+    for t, values in expected.items():
+        assert {k: csv.loc[t, k] for k in values} == values
+        assert (csv.loc[t, "latency_method"], csv.loc[t, "pareto_rank"]) == (method, 2 if t == "Q" else 1)
+        row = next(r for r in data["ranked"] if r["trial_id"] == t)
+        assert {k: row[f"best_{k}" if k == "fitness" else k] for k in values} == values
+        assert row["latency_method"] == method
+    report_text = (path / "report.html").read_text()
+    table = html_table(report_text)  # the report's trials: its first table
+    assert {r["trial_id"]: (float(r["best_fitness"]), float(r["latency_ms"]), float(r["params"])) for r in table} == {
+        t: (v["fitness"], v["latency_ms"], v["params"]) for t, v in expected.items()}
+    assert f"latency_ms measured {method}" in report_text and f"latency_ms measured {method}" in report.summary(load(path))
+
+
+def html_table(page: str) -> list:
+    """The first table of an HTML page: one dict per row, by its header cells."""
+    from html.parser import HTMLParser
+
+    rows = []
+
+    class Cells(HTMLParser):
+        cell = None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                rows[-1].append(self.cell.strip())
+                self.cell = None
+            elif tag == "table":
+                raise StopIteration
+
+    try:
+        Cells().feed(page)
+    except StopIteration:
+        pass
+    return [dict(zip(rows[0], row)) for row in rows[1:]]
+
+
+def test_trials_not_measured_alone_have_no_latency_and_the_summary_says_who_waits(tmp_path):
+    path = two_objectives(tmp_path / "exp", "latency_ms<=5")
+    kept = [line for line in (path / "latency.jsonl").read_text().splitlines() if json.loads(line)["trial_id"] != "B"]
+    (path / "latency.jsonl").write_text("\n".join(kept) + "\n")
+    results = load(path)
+    pareto = results.pareto().set_index("trial_id")
+    assert math.isnan(pareto.loc["B", "latency_ms"]) and pd.isna(pareto.loc["B", "pareto_rank"])  # its in-trial 95 ms
+    assert pd.isna(pareto.loc["B", "latency_method"]) and pareto.loc["A", "latency_method"] == describe(
+        {**METHOD, "latency_ms": 0})
+    assert results.latency_unmeasured == ["B", "H"]  # G errored: never measured
+    assert results.best()["trial_id"] == "C"  # B met latency_ms<=5 but is not measured: C is the next that does
+    assert report.latency_lines(results)[-1] == (
+        "latency_ms not measured yet for 2 ended trials (B, H), without a Pareto rank till the next run "
+        "(resume=true) measures them after its trials")

@@ -109,9 +109,10 @@ def latency_lines(results: ExperimentResults) -> List[str]:
     lines = [f"latency_ms measured {method}" for method in methods]
     waiting = results.latency_unmeasured
     if waiting:
-        lines.append(f"latency_ms not measured yet for {len(waiting)} ended trial{'' if len(waiting) == 1 else 's'} "
-                     f"({', '.join(waiting)}): the next run (resume=true) measures {'it' if len(waiting) == 1 else 'them'} "
-                     "after its trials; till then they have no Pareto rank")
+        one = len(waiting) == 1
+        lines.append(f"latency_ms not measured yet for {len(waiting)} ended trial{'' if one else 's'} ({', '.join(waiting)}), "
+                     f"without a Pareto rank till the next run (resume=true) measures {'it' if one else 'them'} after "
+                     "its trials")
     return lines
 
 
