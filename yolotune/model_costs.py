@@ -58,7 +58,7 @@ def latency_alone(weights: bytes, gpu: bool) -> Dict[str, Any]:
     return {"latency_ms": statistics.median(times), "latency_iqr_ms": high - low, "method": MEASURED_ALONE,
             "device": torch.cuda.get_device_name(0) if gpu else "cpu", "threads": torch.get_num_threads(),
             "imgsz": list(image.shape[2:]), "batch": image.shape[0], "precision": "fp32, Conv+BN fused",
-            "warmup": WARMUP_PASSES, "repeats": TIMED_PASSES}
+            "warmup": WARMUP_PASSES, "repeats": len(times)}
 
 
 def _inference_model(weights, imgsz, device):
