@@ -106,6 +106,11 @@ def read_measured(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
             if isinstance(r.get("trial_id"), str) and isinstance(r.get("latency_ms"), (int, float))}
 
 
+def unmeasured(trials: List[records.TrialState], measured: Dict[str, Any]) -> List[str]:
+    """The trials that ended (TERMINATED: their best weights are final) and have no latency record yet."""
+    return [t.trial_id for t in trials if t.status == "TERMINATED" and t.trial_id not in measured]
+
+
 def measure_alone(location: Location, gpu: bool, say: Optional[Callable[[str], None]] = print) -> List[str]:
     """Time, one at a time, the best weights of every trial of the experiment at ``location`` that ended
     (TERMINATED) and has no latency record yet, each in a Ray task holding one GPU (``gpu``) or
@@ -114,9 +119,7 @@ def measure_alone(location: Location, gpu: bool, say: Optional[Callable[[str], N
     import ray
 
     exp_dir = location.download()  # a store's trial record and latency.jsonl, into the local mirror
-    trials, _ = records.read_trials(exp_dir)
-    measured = read_measured(exp_dir)
-    waiting = [t.trial_id for t in trials if t.status == "TERMINATED" and t.trial_id not in measured]
+    waiting = unmeasured(records.read_trials(exp_dir)[0], read_measured(exp_dir))
     if not waiting:
         return []
     if say:

@@ -232,8 +232,7 @@ class ExperimentResults:
     def latency_unmeasured(self) -> List[str]:
         """With a latency objective: the trials that ended (TERMINATED) and are not measured alone yet (the
         next run measures them, resume=true, once its own trials have run)."""
-        return [t.trial_id for t in self._trials if self.measures_latency and t.status == "TERMINATED"
-                and t.trial_id not in self.latency]
+        return model_costs.unmeasured(self._trials, self.latency) if self.measures_latency else []
 
     def _last_measured(self, name: str) -> Dict[str, float]:
         if name not in self._history:
