@@ -93,10 +93,13 @@ def forward_times(model, image) -> List[float]:
 def describe(record: Dict[str, Any]) -> str:
     """A latency record's method in words, e.g. ``alone on cpu, 1 thread, 64x64, batch 1, fp32, Conv+BN
     fused, median of 15 after 3 warm-up``."""
-    threads = f"{record['threads']} thread{'' if record['threads'] == 1 else 's'}"
-    return (f"{record['method']} on {record['device']}, {threads}, {'x'.join(map(str, record['imgsz']))}, "
+    return (f"{record['method']} on {record['device']}, {threads_text(record['threads'])}, {'x'.join(map(str, record['imgsz']))}, "
             f"batch {record['batch']}, {record['precision']}, median of {record['repeats']} after "
             f"{record['warmup']} warm-up")
+
+
+def threads_text(threads: int) -> str:
+    return f"{threads} thread{'' if threads == 1 else 's'}"
 
 
 def read_measured(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -124,14 +127,21 @@ def measure_alone(location: Location, gpu: bool, say: Optional[Callable[[str], N
         return []
     if say:
         say(f"Measuring the latency of {len(waiting)} trial{'' if len(waiting) == 1 else 's'} alone, one at a time, "
-            f"on {'a GPU' if gpu else f'the CPU ({CPU_THREADS} thread)'}")
+            f"on {'a GPU' if gpu else f'the CPU ({threads_text(CPU_THREADS)})'}")
     task = ray.remote(num_cpus=CPU_THREADS, num_gpus=1 if gpu else 0)(latency_alone)
     done = []
     for trial_id in waiting:
         weights = location.fetch(layout.trial_best_weights(trial_id))
-        if weights is None:  # the trial saved no best epoch (it never validated)
+        if weights is None:  # it saved no best epoch: no epoch validated
+            if say:
+                say(f"latency of trial {trial_id} not measured: it has no {layout.TRIAL_BEST_WEIGHTS}")
             continue
-        record = ray.get(task.remote(weights.read_bytes(), gpu))
+        try:
+            record = ray.get(task.remote(weights.read_bytes(), gpu))
+        except Exception as e:  # noqa: BLE001 - one trial's failure leaves the others' and the results to write
+            if say:
+                say(f"latency of trial {trial_id} not measured (the next run tries again): {layout.first_line(str(e))}")
+            continue
         layout.append_jsonl(exp_dir / layout.MEASURED_LATENCY, {"trial_id": trial_id, **record, "time": time.time()})
         done.append(trial_id)
     location.upload(exp_dir / layout.MEASURED_LATENCY)
