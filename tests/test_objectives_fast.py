@@ -275,5 +275,5 @@ def test_trials_not_measured_alone_have_no_latency_and_the_summary_says_who_wait
     assert results.latency_unmeasured == ["B", "H"]  # G errored: never measured
     assert results.best()["trial_id"] == "C"  # B met latency_ms<=5 but is not measured: C is the next that does
     assert report.latency_lines(results)[-1] == (
-        "latency_ms not measured yet for 2 ended trials (B, H), without a Pareto rank till the next run "
-        "(resume=true) measures them after its trials")
+        "latency_ms not measured yet for 2 ended trials (B, H), without a Pareto rank till then: measured alone "
+        "once the run's trials have ended (after an interrupted run, by the next resume=true)")

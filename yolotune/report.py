@@ -109,10 +109,9 @@ def latency_lines(results: ExperimentResults) -> List[str]:
     lines = [f"latency_ms measured {method}" for method in methods]
     waiting = results.latency_unmeasured
     if waiting:
-        one = len(waiting) == 1
-        lines.append(f"latency_ms not measured yet for {len(waiting)} ended trial{'' if one else 's'} ({', '.join(waiting)}), "
-                     f"without a Pareto rank till the next run (resume=true) measures {'it' if one else 'them'} after "
-                     "its trials")
+        lines.append(f"latency_ms not measured yet for {len(waiting)} ended trial{'' if len(waiting) == 1 else 's'} "
+                     f"({', '.join(waiting)}), without a Pareto rank till then: measured alone once the run's trials "
+                     "have ended (after an interrupted run, by the next resume=true)")
     return lines
 
 
