@@ -93,7 +93,8 @@ def forward_times(model, image) -> List[float]:
 def describe(record: Dict[str, Any]) -> str:
     """A latency record's method in words, e.g. ``alone on cpu, 1 thread, 64x64, batch 1, fp32, Conv+BN
     fused, median of 15 after 3 warm-up``."""
-    return (f"{record['method']} on {record['device']}, {threads_text(record['threads'])}, {'x'.join(map(str, record['imgsz']))}, "
+    size = "x".join(map(str, record["imgsz"]))
+    return (f"{record['method']} on {record['device']}, {threads_text(record['threads'])}, {size}, "
             f"batch {record['batch']}, {record['precision']}, median of {record['repeats']} after "
             f"{record['warmup']} warm-up")
 
