@@ -31,6 +31,9 @@ WARMUP_PASSES, TIMED_PASSES = 3, 15
 # Torch's CPU threads while timing alone: the same on every machine and resumed run, and the least jitter.
 CPU_THREADS = 1
 MEASURED_ALONE = "alone"  # the method of every record in latency.jsonl
+# The most one trial's measuring may take, its Ray task's start included (18 passes of YOLO11x at 1280 px on
+# 1 CPU thread take a few minutes): it ends a wait for a device that no trial's worker gives back.
+TIMEOUT_S = 600
 
 
 def model_costs(weights: Path, imgsz, device) -> Dict[str, float]:
@@ -137,8 +140,15 @@ def measure_alone(location: Location, gpu: bool, say: Optional[Callable[[str], N
             if say:
                 say(f"latency of trial {trial_id} not measured: it has no {layout.TRIAL_BEST_WEIGHTS}")
             continue
+        measuring = task.remote(weights.read_bytes(), gpu)
         try:
-            record = ray.get(task.remote(weights.read_bytes(), gpu))
+            record = ray.get(measuring, timeout=TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:  # no device came free (or a model far too slow): none will
+            ray.cancel(measuring, force=True)
+            if say:
+                say(f"latency of trial {trial_id} and the rest not measured: no result within {TIMEOUT_S} s (the "
+                    "next run tries again)")
+            break
         except Exception as e:  # noqa: BLE001 - one trial's failure leaves the others' and the results to write
             if say:
                 say(f"latency of trial {trial_id} not measured (the next run tries again): {layout.first_line(str(e))}")
