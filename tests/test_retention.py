@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from test_analysis_fast import FITNESS, SPACE, recorded, sampled
+from test_objectives_fast import METHOD
 from yolotune import layout, report, retention
 from yolotune.results import load
 from yolotune.storage import Location
@@ -106,3 +107,19 @@ def test_the_live_refresh_prunes_unless_trials_may_clone_ended_ones_checkpoints(
     report.live_refresh(str(exp_dir), prune=prune)
     assert trials_with_weights(exp_dir) == expected_with_weights(1 if prune else None)
     assert (exp_dir / "report.html").is_file()
+
+
+def test_with_a_latency_objective_ended_trials_keep_their_weights_until_timed_alone(tmp_path):
+    """Ended trials have no Pareto rank before the driver times their weights alone (after the trials):
+    they keep them until then; once timed, the best ``keep`` by Pareto rank and fitness keep theirs."""
+    exp_dir = with_weights(tmp_path / "exp")
+    config = exp_dir / ".hydra" / "config.yaml"
+    config.write_text(config.read_text() + "objectives: ['fitness:max', 'latency_ms:min']\n")
+    ended = [f"t{n:03d}" for n, (_, status) in enumerate(TRIALS) if status == "TERMINATED"]
+    retention.prune(load(exp_dir), Location(str(exp_dir)), 1)
+    assert trials_with_weights(exp_dir) == expected_with_weights(None)  # none timed yet: every trial keeps them
+    # All timed alike: the Pareto front is the fittest ended trial (t001, 0.90) alone
+    for trial_id in ended:
+        layout.append_jsonl(exp_dir / layout.MEASURED_LATENCY, {"trial_id": trial_id, "latency_ms": 5.0, **METHOD})
+    retention.prune(load(exp_dir), Location(str(exp_dir)), 1)
+    assert trials_with_weights(exp_dir) == {"t001"} | {f"t{n:03d}" for n, (_, s) in enumerate(TRIALS) if s != "TERMINATED"}

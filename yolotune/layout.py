@@ -9,6 +9,7 @@ beyond the standard library (no Hydra, no OmegaConf, no Ray).
       provenance.yaml         command, versions, git state
       plan.yaml               the last run's resource plan: trials at once, each one's CPUs, GPU share, loaders
       trials.jsonl            yolotune's trial record: one event a line (records.py)
+      latency.jsonl           with a latency objective: each ended trial's latency measured alone, its method (model_costs.py)
       trial_<id>/history.jsonl  the trial's per-epoch results, appended by the trial itself
       trial_<id>/train.log    everything the trial printed (Ultralytics' output, warnings, its traceback)
       trial_<id>/train/       Ultralytics' output (weights/last.pt, ...) and weights/best_by_metric.pt
@@ -60,6 +61,8 @@ TRAINED_BATCH = "trained_batch"
 # What a trial measures of its best epoch's model after training when the experiment has objectives
 # (trainable.py): inference time per image (ms), parameters (millions), GFLOPs at the trial's imgsz.
 MODEL_COSTS = ("latency_ms", "params", "gflops")
+# The latency that results count, measured by the driver after the trials, one at a time (model_costs.py).
+MEASURED_LATENCY = "latency.jsonl"
 PLOTS_DIR = "plots"
 REPORT = "report.html"
 
@@ -67,6 +70,11 @@ REPORT = "report.html"
 def trial_dirname(trial_id: str) -> str:
     """A trial's directory under the experiment: Ray creates it, the trainable writes into it."""
     return f"trial_{trial_id}"
+
+
+def trial_best_weights(trial_id: str) -> str:
+    """The trial's TRIAL_BEST_WEIGHTS, relative to the experiment dir."""
+    return f"{trial_dirname(trial_id)}/train/weights/{TRIAL_BEST_WEIGHTS}"
 
 
 def storage_dir(storage: str) -> Path:

@@ -81,9 +81,13 @@ def refresh_in_process(uri: str, prune: bool = True) -> None:
 
 
 def write_trials_csv(results: ExperimentResults) -> Path:
-    """trials.csv: ``results.dataframe()`` in trial order, written atomically."""
+    """trials.csv: ``results.dataframe()`` in trial order, with objectives also each objective's value, the
+    Pareto rank and how the latency was measured (``results.pareto()``), written atomically."""
     target = results.path / layout.TRIALS_CSV
-    layout.write_atomic(target, results.dataframe().to_csv(index=False))
+    frame = results.dataframe()
+    if results.objectives:
+        frame = frame.merge(results.pareto(), on="trial_id", how="left", validate="one_to_one")
+    layout.write_atomic(target, frame.to_csv(index=False))
     return target
 
 
@@ -99,7 +103,7 @@ def summary(results: ExperimentResults, top: int = 5) -> str:
     """What the runner prints when a sweep ends: status, the best ``top`` trials and where the files are."""
     lines = [*overview(results), *ranking(results, top)]
     path = results.path
-    lines += rule_line(results)
+    lines += rule_line(results) + latency_lines(results)
     if results.best() is not None:
         lines.append(f"Best hyperparameters: {path / layout.BEST_HYPERPARAMETERS}")
         lines.append(f"Best weights:         {path / layout.BEST_WEIGHTS}")
@@ -110,7 +114,7 @@ def summary(results: ExperimentResults, top: int = 5) -> str:
 
 def details(results: ExperimentResults, top: Optional[int], written: Dict[str, Path]) -> str:
     """``yolotune results EXP``'s table output: overview, ranking, the best config, the files written."""
-    lines = [*overview(results), "", *ranking(results, top), "", *rule_line(results)]
+    lines = [*overview(results), "", *ranking(results, top), "", *rule_line(results), *latency_lines(results)]
     best = results.best()
     if best is not None:
         metric = results.metric
@@ -133,6 +137,20 @@ def rule_line(results: ExperimentResults) -> List[str]:
         return [f"Best trial: {results.select_rule}"]
     nobody = "no trial met it, so no best weights or hyperparameters" if results.finished else "no trial meets it yet"
     return [f"Best trial: {results.select_rule}: {nobody}"]
+
+
+def latency_lines(results: ExperimentResults) -> List[str]:
+    """With a latency objective: how the trials' latency was measured, and which ended trials wait for it."""
+    if not results.measures_latency:
+        return []
+    methods = results.pareto()["latency_method"].dropna().unique()
+    lines = [f"latency_ms measured {method}" for method in methods]
+    waiting = results.latency_unmeasured
+    if waiting:
+        lines.append(f"latency_ms not measured yet for {len(waiting)} ended trial{'' if len(waiting) == 1 else 's'} "
+                     f"({', '.join(waiting)}), without a Pareto rank till then: measured alone once the run's trials "
+                     "have ended (after an interrupted run, by the next resume=true)")
+    return lines
 
 
 def overview(results: ExperimentResults) -> List[str]:
@@ -209,6 +227,7 @@ img {{ max-width: 100%; }}
 ranked by {f"Pareto rank of {esc(', '.join(o.name for o in results.objectives))}, then " if results.objectives
            else ""}best <b>{esc(results.metric)}</b> ({better(results.mode)}); best trial: {esc(results.select_rule)};
 report written {datetime.now():%Y-%m-%d %H:%M:%S}{freshness(results)}</p>
+{"".join(f"<p>{esc(line)}</p>" for line in latency_lines(results))}
 <h2>Errors</h2>{f'<ul>{errors}</ul>' if errors else '<p>none</p>'}
 <h2>Trials</h2>{table}
 <h2>Parameter importance</h2>

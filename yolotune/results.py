@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from yolotune import layout, objectives, records
+from yolotune import layout, model_costs, objectives, records
 from yolotune.errors import ConfigError
 from yolotune.space import Dist, parse_space
 from yolotune.storage import Location
@@ -85,6 +85,7 @@ class ExperimentResults:
         self.problems: List[str] = []  # one line each: what was skipped as damaged
         self._trials = self._read_trials()
         self._history = self._read_history()
+        self.latency = model_costs.read_measured(self.path)  # trial id -> its latency measured alone
         self._frames: Dict[tuple, pd.DataFrame] = {}  # (metric, mode) -> dataframe(): table, plots, report reuse it
 
     def _ranking(self, metric: Optional[str], mode: Optional[str]):
@@ -203,10 +204,14 @@ class ExperimentResults:
 
     def pareto(self) -> pd.DataFrame:
         """With objectives: per trial (in trial order), its value of each objective (a metric's best over
-        its validated epochs, a model cost's last measured value; NaN: not yet) and ``pareto_rank``."""
+        its validated epochs; latency_ms as measured alone after the trials, model_costs.py; params and gflops
+        as the trial measured them; NaN: not yet) and ``pareto_rank``; with a latency objective also
+        ``latency_method``, how its latency was measured."""
         frame = pd.DataFrame({"trial_id": [t.trial_id for t in self._trials]})
         for objective in self.objectives:
-            if objective.name in layout.MODEL_COSTS:
+            if objective.name == "latency_ms":  # the trial's own timing, on a shared device, does not count
+                frame[objective.name] = frame.trial_id.map({t: r["latency_ms"] for t, r in self.latency.items()})
+            elif objective.name in layout.MODEL_COSTS:
                 frame[objective.name] = frame.trial_id.map(self._last_measured(objective.name))
             elif objective.name in self.reported_metrics() or objective.name == self.config.metric:
                 frame[objective.name] = self.dataframe(objective.name, objective.mode)[f"best_{objective.name}"]
@@ -214,7 +219,20 @@ class ExperimentResults:
                 frame[objective.name] = float("nan")  # no epoch has validated yet
         frame = frame.astype({o.name: float for o in self.objectives})
         frame["pareto_rank"] = objectives.pareto_ranks(frame, self.objectives)
+        if self.measures_latency:
+            frame["latency_method"] = frame.trial_id.map(
+                {t: model_costs.describe(r) for t, r in self.latency.items()}).astype(object)
         return frame
+
+    @property
+    def measures_latency(self) -> bool:
+        return any(o.name == "latency_ms" for o in self.objectives)
+
+    @property
+    def latency_unmeasured(self) -> List[str]:
+        """With a latency objective: the trials that ended (TERMINATED) and are not measured alone yet (the
+        next run measures them, resume=true, once its own trials have run)."""
+        return model_costs.unmeasured(self._trials, self.latency) if self.measures_latency else []
 
     def _last_measured(self, name: str) -> Dict[str, float]:
         if name not in self._history:

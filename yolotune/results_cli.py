@@ -106,13 +106,20 @@ def _as_json(results: ExperimentResults, top: Optional[int], written: Dict[str, 
         "objectives": [f"{o.name}:{o.mode}" for o in results.objectives], "select": results.select_rule,
         "trials": sum(results.status_counts().values()), "status": results.status_counts(),
         "errors": results.errors,
-        "ranked": _records(results.table(top)),
+        "ranked": _records(_with_latency_method(results, results.table(top))),
         "best": None if best is None else {
             "trial_id": best["trial_id"], "value": float(best[f"best_{results.metric}"]),
             "epoch": int(best["best_epoch"]), "config": results.best_hyperparameters()},
         "importance": importance(results).as_json(),
         "files": {name: str(p) for name, p in written.items()},
     }
+
+
+def _with_latency_method(results: ExperimentResults, table: pd.DataFrame) -> pd.DataFrame:
+    """With a latency objective, each row's ``latency_method`` beside its value."""
+    if not results.by_objectives() or not results.measures_latency:
+        return table
+    return table.merge(results.pareto()[["trial_id", "latency_method"]], on="trial_id", how="left")
 
 
 def _list_experiments(experiments: List[Path], args) -> int:

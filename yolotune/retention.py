@@ -7,7 +7,8 @@ its weights files (``*.pt``: its checkpoints' ``last.pt``, Ultralytics' ``best.p
 ``best_by_metric.pt``) and keeps the rest: its history, config and logs. Trials not ended (running,
 paused, pending, errored: ``resume_errored=true`` continues these) keep theirs, so resume and PBT
 (which clones a checkpoint of a trial still running) work as before. A trial that has ended never
-climbs back into the best ``keep``: what it lost, it would not need.
+climbs back into the best ``keep``: what it lost, it would not need. With a ``latency_ms`` objective an
+ended trial keeps its weights until its latency is measured alone (after the trials): it has no rank before.
 
 The driver prunes as trials end (with the live report) and once more when the experiment ends.
 """
@@ -30,7 +31,9 @@ def kept_trials(results: ExperimentResults, keep: Optional[int]) -> Optional[set
     ranked = results.ranked()
     kept = set(ranked[ranked["rank"].notna()]["trial_id"].head(keep))
     best = results.best()
-    return kept | ({best["trial_id"]} if best is not None else set())
+    # With a latency objective, an ended trial is ranked once the driver has timed its weights alone
+    # (model_costs.measure_alone, after the trials): until then they stay.
+    return kept | ({best["trial_id"]} if best is not None else set()) | set(results.latency_unmeasured)
 
 
 def prune(results: ExperimentResults, location: Location, keep: Optional[int]) -> List[str]:

@@ -115,6 +115,10 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
         grid = tuner.fit()
         if TRIAL_FOUND_STORAGE_FULL.is_set():
             raise StorageFull(storage_full_line(exp, exp_dir))  # results would not fit either: resume writes them
+        if any(o.split(":")[0] == "latency_ms" for o in exp.objectives):  # no trial runs now: the device is idle
+            from yolotune.model_costs import measure_alone
+
+            measure_alone(location, bool(resources.gpu))
         with _ultralytics_quiet(exp):
             results = load(location.download())  # the trials' histories, from the store
             written = export_best(results, location)
@@ -297,9 +301,10 @@ def export_best(results, location: Location) -> List[Path]:
         return []
     written = [results.path / layout.BEST_HYPERPARAMETERS]
     layout.write_atomic(written[0], yaml.safe_dump(best_hp, sort_keys=False))
-    trial_weights = f"{trial_dirname(results.best()['trial_id'])}/train/weights"
+    trial_id = results.best()["trial_id"]
     # Ultralytics' best.pt: trials from before yolotune kept their best epoch's weights by the metric.
-    weights = location.fetch(f"{trial_weights}/{layout.TRIAL_BEST_WEIGHTS}") or location.fetch(f"{trial_weights}/best.pt")
+    weights = location.fetch(layout.trial_best_weights(trial_id)) or \
+        location.fetch(f"{trial_dirname(trial_id)}/train/weights/best.pt")
     if weights:
         from ultralytics.utils.torch_utils import strip_optimizer
 

@@ -32,6 +32,7 @@ from ray import tune
 
 from yolotune.layout import (HISTORY, PAST_DEADLINE, TRAIN_LOG, TRAINED_BATCH, TRIAL_BEST_WEIGHTS, append_jsonl,
                              measured_value, read_jsonl, trial_dirname, write_atomic)
+from yolotune.model_costs import model_costs
 from yolotune.storage import Location, cache_root, is_uri, node_dataset, node_file
 
 AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads from its weights dir
@@ -460,37 +461,6 @@ class _EpochReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         if out_of_time and not trainer.stop and trainer.epoch + 1 < trainer.epochs:
             _wait_for_the_stop()  # the time budget's driver ends the run once every trial got here (runner.TimeBudget)
-
-
-WARMUP_PASSES, TIMED_PASSES = 3, 15
-
-
-def model_costs(weights: Path, imgsz, device) -> Dict[str, float]:
-    """MODEL_COSTS of the model in ``weights`` on ``device``, the same way for every trial: its EMA (what
-    Ultralytics saves as the model) in fp32 with Conv and BatchNorm fused (as Ultralytics predicts), one
-    image of ``imgsz``: the median time of TIMED_PASSES forward passes after WARMUP_PASSES, its parameters
-    (millions) and GFLOPs (Ultralytics' get_flops)."""
-    import statistics
-
-    import torch
-    from ultralytics.utils.torch_utils import get_flops
-
-    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
-    model = (ckpt.get("ema") or ckpt["model"]).float().fuse(verbose=False).eval().to(device)
-    height, width = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
-    image = torch.zeros(1, 3, height, width, device=device)
-    sync = torch.cuda.synchronize if image.is_cuda else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for n in range(WARMUP_PASSES + TIMED_PASSES):
-            sync()
-            start = time.perf_counter()
-            model(image)
-            sync()
-            if n >= WARMUP_PASSES:
-                times.append(time.perf_counter() - start)
-    return {"latency_ms": 1000 * statistics.median(times), "params": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gflops": get_flops(model, [height, width])}
 
 
 STAGED = ".ckpt-"  # the prefix of the folders a trial stages its checkpoints in
