@@ -216,7 +216,7 @@ def test_trials_csv_json_and_report_carry_every_objective_and_how_latency_was_me
     expected = {t: {"fitness": max(r["fitness"] for r in rows), "latency_ms": alone[t], "params": rows[-1]["params"]}
                 for t, rows in histories.items()}
     method = describe({**METHOD, "latency_ms": 0})
-    assert results_main([str(path), "--format", "json"]) == 0
+    assert results_main([str(path), "--format", "json", "--report"]) == 0
     data = json.loads(capsys.readouterr().out)
     csv = pd.read_csv(path / "trials.csv").set_index("trial_id")
     for t, values in expected.items():
