@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing against the fast in-process tests, with mutmut (pip install mutmut; 3.x): the pure
 # modules (space, config, schedulers, search, resources, results, train_args, errors), the runtime
-# modules (records, storage, console, layout) and the functions of runner.py and trainable.py that
+# modules (records, storage, console, layout) and the functions of runner.py and the trial's modules that
 # decide without Ray running (listed below; the rest runs only inside sweeps, in slow tests).
 # The modules and tests are in pyproject.toml's [tool.mutmut]; results and survivors: docs/mutation.md.
 #
@@ -21,8 +21,9 @@ if [ $# -eq 0 ]; then
   set -- yolotune.{space,config,schedulers,search,resources,results,train_args,errors}.'*' \
          yolotune.{records,storage,console,layout}.'*' \
          yolotune.runner.x_{export_best,resume_command,check_reachable,amp_check_weights,_ray_init_args}__'*' \
-         yolotune.trainable.x_{_trial_dir,_resume_point,_newest,claim_device,_move_staged_checkpoints}__'*' \
-         yolotune.trainable.xǁ{BestEpoch,_FinishedLines}ǁ'*' yolotune.trainable.xǁDecodedImagesǁ{add,_decode,key}__'*'
+         yolotune.trainable.x_{_trial_dir,_resume_point,_newest,claim_device}__'*' \
+         yolotune.worker_setup.x_move_staged_checkpoints__'*' yolotune.epoch_report.xǁBestEpochǁ'*' \
+         yolotune.trial_log.xǁ_FinishedLinesǁ'*' yolotune.decoded_images.xǁDecodedImagesǁ{add,_decode,key}__'*'
 fi
 nice -n 10 mutmut run --max-children "${MUTATION_JOBS:-2}" "$@" >mutants-run.log 2>&1 || { tail -30 mutants-run.log; exit 1; }
 mutmut export-cicd-stats >/dev/null

@@ -706,20 +706,20 @@ def test_live_view_on_a_terminal_redraws_its_bar_at_most_every_second(tmp_path, 
 def test_trial_log_keeps_finished_lines_and_restores_everything(tmp_path, ultralytics_log_to_stdout):
     from ultralytics.utils import LOGGER
 
-    from yolotune.trainable import _trial_log
+    from yolotune.trial_log import trial_log
 
     streams = [getattr(h, "stream", None) for h in LOGGER.handlers]  # pytest may add a handler without one
     out, err = sys.stdout, sys.stderr
     log = tmp_path / "trial_x" / "train.log"
     with pytest.raises(ValueError):
-        with _trial_log(log):
+        with trial_log(log):
             LOGGER.info("an Ultralytics line")
             print("\r\x1b[K  1/3  50%", end="", flush=True)
             print("\r\x1b[K  1/3 100%")
             print("a warning", file=sys.stderr)
             raise ValueError("bad lr0")
     with pytest.raises(SystemExit):  # how Ray stops a trial: no traceback for that
-        with _trial_log(log):
+        with trial_log(log):
             print("second trial in the same worker")
             sys.exit(0)
     assert (sys.stdout, sys.stderr) == (out, err) and [getattr(h, "stream", None) for h in LOGGER.handlers] == streams

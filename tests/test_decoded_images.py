@@ -1,4 +1,4 @@
-"""Decoded images shared by the trials of one worker (trainable.DecodedImages, resources.image_cache_mb):
+"""Decoded images shared by the trials of one worker (decoded_images.DecodedImages, resources.image_cache_mb):
 the next trial decodes nothing, and every trial's results are what they are without the cache."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli, small_sweep_overrides
 from yolotune.layout import read_jsonl
-from yolotune.trainable import DecodedImages
+from yolotune.decoded_images import DecodedImages
 
 SHARED_LINE = re.compile(r"yolotune: (\d+) of (\d+) images decoded by an earlier trial of this worker")
 

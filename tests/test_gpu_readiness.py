@@ -123,7 +123,7 @@ def test_the_amp_check_runs_once_per_node_and_gpu_model_and_later_trials_reuse_i
     import ultralytics.utils
     from ultralytics.utils import checks
 
-    from yolotune.trainable import AMP_CHECK_MODEL, node_amp_check
+    from yolotune.worker_setup import AMP_CHECK_MODEL, node_amp_check
 
     weights = tmp_path / "driver-weights"
     weights.mkdir()
@@ -146,7 +146,7 @@ def test_a_node_without_the_amp_check_model_skips_the_check_with_amp_on_at_once(
                                                                                   driver_weights):
     """Ultralytics' own check runs, finds no model and downloads nothing: AMP on, at once, said in the trial's
     log; the skip is not kept, so a trial that finds the model later still checks."""
-    from yolotune.trainable import node_amp_check
+    from yolotune.worker_setup import node_amp_check
 
     weights_dir = str(tmp_path / driver_weights) if driver_weights else None
     started = time.time()
@@ -194,7 +194,7 @@ def test_a_trial_out_of_gpu_memory(shapes_cache, tmp_path, monkeypatch):
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import checks
 
-    from yolotune import trainable
+    from yolotune import trainable, worker_setup
     from yolotune.data import ShapesDataConfig, make_shapes
 
     data = make_shapes(ShapesDataConfig(train_images=4, val_images=2, imgsz=64, cache_dir=str(shapes_cache)))
@@ -213,7 +213,7 @@ def test_a_trial_out_of_gpu_memory(shapes_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(checks, "check_latest_pypi_version", lambda *a: asked_index.append(a))
     monkeypatch.setattr(checks, "check_pip_update_available", checks.check_pip_update_available)  # restored after
     amp_checks = []
-    monkeypatch.setattr(trainable, "node_amp_check", lambda model, weights_dir: amp_checks.append(model) or False)
+    monkeypatch.setattr(worker_setup, "node_amp_check", lambda model, weights_dir: amp_checks.append(model) or False)
     monkeypatch.setattr(ultralytics.engine.trainer, "check_amp", ultralytics.engine.trainer.check_amp)  # restored after
     reported = []
     monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))

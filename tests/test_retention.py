@@ -15,7 +15,7 @@ from test_objectives_fast import METHOD
 from yolotune import layout, report, retention
 from yolotune.results import load
 from yolotune.storage import Location
-from yolotune.trainable import _keep_best
+from yolotune.epoch_report import keep_best
 
 WEIGHTS = ("checkpoint_000002/last.pt", "train/weights/best.pt", f"train/weights/{layout.TRIAL_BEST_WEIGHTS}")
 KEPT_FILES = ("history.jsonl",)
@@ -89,7 +89,7 @@ def test_the_best_epochs_weights_are_a_link_to_the_checkpointed_last_pt_or_else_
     last, best = tmp_path / "last.pt", tmp_path / layout.TRIAL_BEST_WEIGHTS
     best.write_bytes(b"epoch 1")
     last.write_bytes(b"epoch 2")
-    _keep_best(last, best, link=link)
+    keep_best(last, best, link=link)
     assert best.read_bytes() == b"epoch 2" and best.samefile(last) == link
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     if link:

@@ -27,7 +27,8 @@ from yolotune.errors import ConfigError
 from yolotune.resources import local_cpus
 from yolotune.runner import _local_gpus, _ray_init_args, check_reachable, export_best, resume_command
 from yolotune.storage import Location
-from yolotune.trainable import BestEpoch, _resume_point
+from yolotune.epoch_report import BestEpoch
+from yolotune.trainable import _resume_point
 
 # --- where a trial continues from -------------------------------------------------------------
 
@@ -369,11 +370,11 @@ def _persist(tmp_path, monkeypatch, staged_name: str):
     from ray.train._internal import storage as ray_storage
     from ray.train._internal.storage import StorageContext
 
-    from yolotune.trainable import _move_staged_checkpoints
+    from yolotune.worker_setup import move_staged_checkpoints
 
     copy = ray_storage._pyarrow_fs_copy_files  # Ray's own, as a new worker process has it
     monkeypatch.setattr(ray_storage, "_pyarrow_fs_copy_files", getattr(copy, "ray_copy", copy))
-    _move_staged_checkpoints()
+    move_staged_checkpoints()
     storage = StorageContext(str(tmp_path / "storage"), "exp", trial_dir_name="trial_a")
     Path(storage.experiment_fs_path, ".validate_storage_marker").touch()  # as the driver leaves it
     staged = Path(storage.trial_fs_path) / staged_name
@@ -401,21 +402,21 @@ def test_other_checkpoints_are_copied_as_ray_copies_them(tmp_path, monkeypatch):
 def test_checkpoints_are_moved_by_one_patch_however_often_trials_start(monkeypatch):
     from ray.train._internal import storage as ray_storage
 
-    from yolotune.trainable import _move_staged_checkpoints
+    from yolotune.worker_setup import move_staged_checkpoints
 
     copy = ray_storage._pyarrow_fs_copy_files
     original = getattr(copy, "ray_copy", copy)
     monkeypatch.setattr(ray_storage, "_pyarrow_fs_copy_files", original)
-    _move_staged_checkpoints()
+    move_staged_checkpoints()
     patched = ray_storage._pyarrow_fs_copy_files
-    _move_staged_checkpoints()  # the worker's next trial
+    move_staged_checkpoints()  # the worker's next trial
     assert ray_storage._pyarrow_fs_copy_files is patched and patched.ray_copy is original
 
 
 # --- what a trial prints, in its train.log ------------------------------------------------------
 
 def test_a_trial_log_keeps_whole_lines_only(tmp_path):
-    from yolotune.trainable import _FinishedLines
+    from yolotune.trial_log import _FinishedLines
 
     with open(tmp_path / "train.log", "w") as raw:
         log = _FinishedLines(raw)
@@ -481,7 +482,7 @@ def test_the_amp_check_model_is_found_where_ultralytics_keeps_it_or_fetched_into
     import ultralytics.utils.downloads
 
     from yolotune.runner import amp_check_weights
-    from yolotune.trainable import AMP_CHECK_MODEL
+    from yolotune.worker_setup import AMP_CHECK_MODEL
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("YOLOTUNE_CACHE", str(cache))

@@ -53,6 +53,7 @@ BEST_WEIGHTS = "best.pt"
 # A trial's weights at its best epoch by the experiment's metric (train/weights/; Ultralytics' best.pt
 # follows its own fitness, and a PBT trial inherits its donor's best fitness): what best.pt exports.
 TRIAL_BEST_WEIGHTS = "best_by_metric.pt"
+STAGED = ".ckpt-"  # the prefix of the folders a trial stages its checkpoints in (epoch_report.py)
 # Reported at every epoch, validated or not (trainable.py); validation metrics only at validated epochs.
 TRAINING_VALUES = ("train/", "lr/")
 # In each history row: the batch the epoch trained with, smaller than asked when Ultralytics cut it after

@@ -499,11 +499,11 @@ def amp_check_weights() -> Optional[str]:
     fetch it into its own working dir): Ultralytics' weights dir where it is absolute and holds it,
     else yolotune's cache, fetched into it here once when online. Never the working dir (Ultralytics'
     weights dir is relative for a pip install). None if it cannot be had (offline): each trial's check
-    is then skipped with AMP on, as in Ultralytics (trainable.node_amp_check)."""
+    is then skipped with AMP on, as in Ultralytics (worker_setup.node_amp_check)."""
     from ultralytics.utils import ONLINE, WEIGHTS_DIR
     from ultralytics.utils.downloads import attempt_download_asset
 
-    from yolotune.trainable import AMP_CHECK_MODEL
+    from yolotune.worker_setup import AMP_CHECK_MODEL
 
     if WEIGHTS_DIR.is_absolute() and (WEIGHTS_DIR / AMP_CHECK_MODEL).is_file():
         return str(WEIGHTS_DIR)
