@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import run_cli, small_sweep_overrides
 from yolotune import console, plots
@@ -754,3 +755,28 @@ def test_epochs_without_validation_leave_the_best_and_last_values_to_the_validat
     analysis = trials[0].metric_analysis["val/box_loss"]
     assert console.ended_line("a", 4, 4, "val/box_loss", analysis["last"], analysis["min"]) == \
         "trial a finished 4 epochs: val/box_loss 1.1 (best 1.1)"
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_progress_line_names_the_trial_the_results_rank_best_when_values_tie(tmp_path, mode):
+    """Ties go to the trial that started first (trials.jsonl's order, Ray's trials list), in the live line and
+    in results.best alike, whichever way the metric is ranked."""
+    from yolotune.layout import append_jsonl
+    from yolotune.results import load
+
+    ids = ["b_00001", "a_00000", "c_00002"]  # started in this order; the tied two are not in id order
+    values = {"b_00001": 0.5, "a_00000": 0.5, "c_00002": 0.2 if mode == "max" else 0.9}
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({
+        "metric": "fitness", "mode": mode, "iterations": 3, "space": {}, "train": {"epochs": 1},
+        "model": {"weights": "yolo11n.yaml"}, "scheduler": {"type": "fifo"}, "search": {"type": "random"},
+        "data": {"yaml": "/data/shapes.yaml"}}))
+    for trial_id in ids:
+        append_jsonl(tmp_path / "trials.jsonl", {"event": "started", "trial_id": trial_id, "config": {}})
+        (tmp_path / f"trial_{trial_id}").mkdir()
+        append_jsonl(tmp_path / f"trial_{trial_id}" / "history.jsonl",
+                     {"epoch": 1, "validated": 1, "fitness": values[trial_id]})
+    assert load(tmp_path).best()["trial_id"] == "b_00001"
+    progress = Progress("fitness", mode, total=3, epochs=1, prunes=False, now=0)
+    trials = [_trial(trial_id, epoch=1, best=values[trial_id], metric="fitness") for trial_id in ids]
+    assert "best fitness 0.5 (b_00001)" in progress.line(trials, now=1)

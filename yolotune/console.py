@@ -198,7 +198,8 @@ class Progress:
                   if self.metric in (t.metric_analysis or {})]
         if not values:
             return f"best {self.metric} -"
-        value, trial_id = (max if self.mode == "max" else min)(values)
+        # Ties go to the trial that started first, as results.best ranks them (not to the highest trial id).
+        value, trial_id = (max if self.mode == "max" else min)(values, key=lambda found: found[0])
         return f"best {self.metric} {value:.4g} ({trial_id})"
 
     def _left(self, trials, ended) -> str:
