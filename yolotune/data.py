@@ -29,7 +29,8 @@ from yolotune.storage import fetch_checked, is_uri, node_dataset
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 # A classification dataset's splits, as Ultralytics' check_cls_dataset looks for them (train, and val or test).
 CLASSIFY_VAL = ("val", "validation", "valid", "test")
-CLASSIFY_LAYOUT = "a folder with train/<class>/ and val/<class>/ (or test/) image folders, or a dataset name"
+CLASSIFY_LAYOUT = ("a classification dataset (a folder with train/<class>/ and val/<class>/ or test/<class>/ image "
+                   "folders, or a dataset name)")
 
 
 @dataclass
@@ -134,9 +135,7 @@ def _check_classify_data(value: str, weights: str) -> None:
     test/) class folders, or a dataset name it fetches (checked in resolve); never a data YAML."""
     local = Path(value).expanduser()
     if value.split("?")[0].endswith((".yaml", ".yml")):
-        raise ConfigError("data.yaml", value, f"{CLASSIFY_LAYOUT}: the classify model {weights} trains on image "
-                                              "folders, not a data YAML (or pick a detect, segment, pose or obb "
-                                              "model)")
+        raise ConfigError("data.yaml", value, f"{CLASSIFY_LAYOUT}, not a data YAML: {weights} is a classify model")
     if is_uri(value):
         raise ConfigError("data.yaml", value, f"{CLASSIFY_LAYOUT} on this machine (a classify dataset in a store "
                                               "is not fetched)")
