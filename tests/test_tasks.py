@@ -54,7 +54,8 @@ def _digest(root: Path) -> dict:
 @pytest.mark.parametrize("weights,task", [
     ("yolo11n.yaml", "detect"), ("yolo11n.pt", "detect"), ("yolo11s-seg.pt", "segment"),
     ("yolo11n-cls.yaml", "classify"), ("/models/yolo11x-pose.yaml", "pose"), ("yolo11n-obb.pt", "obb"),
-    ("s3://bucket/w/yolo11n-cls.pt?region=x", "classify"), ("yolo11n-segfault.pt", "segment"),
+    ("s3://bucket/w/yolo11n-cls.pt?region=x", "classify"), ("runs/pose/train/weights/best.pt", "pose"),
+    ("runs/detect/train/weights/best.pt", "detect"), ("pose.pt", "detect"),
 ])
 def test_the_task_is_read_from_the_models_name(weights, task):
     assert model_task(weights) == task
@@ -68,6 +69,22 @@ def test_a_local_model_yaml_says_its_task_by_its_head_whatever_its_name(module, 
     path.write_text(yaml.safe_dump({"nc": 3, "backbone": [[-1, 1, "Conv", [16, 3, 2]]],
                                     "head": [[-1, 1, "Conv", [16, 3, 1]], [[0], 1, module, ["nc"]]]}))
     assert model_task(str(path)) == task
+
+
+def test_weights_of_another_task_than_their_name_says_are_refused_when_loaded(tmp_path):
+    """A name is all composing reads; loading the weights (preflight) confirms it."""
+    from ultralytics import YOLO
+
+    from yolotune.errors import ConfigError
+    from yolotune.model import resolve_weights
+
+    YOLO("yolo11n-seg.yaml").save(tmp_path / "best.pt")
+    with pytest.raises(ConfigError) as err:
+        resolve_weights("model.weights", str(tmp_path / "best.pt"))
+    assert err.value.allowed.startswith("a segment model named like a detect one")
+    (tmp_path / "segment").mkdir()
+    (tmp_path / "best.pt").rename(tmp_path / "segment" / "best.pt")
+    assert resolve_weights("model.weights", str(tmp_path / "segment" / "best.pt")) == str(tmp_path / "segment" / "best.pt")
 
 
 def test_every_task_has_its_metrics_and_losses():

@@ -118,7 +118,7 @@ def is_reported(name: str, task: str) -> bool:
 
 def model_task(weights: str) -> str:
     """The task of a model, without importing Ultralytics: a local model YAML's output module (its head's
-    last), else the name's suffix (yolo11n-cls.yaml, yolo11n-pose.pt), else detect."""
+    last), else the name's suffix (yolo11n-cls.yaml, yolo11n-pose.pt) or a folder named as the task, else detect."""
     local = Path(str(weights)).expanduser()
     if local.suffix in (".yaml", ".yml") and local.is_file():
         try:
@@ -129,8 +129,9 @@ def model_task(weights: str) -> str:
                              ("detect", "detect")):
             if module in head:
                 return task
-    stem = Path(str(weights).split("?")[0]).stem
-    return next((task for suffix, task in _NAME_TASKS.items() if suffix in stem), "detect")
+    path = Path(str(weights).split("?")[0])
+    return next((task for suffix, task in _NAME_TASKS.items() if suffix in path.stem or task in path.parts[:-1]),
+                "detect")  # Ultralytics' runs/<task>/train/weights/best.pt too
 
 
 def resolve_weights(key: str, weights: str) -> str:
