@@ -246,6 +246,7 @@ CASES = [
     ("train-owned-project", ["+train.project=x"], "train.project"),
     ("train-owned-name", ["+train.name=x"], "train.name"),
     ("train-owned-exist-ok", ["+train.exist_ok=true"], "train.exist_ok"),
+    ("train-owned-task", ["+train.task=segment"], "train.task"),
     ("train-owned-resume", ["+train.resume=true"], "train.resume"),
     ("train-owned-mode", ["+train.mode=val"], "train.mode"),
     ("train-owned-device", ["+train.device=0"], "train.device"),

@@ -29,6 +29,7 @@ OWNED = {
     "exist_ok": "yolotune writes each trial's output in its trial directory",
     "resume": "set the top-level resume=true",
     "mode": "yolotune only trains",
+    "task": "the model's task: pick a model of the task (yolo11n-seg.yaml, yolo11n-cls.yaml, ...; docs/tasks.md)",
     "device": "each trial trains on the GPU share Ray assigns it (or the CPU); set resources.gpu_per_trial",
 }
 # Fixed for every trial, never tuned: the trial's budget and what its reports rely on.
