@@ -232,6 +232,10 @@ def sweeps(tmp_path_factory, shapes_cache):
         finally:
             ray.shutdown()
     print("task sweeps (s):", {task: round(s, 1) for task, s in took.items()}, f"total {sum(took.values()):.1f}")
+    for task, (model, _, metric, _) in TASK_MODELS.items():  # what the trials reported, for the record
+        best = yolotune.load(storage / task).best()
+        print(f"{task}: tune(model={model!r}, data='shapes', metric={metric!r}): best trial {best['trial_id']} "
+              f"{metric} {best[f'best_{metric}']:.4g}")
     return {task: storage / task for task in TASK_MODELS}
 
 
