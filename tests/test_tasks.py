@@ -224,7 +224,7 @@ def sweeps(tmp_path_factory, shapes_cache):
                 start = time.time()
                 with contextlib.redirect_stdout(io.StringIO()):
                     yolotune.tune(model=model, data="shapes", iterations=2, name=task, storage=str(storage),
-                                  overrides=["seed=0", "scheduler=fifo", f"metric={metric}", "verbose=quiet",
+                                  overrides=["seed=0", "scheduler=fifo", f"metric='{metric}'", "verbose=quiet",
                                              *(f"data.{k}={v}" for k, v in TINY.items()),
                                              f"data.cache_dir={shapes_cache}"],
                                   epochs=2, imgsz=64, batch=4)
