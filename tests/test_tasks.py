@@ -108,6 +108,16 @@ def test_the_default_space_is_the_tasks_own_and_tunes_only_what_it_trains_with(t
     assert task_space(changed, task) == changed
 
 
+def test_the_saved_config_holds_the_space_the_trials_tune(tmp_path):
+    """What results, plots and resume read: the classify space, not the detection default it replaced."""
+    from compose import compose_config
+
+    from yolotune.cli import prepare
+
+    _, _, cfg = prepare(compose_config("model=yolo11n-cls-scratch", "data=shapes", f"storage={tmp_path}"), [])
+    assert set(cfg.space) == set(yaml.safe_load((REPO / "conf" / "space" / "classify.yaml").read_text()))
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_shapes_are_deterministic_from_the_seed_for_every_task(task, tmp_path):
     first, again, other = (_shapes(tmp_path / name, task, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
