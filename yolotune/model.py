@@ -21,6 +21,7 @@ from omegaconf import MISSING
 from yolotune.errors import ConfigError
 from yolotune.layout import first_line
 from yolotune.storage import fetch_checked, is_uri, node_file
+from yolotune.train_args import shown
 
 SUFFIXES = (".pt", ".yaml", ".yml")
 TASKS = ("detect", "segment", "classify", "pose", "obb")
@@ -67,7 +68,7 @@ class ModelConfig:
         task = self.task
         for name in exp.dists:
             if TASK_ONLY.get(name, task) != task or (task == "classify" and name in NOT_CLASSIFY):
-                raise ConfigError(f"space.{name}", _shown(exp.space[name]),
+                raise ConfigError(f"space.{name}", shown(exp.space[name]),
                                   f"a {task} model ({self.weights}) trains without {name}: tune what it trains "
                                   f"with (its default space: space={DEFAULT_SPACES[task]})")
         tuned = exp.dists.get("model")
@@ -95,17 +96,16 @@ def check_weights(key: str, weights: str) -> None:
         raise ConfigError(key, weights, "a file (this is a directory)")
 
 
-def _shown(spec) -> str:
-    return spec if isinstance(spec, str) else "{...}"
-
-
 def reported_metrics(task: str) -> List[str]:
     """The metrics a trial of a ``task`` model reports, as a refusal lists them: fitness (Ultralytics' own
     for the task), each validation metric (mAP50-95 first), the validation losses."""
     order = ("mAP50-95", "mAP50", "precision", "recall", "accuracy")
-    metrics = sorted(METRICS[task], key=lambda m: next(i for i, o in enumerate(order) if f"/{o}" in m))
-    return ["fitness", *sorted(metrics, key=lambda m: m.endswith("(B)") and task in ("segment", "pose")),
-            *(f"val/{loss}" for loss in LOSSES[task])]
+    own = {"segment": "(M)", "pose": "(P)"}.get(task, "(B)")  # masks' and keypoints' before the boxes'
+
+    def rank(metric: str):
+        return own not in metric, next(i for i, kind in enumerate(order) if f"/{kind}" in metric)
+
+    return ["fitness", *sorted(METRICS[task], key=rank), *(f"val/{loss}" for loss in LOSSES[task])]
 
 
 def is_reported(name: str, task: str) -> bool:
