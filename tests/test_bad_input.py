@@ -363,6 +363,7 @@ CASES = [
     ("classify-given-a-data-yaml", ["model=yolo11n-cls-scratch", "data=coco8"], "data.yaml"),
     ("classify-given-no-folder", ["model=yolo11n-cls-scratch", "data=coco8", "data.yaml=./no/such/folder"],
      "data.yaml"),
+    ("classify-unknown-dataset-name", ["model=yolo11n-cls-scratch", "data=coco8", "data.yaml=nosuchcls"], "data.yaml"),
     ("metric-of-another-task", ["metric=metrics/accuracy_top1"], "metric"),
     ("metric-of-classify", ["model=yolo11n-cls-scratch", "metric='metrics/mAP50-95(B)'"], "metric"),
     ("metric-of-segment", ["model=yolo11n-seg-scratch", "metric='metrics/mAP50(P)'"], "metric"),
