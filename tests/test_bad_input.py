@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,7 @@ CASES = [
     ("train-owned-project", ["+train.project=x"], "train.project"),
     ("train-owned-name", ["+train.name=x"], "train.name"),
     ("train-owned-exist-ok", ["+train.exist_ok=true"], "train.exist_ok"),
+    ("train-owned-task", ["+train.task=segment"], "train.task"),
     ("train-owned-resume", ["+train.resume=true"], "train.resume"),
     ("train-owned-mode", ["+train.mode=val"], "train.mode"),
     ("train-owned-device", ["+train.device=0"], "train.device"),
@@ -359,6 +361,18 @@ CASES = [
     ("budget-words", ["budget.time='2 hours'"], "budget.time"),
     ("budget-negative", ["budget.time=-5m"], "budget.time"),
     ("budget-zero", ["budget.time=0"], "budget.time"),
+    # tasks: the model's task decides the data, the metrics and what the space may tune
+    ("classify-given-a-data-yaml", ["model=yolo11n-cls-scratch", "data=coco8"], "data.yaml"),
+    ("classify-given-no-folder", ["model=yolo11n-cls-scratch", "data=coco8", "data.yaml=./no/such/folder"],
+     "data.yaml"),
+    ("classify-unknown-dataset-name", ["model=yolo11n-cls-scratch", "data=coco8", "data.yaml=nosuchcls"], "data.yaml"),
+    ("metric-of-another-task", ["metric=metrics/accuracy_top1"], "metric"),
+    ("metric-of-classify", ["model=yolo11n-cls-scratch", "metric='metrics/mAP50-95(B)'"], "metric"),
+    ("metric-of-segment", ["model=yolo11n-seg-scratch", "metric='metrics/mAP50(P)'"], "metric"),
+    ("space-key-classify-ignores", ["model=yolo11n-cls-scratch", "+space.mosaic='uniform(0, 1)'"], "space.mosaic"),
+    ("space-key-of-pose", ["+space.kobj='uniform(0.5, 2)'"], "space.kobj"),
+    ("space-models-of-two-tasks", ["+space.model={dist:choice,values:[yolo11n.yaml,yolo11n-seg.yaml]}"],
+     "space.model.values[1]"),
     ("budget-zero-minutes", ["budget.time=0m"], "budget.time"),
     ("budget-unit", ["budget.time=2d"], "budget.time"),
 ]
@@ -498,7 +512,14 @@ VALID = [
     ["resources.cpu_per_trial=0.5", "resources.gpu_per_trial=0"],
     ["name=" + "a" * 128], ["name=_x"], ["name='a=b+c'"],
     ["ray.address=auto"], ["ray.address=127.0.0.1:6379"], ["ray.address=ray://head-1.example.org:10001"],
-    ["metric=epoch"], ["metric=lr/pg0"], ["metric=metrics/accuracy_top5"], ["metric='metrics/mAP50(M)'"],
+    ["metric=epoch"], ["metric=lr/pg0"], ["metric=metrics/accuracy_top5", "model=yolo11n-cls-scratch"],
+    ["metric='metrics/mAP50(M)'", "model=yolo11n-seg-scratch"], ["metric='metrics/mAP50-95(P)'", "model=yolo11n-pose-scratch"],
+    ["metric=val/angle_loss", "model=yolo11n-obb-scratch", "mode=min"], ["metric=val/loss", "model=yolo11n-cls-scratch"],
+    # each task's data (shapes draws its labels) and a space key of its own
+    ["model=yolo11n-seg-scratch"], ["model=yolo11n-cls-scratch"], ["model=yolo11n-pose-scratch"],
+    ["model=yolo11n-obb-scratch"], ["model=yolo11n-cls-scratch", "+space.dropout='uniform(0, 0.5)'"],
+    ["model=yolo11n-pose-scratch", "+space.kobj='uniform(0.5, 2)'"],
+    ["+space.model={dist:choice,values:[yolo11n-cls.yaml,yolo11s-cls.yaml]}", "model=yolo11n-cls-scratch"],
     ["metric=train/cls_loss", "mode=min"], ["failure.max_failures=3"],
     ["data.train_images=100000", "data.val_images=100000"], ["data.imgsz=32"], ["data.imgsz=4096"],
     ["data.classes=3"], ["model.weights=yolo11n.yml"], ["wandb=offline"], ["+train.save=true"], ["+train.val=true"],
@@ -556,6 +577,54 @@ def test_replacing_a_space_entry_replaces_it(tmp_path, shapes_cache):
 def test_bare_train_arguments_go_to_train(tmp_path, shapes_cache):
     exp = attempt(tmp_path / "runs", shapes_cache, *BASE, "epochs=12", "imgsz=64", "cos_lr=true", preflight=False)
     assert (exp.train["epochs"], exp.train["imgsz"], exp.train["cos_lr"]) == (12, 64, True)
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory, shapes_cache):
+    """A folder of datasets, named relative to it as users name them in the current directory: a
+    classification dataset (shapes' class folders), one without train/ or val/, a detection data YAML."""
+    from yolotune.data import ShapesDataConfig, make_shapes
+
+    root = tmp_path_factory.mktemp("task-data")
+    shapes = ShapesDataConfig(train_images=6, val_images=3, imgsz=64, cache_dir=str(shapes_cache))
+    shutil.copytree(make_shapes(shapes, "classify"), root / "cls")
+    shutil.copytree(root / "cls" / "train", root / "cls_no_val" / "train")
+    (root / "cls_no_train" / "val").mkdir(parents=True)
+    shutil.copytree(make_shapes(shapes), root / "det")
+    (root / "det" / "data.yaml").write_text(f"path: {root / 'det'}\ntrain: images/train\nval: images/val\n"
+                                            "names: {0: circle, 1: rectangle, 2: triangle}\n")
+    return root
+
+
+TASK_DATA_CASES = [  # (case id, model, data.yaml relative to task_data)
+    ("classify-folder-without-train", "yolo11n-cls-scratch", "cls_no_train"),
+    ("classify-folder-without-val", "yolo11n-cls-scratch", "cls_no_val"),
+    ("classify-folder-for-a-detect-model", "yolo11n-scratch", "cls"),
+    ("pose-data-yaml-without-kpt-shape", "yolo11n-pose-scratch", "det/data.yaml"),
+]
+
+
+@pytest.mark.parametrize("case,model,data", TASK_DATA_CASES, ids=[c[0] for c in TASK_DATA_CASES])
+def test_each_tasks_data_is_refused_in_one_line_before_ray(case, model, data, task_data, tmp_path, shapes_cache,
+                                                           monkeypatch):
+    monkeypatch.chdir(task_data)
+    before = sorted(task_data.rglob("*"))
+    with pytest.raises(ConfigError) as err:
+        attempt(tmp_path / "runs", shapes_cache, *BASE, f"model={model}", "data=coco8", f"data.yaml={data}")
+    assert err.value.key == "data.yaml" and "\n" not in str(err.value)
+    assert sorted(task_data.rglob("*")) == before and not (tmp_path / "runs").exists()  # nothing written
+    _check_message(case, str(err.value))
+
+
+def test_a_classify_folder_in_the_current_directory_is_its_data(task_data, tmp_path, shapes_cache, monkeypatch):
+    """A bare name of a folder here, as Ultralytics takes it; resolved to its absolute path for the trials."""
+    from yolotune.runner import preflight
+
+    monkeypatch.chdir(task_data)
+    exp = attempt(tmp_path / "runs", shapes_cache, *BASE, "model=yolo11n-cls-scratch", "data=coco8", "data.yaml=cls",
+                  preflight=False)
+    job, _ = preflight(exp, tmp_path / "runs" / "bad")
+    assert job["data"] == str(task_data / "cls")
 
 
 def test_preflight_passes_a_valid_experiment(tmp_path, shapes_cache):

@@ -19,7 +19,7 @@ from yolotune.errors import ConfigError
 from yolotune.schedulers import ClipToSpace
 from yolotune.space import parse_space, to_ray_space
 
-SPACE = ["space=minimal", "+space.dropout='choice([0.0, 0.1])'", "+space.close_mosaic='randint(0, 10)'", "train.epochs=30"]
+SPACE = ["space=minimal", "+space.bgr='choice([0.0, 0.1])'", "+space.close_mosaic='randint(0, 10)'", "train.epochs=30"]
 SCHEDULERS = {"asha": schedulers.AsyncHyperBandScheduler, "fifo": schedulers.FIFOScheduler,
               "hyperband": schedulers.HyperBandScheduler, "median": schedulers.MedianStoppingRule,
               "pbt": schedulers.PopulationBasedTraining}

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import run_cli, small_sweep_overrides
 from yolotune import console, plots
@@ -817,3 +818,44 @@ def test_epochs_without_validation_leave_the_best_and_last_values_to_the_validat
     analysis = trials[0].metric_analysis["val/box_loss"]
     assert console.ended_line("a", 4, 4, "val/box_loss", analysis["last"], analysis["min"]) == \
         "trial a finished 4 epochs: val/box_loss 1.1 (best 1.1)"
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_progress_line_names_the_trial_the_results_rank_best_when_values_tie(tmp_path, mode):
+    """Ties go to the trial recorded first (trials.jsonl: the order trials started, which need not be the order
+    Ray created them in), in the live line and in results.best alike, whichever way the metric is ranked."""
+    from yolotune.layout import append_jsonl
+    from yolotune.results import load
+
+    created = ["a_00000", "b_00001", "c_00002"]  # Ray's trial list
+    started = ["b_00001", "a_00000", "c_00002"]  # their workers came up in this order
+    values = {"b_00001": 0.5, "a_00000": 0.5, "c_00002": 0.2 if mode == "max" else 0.9}
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({
+        "metric": "fitness", "mode": mode, "iterations": 3, "space": {}, "train": {"epochs": 1},
+        "model": {"weights": "yolo11n.yaml"}, "scheduler": {"type": "fifo"}, "search": {"type": "random"},
+        "data": {"yaml": "/data/shapes.yaml"}}))
+    progress = Progress("fitness", mode, total=3, epochs=1, prunes=False, now=0)
+    for trial_id in started:
+        append_jsonl(tmp_path / "trials.jsonl", {"event": "started", "trial_id": trial_id, "config": {}})
+        progress.started(trial_id)
+        (tmp_path / f"trial_{trial_id}").mkdir()
+        append_jsonl(tmp_path / f"trial_{trial_id}" / "history.jsonl",
+                     {"epoch": 1, "validated": 1, "fitness": values[trial_id]})
+    assert load(tmp_path).best()["trial_id"] == "b_00001"
+    trials = [_trial(trial_id, epoch=1, best=values[trial_id], metric="fitness") for trial_id in created]
+    assert "best fitness 0.5 (b_00001)" in progress.line(trials, now=1)
+
+
+def test_a_resumed_live_view_knows_the_order_its_trials_were_recorded_in(tmp_path):
+    from yolotune.layout import append_jsonl
+
+    for trial_id in ("b_00001", "a_00000", "b_00001"):
+        append_jsonl(tmp_path / "trials.jsonl", {"event": "started", "trial_id": trial_id})
+    view = console.live_view(tmp_path, "fitness", "max", 1, False, "quiet", lambda: None, 16)
+    view.setup(total_num_samples=3)
+    try:
+        view.on_trial_start(0, [], _trial("c_00002"))
+        assert view._progress.order == {"b_00001": 0, "a_00000": 1, "c_00002": 2}
+    finally:
+        view.on_experiment_end([])

@@ -14,7 +14,7 @@ from typing import Sequence, Tuple
 from omegaconf import DictConfig, open_dict
 
 from yolotune import experiment, layout
-from yolotune.config import ExperimentConfig, register_configs, to_experiment, validate
+from yolotune.config import ExperimentConfig, literal, register_configs, to_experiment, validate
 from yolotune.errors import ConfigError, StorageFull
 from yolotune.overrides import composition_error, group_options, normalize, replace_space_entries
 
@@ -30,6 +30,7 @@ def prepare(cfg: DictConfig, overrides: Sequence[str]) -> Tuple[ExperimentConfig
     if not cfg.resume:
         with open_dict(cfg):
             cfg.name = exp.name = cfg.name or experiment.new_name()
+            cfg.space = literal(exp.space)  # saved as tuned: the model's task's default space (config.task_space)
         location = experiment.open_storage(cfg.storage).child(cfg.name)
         exp_dir = location.local
         if location.exists():

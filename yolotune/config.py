@@ -29,7 +29,7 @@ from yolotune.errors import ConfigError, check_range
 from yolotune.layout import first_line, storage_dir
 from yolotune.storage import Location, is_uri
 from yolotune import objectives
-from yolotune.model import ModelConfig
+from yolotune.model import DEFAULT_SPACES, ModelConfig, is_reported, reported_metrics
 from yolotune.resources import ResourcesConfig
 from yolotune.schedulers import SchedulerConfig
 from yolotune.search import SearchConfig
@@ -38,11 +38,6 @@ from yolotune.wandb_logging import WandbConfig
 
 # Ultralytics' default when train.epochs is not given (its cfg/default.yaml).
 DEFAULT_EPOCHS = 100
-# What the trainable reports every epoch (trainable.py): fitness, epoch and Ultralytics' metrics.
-REPORTED_METRIC = re.compile(
-    r"^(fitness|epoch|metrics/(precision|recall|mAP50|mAP50-95)\([BMP]\)|metrics/accuracy_top[15]"
-    r"|(train|val)/\w+_loss|lr/pg\d)$"
-)
 ADDRESS = re.compile(r"^(ray://)?[\w.-]+:\d{1,5}$")
 # A name is one safe path component under storage.
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
@@ -183,8 +178,21 @@ def to_experiment(cfg: DictConfig) -> ExperimentConfig:
         exp = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw))
     except Exception as e:  # noqa: BLE001 - OmegaConf's validation errors name the key
         raise _omegaconf_error(e) from None
-    exp.train, exp.space = train, space
+    exp.train, exp.space = train, task_space(space, exp.model.task)
     return exp
+
+
+def task_space(space: Dict[str, Any], task: str) -> Dict[str, Any]:
+    """The space trials tune: the default space, unchanged, is the model's task's default (conf/space/)."""
+    if task == "detect" or space != _space_option("default"):
+        return space
+    return _space_option(DEFAULT_SPACES[task])
+
+
+def _space_option(name: str) -> Dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((resources.files("yolotune.conf") / "space" / f"{name}.yaml").read_text())
 
 
 def _typed(group: str, node: Any) -> DictConfig:
@@ -289,10 +297,13 @@ def validate(exp: ExperimentConfig) -> None:
     check_range("iterations", exp.iterations, 1, None, "an integer >= 1 (the number of trials)", integer=True)
     if exp.mode not in ("max", "min"):
         raise ConfigError("mode", exp.mode, "max or min")
-    if not REPORTED_METRIC.match(exp.metric):
-        raise ConfigError("metric", exp.metric, "a reported metric: fitness, metrics/mAP50-95(B), metrics/mAP50(B), "
-                                                "metrics/precision(B), metrics/recall(B), val/box_loss, ...")
-    objectives.check(exp, REPORTED_METRIC.match)
+    task = exp.model.task
+    if not is_reported(exp.metric, task):
+        metrics = reported_metrics(task)
+        shown = [m for m in metrics if not m.startswith("val/")] + [next(m for m in metrics if m.startswith("val/"))]
+        whose = "" if task == "detect" else f" of a {task} model"
+        raise ConfigError("metric", exp.metric, f"a reported metric{whose}: {', '.join(shown)}, ...")
+    objectives.check(exp, lambda name: is_reported(name, task))
     if exp.name is not None and not NAME.match(exp.name):
         raise ConfigError("name", exp.name, "one folder name: letters, digits and _ . = + - (not starting with "
                                             "'.' or '-'), at most 128 characters")

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
-from yolotune.layout import TRAIN_LOG, TRAINED_BATCH, trial_dirname
+from yolotune.layout import TRAIN_LOG, TRAINED_BATCH, TRIAL_RECORD, read_jsonl, trial_dirname
 
 VERBOSE = ("yolotune", "ray", "quiet")  # the config's `verbose`: our live view, Ray's tables, or nothing
 PLAIN_EVERY_S = 30.0
@@ -160,6 +160,11 @@ class Progress:
         self.reported: set = set()  # trials that reported an epoch in this run
         self.epoch_s, self.timed_epochs = 0.0, 0
         self.at_once = 1  # the most trials seen running at once
+        self.order: Dict[str, int] = {}  # trial id -> its place in trials.jsonl: ties go to the first, as results rank
+
+    def started(self, trial_id: str) -> None:
+        """A trial started, after those before it (in the order trials.jsonl records them)."""
+        self.order.setdefault(trial_id, len(self.order))
 
     def end(self, trial_id: str, errored: bool) -> None:
         self.ended[trial_id] = errored
@@ -200,7 +205,8 @@ class Progress:
                   if self.metric in (t.metric_analysis or {})]
         if not values:
             return f"best {self.metric} -"
-        value, trial_id = (max if self.mode == "max" else min)(values)
+        sign = -1 if self.mode == "max" else 1  # ties: the first trial recorded, not the highest trial id
+        value, trial_id = min(values, key=lambda found: (sign * found[0], self.order.get(found[1], len(self.order))))
         return f"best {self.metric} {value:.4g} ({trial_id})"
 
     def _left(self, trials, ended) -> str:
@@ -492,6 +498,8 @@ def _build_live_view():
         def setup(self, total_num_samples: Optional[int] = None, **info):
             total = total_num_samples or info.get("num_samples") or 0
             self._progress = Progress(self.metric, self.mode, total, self.epochs, self.prunes)
+            for event in read_jsonl(self.exp_dir / TRIAL_RECORD)[0]:  # a resumed experiment's trials, in order
+                self._progress.started(str(event.get("trial_id")))
             self._screen = Screen(self.echo, total)
             self._refresher = Refresher(self.refresh)
             self._tick, self._last_ended = Throttle(TERMINAL_EVERY_S), False
@@ -499,6 +507,7 @@ def _build_live_view():
             self._retried: set = set()  # trials retried after a system failure, until their next result
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            self._progress.started(trial.trial_id)  # after the trial recorder's callback wrote it down
             self._last_ended = False
             self._screen.event(started_line(trial.trial_id, trial.config, resumed=_epoch(trial) > 0))
 

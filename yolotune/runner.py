@@ -476,10 +476,11 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
         resources = plan(exp.resources, [(local_cpus(), _local_gpus())], exp.iterations)
         check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
-    weights, data = exp.model.resolve(), exp.data.resolve()
+    task = exp.model.task
+    weights, data = exp.model.resolve(), exp.data.resolve(task)
     tuned_models = exp.dists["model"].values if "model" in exp.dists else []
     models = {str(m): resolve_weights(f"space.model.values[{i}]", m) for i, m in enumerate(tuned_models)}
-    build_label_caches(str(node_dataset(data)) if is_uri(data) else data)  # the copy trials on this node share
+    build_label_caches(str(node_dataset(data)) if is_uri(data) else data, task)  # the copy trials on this node share
     train = {**exp.train, "epochs": exp.epochs}  # explicit: trials and resumes compare against it
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
     if exp.seed is not None and "seed" not in exp.space:

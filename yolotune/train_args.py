@@ -29,6 +29,7 @@ OWNED = {
     "exist_ok": "yolotune writes each trial's output in its trial directory",
     "resume": "set the top-level resume=true",
     "mode": "yolotune only trains",
+    "task": "the model's task: pick a model of the task (yolo11n-seg.yaml, yolo11n-cls.yaml, ...; docs/tasks.md)",
     "device": "each trial trains on the GPU share Ray assigns it (or the CPU); set resources.gpu_per_trial",
 }
 # Fixed for every trial, never tuned: the trial's budget and what its reports rely on.
@@ -64,11 +65,11 @@ def _check_name(key: str, name: str, value: Any) -> None:
 def check_names(exp) -> None:
     """Every fixed and tuned key is a train argument that the user may set, and none is both."""
     for name in exp.dists:
-        _check_name(f"space.{name}", name, _shown(exp.space[name]))
+        _check_name(f"space.{name}", name, shown(exp.space[name]))
         if name == "model" and exp.dists[name].values is not None:
             continue  # a choice of models (model.py checks each)
         if name in OWNED or name in NOT_TUNABLE:
-            raise ConfigError(f"space.{name}", _shown(exp.space[name]), {**OWNED, **NOT_TUNABLE}[name])
+            raise ConfigError(f"space.{name}", shown(exp.space[name]), {**OWNED, **NOT_TUNABLE}[name])
     for name, value in exp.train.items():
         _check_name(f"train.{name}", name, value)
         if name in OWNED:
@@ -80,7 +81,8 @@ def check_names(exp) -> None:
                                                            "keep save=true")
 
 
-def _shown(spec: Any) -> str:
+def shown(spec: Any) -> str:
+    """A space entry as a refusal shows it: its string, or {...} for a mapping."""
     return spec if isinstance(spec, str) else "{...}"
 
 
