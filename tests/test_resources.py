@@ -13,7 +13,8 @@ import yaml
 from compose import REPO
 from yolotune.data import ShapesDataConfig, make_shapes
 from yolotune.errors import ConfigError
-from yolotune.resources import ResourcesConfig, TrialResources, check_autobatch, local_cpus, plan
+from yolotune.resources import (GPU_TRIAL_CPUS, Node, ResourcesConfig, TrialResources, check_autobatch,
+                                local_cpus, plan, trial_gpu_mb)
 from yolotune.trainable import claim_device, keep_threads
 
 R = ResourcesConfig
@@ -32,21 +33,22 @@ PLANS = [
     (R(), 16, 1, 2, (8, 0.5, 2)),                 # ceil(2 / 1) = 2 per GPU
     (R(), 16, 1, 4, (4, 0.25, 4)),
     (R(), 16, 1, 10, (4, 0.25, 4)),               # 10 trials: 4 at once (not 16 // 10 CPUs each)
-    (R(), 2, 1, 10, (1, 0.5, 2)),                 # 2 CPUs allow 2 at once: half a GPU each
+    (R(), 2, 1, 10, (2, 1, 1)),                   # 2 CPUs: 1 trial with both (2 would have no loader worker)
     (R(max_concurrent_trials=3), 16, 1, 10, (5, 1 / 3, 3)),
-    # Four GPUs: trials spread over all of them before sharing one.
+    # Four GPUs: a trial on each before any shares one; 4 CPUs a trial (3 loader workers) where CPUs allow.
     (R(), 16, 4, 4, (4, 1, 4)),                   # ceil(4 / 4) = 1 per GPU: whole GPUs
-    (R(), 16, 4, 5, (3, 0.5, 5)),                 # ceil(5 / 4) = 2 per GPU; 16 // 5 = 3
-    (R(), 16, 4, 10, (1, 1 / 3, 10)),             # ceil(10 / 4) = 3 per GPU (was 0.25: 4/4/2/0)
-    (R(), 16, 4, 16, (1, 0.25, 16)),
-    (R(), 16, 4, 100, (1, 0.25, 16)),             # capped at 4 per GPU
+    (R(), 16, 4, 5, (4, 1, 4)),                   # 16 CPUs hold 4 trials of 4 CPUs: one per GPU
+    (R(), 16, 4, 10, (4, 1, 4)),
+    (R(), 16, 4, 16, (4, 1, 4)),
+    (R(), 32, 4, 100, (4, 0.5, 8)),               # 32 CPUs: 8 trials of 4, 2 per GPU
+    (R(), 64, 4, 100, (4, 0.25, 16)),             # capped at 4 per GPU
     (R(), 2, 4, 10, (1, 1, 2)),                   # 2 CPUs: 2 trials, a whole GPU each
     (R(max_concurrent_trials=3), 16, 4, 10, (5, 1, 3)),
     # Given shares: only whole shares fit (round() counted 0.6 of a GPU twice on one).
     (R(gpu_per_trial=0.6), 16, 1, 10, (16, 0.6, 1)),   # floor(1 / 0.6) = 1
     (R(gpu_per_trial=0.4), 16, 1, 10, (8, 0.4, 2)),    # floor(2.5) = 2
     (R(gpu_per_trial=1 / 3), 16, 1, 10, (5, 1 / 3, 3)),  # 3 thirds fit despite float rounding
-    (R(gpu_per_trial=0.25), 16, 4, 10, (1, 0.25, 10)),
+    (R(gpu_per_trial=0.25), 16, 4, 10, (4, 0.25, 4)),  # a given share is at most 4 per GPU: CPUs allow 1
     (R(gpu_per_trial=0), 16, 1, 10, (1, 0, 10)),       # CPU trials on a GPU box
     (R(cpu_per_trial=3), 16, 0, 10, (3, 0, 5)),        # floor(16 / 3) = 5
     (R(cpu_per_trial=16), 16, 0, 10, (16, 0, 1)),      # the whole machine: allowed
@@ -78,20 +80,21 @@ TWO_FOUR_32 = [(32, 4), (32, 4)]
 MIXED = [(64, 8), (16, 0)]  # GPU trials run on the GPU node only
 MANY = 1000  # enough trials to fill every node
 # (resources, nodes, iterations) -> (cpu, gpu, at once, loader workers, threads, image cache MiB per trial).
-# Loader workers: a GPU trial's CPUs but one; image cache: 1024 MiB per node // trials on the busiest node.
+# Loader workers: a GPU trial's CPUs but one; 4 CPUs a GPU trial (3 loader workers) where the node has them;
+# image cache: 1024 MiB per node (its memory unknown) // trials on the busiest node.
 GPU_PLANS = [
-    # auto: up to 4 trials per GPU, a node's CPUs shared by the trials on it.
-    (preset("auto"), ONE_8, MANY, (2, 0.25, 4, 1, 2, 256)),     # 4 on the GPU; 8 // 4 = 2 CPUs; 1024 // 4
-    (preset("auto"), ONE_16, MANY, (4, 0.25, 4, 3, 4, 256)),    # 16 // 4 = 4 CPUs
-    (preset("auto"), FOUR_32, MANY, (2, 0.25, 16, 1, 2, 64)),   # 4 x 4; 32 // 16 = 2; 1024 // 16
-    (preset("auto"), EIGHT_64, MANY, (2, 0.25, 32, 1, 2, 32)),  # 8 x 4; 64 // 32 = 2; 1024 // 32
-    (preset("auto"), EIGHT_96, MANY, (3, 0.25, 32, 2, 3, 32)),  # 96 // 32 = 3
-    (preset("auto"), TWO_FOUR_32, MANY, (2, 0.25, 32, 1, 2, 64)),  # 16 per node: 32 // 16 = 2; 1024 // 16
-    (preset("auto"), MIXED, MANY, (2, 0.25, 32, 1, 2, 32)),     # the GPU node's 32 trials; 16 CPUs idle
-    (preset("auto"), EIGHT_64, 20, (3, 1 / 3, 20, 2, 3, 51)),   # ceil(20 / 8) = 3 per GPU; 64 // 20 = 3; 1024 // 20
-    (preset("auto"), EIGHT_96, 20, (4, 1 / 3, 20, 3, 4, 51)),   # 96 // 20 = 4
-    (preset("auto"), TWO_FOUR_32, 20, (3, 1 / 3, 20, 2, 3, 102)),  # 10 per node: 32 // 10 = 3; 1024 // 10
-    (preset("auto"), MIXED, 20, (3, 1 / 3, 20, 2, 3, 51)),      # as EIGHT_64
+    # auto: up to 4 trials per GPU, 4 CPUs each, a node's CPUs shared by the trials on it.
+    (preset("auto"), ONE_8, MANY, (4, 0.5, 2, 3, 4, 512)),      # 8 // 4 = 2 trials on the GPU; 1024 // 2
+    (preset("auto"), ONE_16, MANY, (4, 0.25, 4, 3, 4, 256)),    # 16 // 4 = 4
+    (preset("auto"), FOUR_32, MANY, (4, 0.5, 8, 3, 4, 128)),    # 32 // 4 = 8 trials, 2 per GPU (was 16 of 2 CPUs)
+    (preset("auto"), EIGHT_64, MANY, (4, 0.5, 16, 3, 4, 64)),   # 64 // 4 = 16, 2 per GPU (was 32 x 1 worker)
+    (preset("auto"), EIGHT_96, MANY, (4, 1 / 3, 24, 3, 4, 42)),  # 96 // 4 = 24, 3 per GPU
+    (preset("auto"), TWO_FOUR_32, MANY, (4, 0.5, 16, 3, 4, 128)),  # 8 per node, 2 per GPU
+    (preset("auto"), MIXED, MANY, (4, 0.5, 16, 3, 4, 64)),      # the GPU node's 16 trials; 16 CPUs idle
+    (preset("auto"), EIGHT_64, 20, (4, 0.5, 16, 3, 4, 64)),     # 20 trials: still 16 at once of 4 CPUs
+    (preset("auto"), EIGHT_96, 20, (4, 1 / 3, 20, 3, 4, 51)),   # ceil(20 / 8) = 3 per GPU; 96 // 20 = 4; 1024 // 20
+    (preset("auto"), TWO_FOUR_32, 20, (4, 0.5, 16, 3, 4, 128)),
+    (preset("auto"), MIXED, 20, (4, 0.5, 16, 3, 4, 64)),        # as EIGHT_64
     (preset("auto"), EIGHT_64, 4, (16, 1, 4, 15, 16, 256)),     # 4 trials: a whole GPU each, 64 // 4 = 16 CPUs
     # gpu: one whole GPU per trial, the node's CPUs shared by its trials.
     (preset("gpu"), ONE_8, MANY, (8, 1, 1, 7, 8, 1024)),
@@ -102,15 +105,15 @@ GPU_PLANS = [
     (preset("gpu"), TWO_FOUR_32, MANY, (8, 1, 8, 7, 8, 256)),   # 4 per node: 32 // 4 = 8
     (preset("gpu"), MIXED, MANY, (8, 1, 8, 7, 8, 128)),
     (preset("gpu"), EIGHT_64, 5, (12, 1, 5, 11, 12, 204)),      # 5 trials: 64 // 5 = 12; 1024 // 5
-    # fractional: four trials per GPU.
-    (preset("fractional"), ONE_8, MANY, (2, 0.25, 4, 1, 2, 256)),
+    # fractional: at most four trials per GPU, fewer where a trial would get under 4 CPUs.
+    (preset("fractional"), ONE_8, MANY, (4, 0.25, 2, 3, 4, 512)),  # 2 of the 4 quarters: 8 CPUs hold 2 trials
     (preset("fractional"), ONE_16, MANY, (4, 0.25, 4, 3, 4, 256)),
-    (preset("fractional"), FOUR_32, MANY, (2, 0.25, 16, 1, 2, 64)),
-    (preset("fractional"), EIGHT_64, MANY, (2, 0.25, 32, 1, 2, 32)),  # 2 CPUs each gave 0 loader workers
-    (preset("fractional"), EIGHT_96, MANY, (3, 0.25, 32, 2, 3, 32)),
-    (preset("fractional"), TWO_FOUR_32, MANY, (2, 0.25, 32, 1, 2, 64)),
-    (preset("fractional"), MIXED, MANY, (2, 0.25, 32, 1, 2, 32)),
-    (preset("fractional"), EIGHT_64, 20, (3, 0.25, 20, 2, 3, 51)),  # 20 of 32 quarters; 64 // 20 = 3
+    (preset("fractional"), FOUR_32, MANY, (4, 0.25, 8, 3, 4, 128)),
+    (preset("fractional"), EIGHT_64, MANY, (4, 0.25, 16, 3, 4, 64)),  # 2 CPUs each gave 1 loader worker
+    (preset("fractional"), EIGHT_96, MANY, (4, 0.25, 24, 3, 4, 42)),
+    (preset("fractional"), TWO_FOUR_32, MANY, (4, 0.25, 16, 3, 4, 128)),
+    (preset("fractional"), MIXED, MANY, (4, 0.25, 16, 3, 4, 64)),
+    (preset("fractional"), EIGHT_64, 20, (4, 0.25, 16, 3, 4, 64)),
     # Set by the user: kept exactly as given.
     (R(cpu_per_trial=4, gpu_per_trial=1), EIGHT_64, MANY, (4, 1, 8, 3, 4, 128)),  # 32 CPUs idle, as asked
     (R(cpu_per_trial=2, gpu_per_trial=0.25), EIGHT_96, MANY, (2, 0.25, 32, 1, 2, 32)),
@@ -118,8 +121,8 @@ GPU_PLANS = [
     (R(cpu_per_trial=64, gpu_per_trial=1), MIXED, MANY, (64, 1, 1, 63, 64, 1024)),  # the GPU node's every CPU
     (R(gpu_per_trial=0.5), EIGHT_64, MANY, (4, 0.5, 16, 3, 4, 64)),  # 2 per GPU; 64 // 16 = 4
     (R(max_concurrent_trials=8), EIGHT_64, MANY, (8, 1, 8, 7, 8, 128)),  # ceil(8 / 8) = 1 per GPU
-    (R(image_cache_mb=4096), EIGHT_64, MANY, (2, 0.25, 32, 1, 2, 128)),  # 4096 // 32
-    (R(image_cache_mb=0), ONE_8, MANY, (2, 0.25, 4, 1, 2, 0)),
+    (R(image_cache_mb=4096), EIGHT_64, MANY, (4, 0.5, 16, 3, 4, 256)),  # 4096 // 16
+    (R(image_cache_mb=0), ONE_8, MANY, (4, 0.5, 2, 3, 4, 0)),
     # CPU trials on every node of a cluster with GPUs: one CPU each, 80 at once, no loader workers.
     (R(gpu_per_trial=0), MIXED, MANY, (1, 0, 80, 0, 1, 16)),    # 1024 // 64 on the GPU node
 ]
@@ -139,21 +142,27 @@ def test_gpu_plan(res, nodes, iterations, expected):
         assert planned.at_once * planned.cpu >= 0.9 * sum(c for c, _ in hosts)  # the nodes' CPUs are used
     if planned.gpu and planned.cpu >= 3:
         assert planned.loader_workers >= 2
-    assert planned.image_cache_mb * min(max(held), planned.at_once) <= res.image_cache_mb  # per node
+    assert planned.image_cache_mb * min(max(held), planned.at_once) <= (
+        1024 if res.image_cache_mb is None else res.image_cache_mb)  # per node
 
 
 def test_the_plan_in_one_line_and_in_plan_yaml():
     eight = plan(preset("auto"), EIGHT_64, 20)
-    assert eight.summary() == ("Plan: 20 trials at once, each 3 CPUs + 0.333 GPU, 2 loader workers, 3 threads, "
-                               "image cache 51 MiB per trial (8 GPUs, 64 CPUs on 1 node)")
+    assert eight.summary() == ("Plan: 16 trials at once, each 4 CPUs + 0.5 GPU, 3 loader workers, 4 threads, "
+                               "image cache 64 MiB per trial (8 GPUs, 64 CPUs on 1 node)")
     assert plan(preset("gpu"), MIXED, 2).summary() == (
         "Plan: 2 trials at once, each 32 CPUs + 1 GPU, 31 loader workers, 32 threads, image cache 512 MiB per trial "
-        "(8 GPUs, 80 CPUs on 2 nodes, trials on 1)")
+        "(8 GPUs, 80 CPUs on 2 nodes, trials on 1); 6 of 8 GPUs idle")
     assert plan(R(image_cache_mb=0), [(1, 0)], 5).summary() == (
         "Plan: 1 trial at once, each 1 CPU, 0 loader workers, 1 thread, image cache off (0 GPUs, 1 CPU on 1 node)")
-    assert eight.record() == {"trials_at_once": 20, "cpu_per_trial": 3.0, "gpu_per_trial": 1 / 3, "loader_workers": 2,
-                              "threads": 3, "image_cache_mb_per_trial": 51, "max_concurrent_trials": None,
-                              "nodes": [{"cpus": 64.0, "gpus": 8.0}]}
+    assert eight.record() == {"trials_at_once": 16, "cpu_per_trial": 4.0, "gpu_per_trial": 0.5, "loader_workers": 3,
+                              "threads": 4, "image_cache_mb_per_trial": 64, "max_concurrent_trials": None,
+                              "gpu_mb_per_trial": None, "gpu_memory_mb": None, "nodes": [{"cpus": 64.0, "gpus": 8.0}]}
+    # Fewer trials at once than GPUs: the idle ones are said; the memory a trial needs, of one GPU's
+    assert plan(preset("gpu"), [Node(64, 8, 0, 81920)], 3, gpu_mb=3000).summary() == (
+        "Plan: 3 trials at once, each 21 CPUs + 1 GPU (~2.9 of 80 GiB), 20 loader workers, 21 threads, image cache "
+        "341 MiB per trial (8 GPUs, 64 CPUs on 1 node); 5 of 8 GPUs idle")
+    assert plan(preset("gpu"), EIGHT_64, 8).summary().endswith("on 1 node)")  # none idle
 
 
 def test_a_cluster_is_planned_from_its_alive_nodes(monkeypatch):
