@@ -15,6 +15,7 @@ from yolotune.data import ShapesDataConfig, make_shapes
 from yolotune.errors import ConfigError
 from yolotune.resources import (GPU_TRIAL_CPUS, Node, ResourcesConfig, TrialResources, check_autobatch,
                                 local_cpus, plan, trial_gpu_mb)
+from yolotune.gpu_slots import claim_slot, memory_fraction, pushed_out
 from yolotune.trainable import claim_device, keep_threads
 
 R = ResourcesConfig
@@ -176,7 +177,7 @@ def test_a_cluster_is_planned_from_its_alive_nodes(monkeypatch):
         {"Alive": True, "Resources": {"CPU": 16.0}},
         {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}},
     ])
-    assert cluster_nodes() == [(64.0, 8.0), (16.0, 0)]
+    assert cluster_nodes() == [(64.0, 8.0, 1e11 / 2**20, 0), (16.0, 0, 0, 0)]  # Ray's memory: what its tasks may use
     assert plan(preset("auto"), cluster_nodes(), 20).summary().endswith("(8 GPUs, 80 CPUs on 2 nodes, trials on 1)")
 
 
@@ -321,3 +322,130 @@ def test_autobatch_rule_refuses_autobatch_values_only(batch, refused):
                                      "gpu_per_trial=0.5 shares the GPU with other trials")
     else:
         check_autobatch(exp, 0.5)
+
+
+# --- The plan over machine shapes and sweep sizes (issue 34) -------------------------------------
+
+SHAPES = {"1 GPU + 4": [(4, 1)], "1 GPU + 8": [(8, 1)], "1 GPU + 16": [(16, 1)], "8 GPUs + 32": [(32, 8)],
+          "8 GPUs + 64": [(64, 8)], "8 GPUs + 96": [(96, 8)], "2 x (4 GPUs + 32)": [(32, 4), (32, 4)]}
+SMALL_MB, LARGE_MB = trial_gpu_mb(2.6e6, 6.5, 16, 640), trial_gpu_mb(20.1e6, 68.0, 32, 640)  # YOLO11n b16, 11m b32
+
+
+def placed(planned, nodes, directory):
+    """Trials per GPU when the plan's trials at once start: Ray fills node after node up to what each
+    holds (its worst spread), and on each node every trial takes a slot (gpu_slots.claim_slot, real
+    lock files) as a trial's worker does."""
+    per_gpu, left, held = [], planned.at_once, []
+    for n, (cpus, gpus) in enumerate(nodes):
+        on_node = min(left, math.floor(cpus / planned.cpu), gpus * math.floor(1 / planned.gpu + 1e-9))
+        left -= on_node
+        ids = [str(i) for i in range(gpus)]
+        held += [claim_slot(directory / f"node{n}", ids, math.floor(1 / planned.gpu + 1e-9)) for _ in range(on_node)]
+        per_gpu += [sum(slot[0] == gpu for slot in held[-on_node:] if slot) if on_node else 0 for gpu in ids]
+    assert left == 0 and all(held)
+    for _, file in held:
+        file.close()
+    return per_gpu
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "fractional", "gpu"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("card_mb,gpu_mb", [(81920, SMALL_MB), (24576, LARGE_MB)])
+def test_every_gpu_busy_loaders_fed_memory_kept(name, shape, card_mb, gpu_mb, tmp_path):
+    """Each sweep size: trials per GPU within one of each other (floor or ceil of trials / GPUs), every
+    GPU busy while there are trials for it, >= 3 loader workers where the node has 4 CPUs a GPU, and no
+    more trials on a GPU than its memory holds by the estimate (a given share that it cannot hold is refused)."""
+    nodes = [Node(c, g, 0, card_mb) for c, g in SHAPES[shape]]
+    for trials in (4, 8, 12, 20, 50, 200):
+        try:
+            planned = plan(preset(name), nodes, trials, gpu_mb)
+        except ConfigError as refused:
+            assert name == "fractional" and 4 * gpu_mb > card_mb, refused
+            assert (refused.key, refused.value) == ("resources.gpu_per_trial", 0.25)
+            continue
+        if not planned.gpu:
+            assert name == "cpu" and planned.at_once == min(trials, sum(c for c, _ in SHAPES[shape]))
+            continue
+        gpus = sum(g for _, g in SHAPES[shape])
+        per_gpu = placed(planned, SHAPES[shape], tmp_path / f"{trials}")
+        assert sum(per_gpu) == planned.at_once
+        assert max(per_gpu) - min(per_gpu) <= 1, per_gpu
+        assert max(per_gpu) <= math.ceil(planned.at_once / gpus) and min(per_gpu) == planned.at_once // gpus
+        assert planned.at_once >= min(trials, gpus)  # a GPU idles only when there are fewer trials than GPUs
+        if all(c >= GPU_TRIAL_CPUS * g for c, g in SHAPES[shape]):
+            assert planned.loader_workers >= 3
+        assert max(per_gpu) * gpu_mb <= card_mb
+
+
+def test_slots_go_round_the_gpus_and_a_freed_one_is_taken_first(tmp_path):
+    taken = [claim_slot(tmp_path, ["0", "1", "2"], 2) for _ in range(4)]
+    assert [gpu for gpu, _ in taken] == ["0", "1", "2", "0"]
+    taken[1][1].close()  # its worker process ended
+    again = claim_slot(tmp_path, ["0", "1", "2"], 2)
+    assert again[0] == "1"
+    more = [claim_slot(tmp_path, ["0", "1", "2"], 2) for _ in range(2)]  # held: an unreferenced file closes
+    assert [gpu for gpu, _ in more] == ["1", "2"]
+    assert claim_slot(tmp_path, ["0", "1", "2"], 2) is None  # all 6 held: Ray's own choice stands
+
+
+def test_memory_share_and_a_trial_pushed_out():
+    assert memory_fraction(0.25, 81920) == pytest.approx(0.25 - 1024 / 81920)
+    assert memory_fraction(0.25, 2048) == 0.05  # a tiny card: never nothing
+    # 4 trials on 80 GiB: a trial's allocator share is 19456 MiB; it ran out holding 10000 with 500 free
+    assert pushed_out(10000, 500, 81920, 0.25)
+    assert not pushed_out(18000, 500, 81920, 0.25)  # it had (nearly) its whole share: its own error
+    assert not pushed_out(100, 0, 81920, 1.0)  # a whole GPU: nobody else's
+
+
+def test_the_gpu_memory_estimate():
+    """CUDA context + 20 bytes per parameter + batch x (imgsz / 640)^2 x 41 MiB x GFLOPs^0.53."""
+    assert trial_gpu_mb(0, 1, 1, 640) == 1024 + 41
+    assert trial_gpu_mb(2**20, 1, 2, 320) == 1024 + 20 + 2 * 0.25 * 41
+    assert 2500 < SMALL_MB < 3200 and 13000 < LARGE_MB < 15000  # YOLOv8n/m logs: 2.4 and 6.9 GB at batch 16
+
+
+def test_memory_limits_trials_per_gpu_and_refuses_what_does_not_fit():
+    one = [Node(64, 1, 0, 24576)]
+    assert plan(preset("auto"), one, 100, gpu_mb=10000).at_once == 2  # 24576 // 10000
+    assert plan(R(gpu_mb_per_trial=20000), one, 100, gpu_mb=1000).at_once == 1  # the key overrides the estimate
+    with pytest.raises(ConfigError) as err:
+        plan(preset("auto"), one, 100, gpu_mb=30000)
+    assert (err.value.key, err.value.value) == ("resources.gpu_mb_per_trial", 30000)
+    with pytest.raises(ConfigError) as err:
+        plan(R(gpu_per_trial=0.5), one, 100, gpu_mb=13000)
+    assert err.value.allowed.startswith("at least 1: 2 trials of ~13000 MiB do not fit the 24576 MiB of one GPU")
+    assert plan(R(gpu_per_trial=0.5), one, 100, gpu_mb=12000).at_once == 2  # the boundary: 2 x 12000 fit
+
+
+def test_image_cache_from_the_nodes_memory():
+    assert plan(preset("auto"), [Node(64, 8, 512 * 1024)], 100).image_cache_mb == 512 * 1024 // 8 // 16
+    assert plan(preset("cpu"), [Node(4, 0, 16384)], 100).image_cache_mb == 16384 // 8 // 4
+    assert plan(preset("cpu"), [Node(4, 0)], 100).image_cache_mb == 1024 // 4  # memory unknown
+
+
+def _cgroup(tmp_path, own: str, files: dict):
+    """A fake /sys/fs/cgroup and /proc/self/cgroup."""
+    for path, text in files.items():
+        (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / path).write_text(text)
+    (tmp_path / "fs").mkdir(exist_ok=True)
+    (tmp_path / "self").write_text(own)
+    return tmp_path / "fs", tmp_path / "self"
+
+
+@pytest.mark.parametrize("own,files,cpus", [
+    ("0::/\n", {"cpu.max": "800000 100000\n"}, 8),                          # v2, a container's own root
+    ("0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "max 100000\n", "kubepods/cpu.max": "250000 100000\n"}, 2),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),                          # no limit
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "400000\n",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 4),  # v1
+    ("4:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ("0::/\n", {}, None),                                                   # no cgroup files (macOS, old kernels)
+])
+def test_cpus_honour_the_cgroup_limit(own, files, cpus, tmp_path, monkeypatch):
+    """A pod limited to 8 CPUs on a 96-core host plans for 8 (a fractional quota rounds down, at least 1)."""
+    root, self_cgroup = _cgroup(tmp_path, own, files)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert local_cpus(root, self_cgroup) == (cpus or 96)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert local_cpus(root, self_cgroup) == 1  # the affinity still counts
