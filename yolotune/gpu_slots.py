@@ -40,15 +40,18 @@ def claim_slot(directory: Path, gpus: Sequence[str], per_gpu: int) -> Optional[T
     return None
 
 
-def spread(gpu_share: float, cluster: str) -> Optional[str]:
-    """Point this trial (CUDA_VISIBLE_DEVICES) at the GPU of the slot its process holds or takes now, on
-    a node of the Ray cluster ``cluster`` (its GCS address: slots of other Rays on the machine are
-    apart); None (Ray's own choice stands) for whole GPUs, which Ray never packs, or when no slot is
-    free (trials of another experiment on the same cluster hold them). Before torch sees the GPUs."""
+def spread(gpu_share: float) -> Optional[str]:
+    """Point this trial (CUDA_VISIBLE_DEVICES) at the GPU of the slot its process holds or takes now, among
+    the slots of its Ray cluster on this node (apart from other Rays' on the machine, by the cluster's
+    GCS address); None (Ray's own choice stands) for whole GPUs, which Ray never packs, or when no slot
+    is free (trials of another experiment on the same cluster hold them). Before torch sees the GPUs."""
+    import ray
+
     global _HELD
     if not 0 < gpu_share < 1:
         return None
     if _HELD is None:
+        cluster = ray.get_runtime_context().gcs_address
         directory = Path(tempfile.gettempdir()) / "yolotune-gpu-slots" / re.sub(r"[^A-Za-z0-9.-]+", "_", cluster)
         _HELD = claim_slot(directory, node_gpus(), int(1 / gpu_share + 1e-9))
         if _HELD is None:

@@ -40,7 +40,7 @@ AMP_CHECK_MODEL = "yolo26n.pt"  # what ultralytics.utils.checks.check_amp loads 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
     # before torch can see the GPUs: the card of this process's slot on the node, then the device
-    gpu_slots.spread(job.get("gpu_per_trial", 0), ray.get_runtime_context().gcs_address)
+    gpu_slots.spread(job.get("gpu_per_trial", 0))
     device, gpu = claim_device(ray.get_gpu_ids())
     location = Location(job["experiment_dir"]).child(trial_dirname(tune.get_context().get_trial_id()))
     checkpoint = tune.get_checkpoint()
