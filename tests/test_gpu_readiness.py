@@ -279,3 +279,23 @@ def test_a_trial_whose_share_others_held_is_retried(monkeypatch):
         "CUDA out of memory training batch 8 on 0.25 GPU: other processes on the card held part of this trial's "
         "share; retried (failure.max_failures)")
     assert type(trainable.out_of_memory_error(Model(trainer=None), {"batch": 16}, 0.5)) is RuntimeError
+
+
+def test_a_gpu_share_others_held_is_retried_and_an_own_out_of_memory_is_not(monkeypatch):
+    """The runner's failure rule, with the errors as Ray hands them over (RayTaskError of the trial's):
+    GpuMemoryTaken keeps the trial's retries (failure.max_failures), its own out-of-memory has none."""
+    from ray.exceptions import RayTaskError
+    from ray.tune.execution.tune_controller import TuneController
+
+    from yolotune import runner
+    from yolotune.gpu_slots import GpuMemoryTaken
+
+    retries_left = []
+    monkeypatch.setattr(TuneController, "_process_trial_failure",
+                        lambda controller, trial, exception: retries_left.append(trial.max_failures))
+    runner._handle_trial_failures()
+    trial = SimpleNamespace(max_failures=3)
+    for cause in (GpuMemoryTaken("CUDA out of memory training batch 8 on 0.25 GPU: other processes ..."),
+                  RuntimeError("CUDA out of memory training batch 8 on 0.25 GPU: lower batch ...")):
+        TuneController._process_trial_failure(None, trial, RayTaskError("train_trial", "Traceback ...", cause))
+    assert retries_left == [3, 0] and trial.max_failures == 3
