@@ -449,3 +449,20 @@ def test_cpus_honour_the_cgroup_limit(own, files, cpus, tmp_path, monkeypatch):
     assert local_cpus(root, self_cgroup) == (cpus or 96)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert local_cpus(root, self_cgroup) == 1  # the affinity still counts
+
+
+def test_the_estimate_takes_the_largest_model_batch_and_image_a_trial_may_get():
+    """The driver's estimate (runner.gpu_memory_estimate): the model's parameters and its GFLOPs at 640 px
+    (Ultralytics' count), the largest batch and imgsz of train and space; none with AutoBatch."""
+    from compose import experiment
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
+
+    from yolotune.runner import gpu_memory_estimate
+
+    model = YOLO("yolo11n.yaml").model
+    params, gflops = sum(p.numel() for p in model.parameters()), get_flops(model, 640)
+    assert 2.5e6 < params < 2.7e6 and 6 < gflops < 7  # YOLO11n, as Ultralytics lists it
+    exp = experiment("train.batch=8", "+space.batch='choice([4, 32])'", "train.imgsz=320", "+space.imgsz='choice([256, 480])'")
+    assert gpu_memory_estimate(exp, ["yolo11n.yaml"]) == pytest.approx(trial_gpu_mb(params, gflops, 32, 480))
+    assert gpu_memory_estimate(experiment("train.batch=-1"), ["yolo11n.yaml"]) is None
