@@ -466,3 +466,22 @@ def test_the_estimate_takes_the_largest_model_batch_and_image_a_trial_may_get():
     exp = experiment("train.batch=8", "+space.batch='choice([4, 32])'", "train.imgsz=320", "+space.imgsz='choice([256, 480])'")
     assert gpu_memory_estimate(exp, ["yolo11n.yaml"]) == pytest.approx(trial_gpu_mb(params, gflops, 32, 480))
     assert gpu_memory_estimate(experiment("train.batch=-1"), ["yolo11n.yaml"]) is None
+
+
+@pytest.mark.parametrize("share,fraction", [(0.25, 0.25 - 1024 / 81920), (0.5, 0.5 - 1024 / 81920), (1.0, None),
+                                            (0.0, None)])
+def test_a_trial_sharing_a_gpu_is_held_to_its_share(share, fraction, monkeypatch):
+    """torch's allocator may take the trial's share of the card, less its CUDA context; whole GPUs and CPU
+    trials are not capped."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from yolotune.gpu_slots import cap_memory
+
+    capped = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: capped.append((f, device)))
+    cap_memory(share)
+    assert capped == ([] if fraction is None else [(pytest.approx(fraction), 0)])
