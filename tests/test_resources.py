@@ -485,3 +485,19 @@ def test_a_trial_sharing_a_gpu_is_held_to_its_share(share, fraction, monkeypatch
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: capped.append((f, device)))
     cap_memory(share)
     assert capped == ([] if fraction is None else [(pytest.approx(fraction), 0)])
+
+
+@pytest.mark.parametrize("files,limit_mb", [
+    ({"memory.max": "8589934592\n"}, 8192),                               # v2: a pod limited to 8 GiB
+    ({"memory.max": "max\n"}, None),                                      # no limit
+    ({"memory/memory.limit_in_bytes": "4294967296\n"}, 4096),             # v1
+    ({"memory/memory.limit_in_bytes": str(2**63 - 4096) + "\n"}, None),   # v1's "no limit": above the machine's
+    ({}, None),
+])
+def test_memory_honours_the_cgroup_limit(files, limit_mb, tmp_path):
+    """The image cache's budget is an eighth of it: a container's limit, not its host's memory."""
+    from yolotune.resources import local_memory_mb
+
+    root, _ = _cgroup(tmp_path, "0::/\n", files)
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert local_memory_mb(root) == (limit_mb or machine)

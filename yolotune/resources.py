@@ -153,6 +153,18 @@ def local_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroup: Path = Pa
     return max(1, min(cpus, math.floor(limit))) if limit is not None else cpus
 
 
+def local_memory_mb(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float:
+    """The memory this process may use, in MiB: the machine's, and no more than its container's limit
+    (cgroup v2 memory.max, v1 memory.limit_in_bytes, of the cgroup mounted at the root)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
+        try:
+            memory = min(memory, int(limit_file.read_text()))
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+    return memory / 2**20
+
+
 def cgroup_cpu_limit(root: Path, own_cgroup: Path) -> Optional[float]:
     """The CPUs the cgroups of this process allow (quota / period, the least of its cgroup and those
     above it that are visible here); None without a limit."""

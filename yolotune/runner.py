@@ -25,7 +25,8 @@ from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError, StorageFull, is_storage_full
 from yolotune.layout import trial_dirname
 from yolotune.model import resolve_weights
-from yolotune.resources import Node, TrialResources, check_autobatch, local_cpus, plan, trial_gpu_mb
+from yolotune.resources import (Node, TrialResources, check_autobatch, local_cpus, local_memory_mb, plan,
+                                trial_gpu_mb)
 from yolotune.space import to_ray_space
 from yolotune.storage import Location, cache_root, is_uri, node_dataset, node_file
 
@@ -484,11 +485,6 @@ def gpu_memory_estimate(exp: ExperimentConfig, weights: List[str]) -> Optional[f
         params = sum(p.numel() for p in model.parameters())
         estimates.append(trial_gpu_mb(params, get_flops(model, 640), batch, int(imgsz)))
     return max(estimates)
-
-
-def local_memory_mb() -> float:
-    """This machine's memory, in MiB."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 
 
 def amp_check_weights() -> Optional[str]:
