@@ -185,9 +185,10 @@ def cgroup_cpu_limit(root: Path, own_cgroup: Path) -> Optional[float]:
                 continue
         else:
             continue
-        # In a container the cgroup's path names a host folder; its own cgroup is mounted at the root.
+        # Its folder and those above it, up to the mount: in a container the path names a host folder
+        # that is not there, and the container's own cgroup is mounted at the root.
         folder = mount / path.lstrip("/")
-        for directory in [folder, *folder.parents] if folder.is_relative_to(mount) else [mount]:
+        for directory in [folder, *folder.parents]:
             if not directory.is_relative_to(mount):
                 break
             limit = _cpu_quota(directory, *files[0])
