@@ -176,10 +176,10 @@ def cgroup_cpu_limit(root: Path, own_cgroup: Path) -> Optional[float]:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one hierarchy, cpu.max holds "quota period" or "max period"
-            files = [("cpu.max", None)]
+            files = ("cpu.max", None)
             mount = root
         elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
-            files = [("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
             mount = next((root / d for d in (controllers, "cpu", "cpu,cpuacct") if (root / d).is_dir()), None)
             if mount is None:
                 continue
@@ -191,7 +191,7 @@ def cgroup_cpu_limit(root: Path, own_cgroup: Path) -> Optional[float]:
         for directory in [folder, *folder.parents]:
             if not directory.is_relative_to(mount):
                 break
-            limit = _cpu_quota(directory, *files[0])
+            limit = _cpu_quota(directory, *files)
             if limit is not None:
                 limits.append(limit)
     return min(limits, default=None)
