@@ -66,3 +66,8 @@ def test_without_a_gpu_it_says_so_and_exits_0(monkeypatch, capsys):
 def test_quick_covers_1_2_4_and_8_trials_per_gpu_in_one_wave_each():
     assert sorted(bench.QUICK["per_gpu"]) == [1, 2, 4, 8] and bench.QUICK["trials"] == 0
     assert bench.QUICK["budget_min"] < 8
+
+
+def test_a_run_stopped_by_its_time_budget_is_no_failure():
+    assert not bench.run_failed("exit 0") and not bench.run_failed(bench.BUDGET_STOP)
+    assert bench.run_failed("exit 1") and bench.run_failed("exit -9")

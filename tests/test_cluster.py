@@ -194,3 +194,31 @@ def test_a_private_ray_never_joins_a_recorded_cluster(tmp_path, shapes_cache):
     # joining the dead address would have failed the run (after Ray's connection retries)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(pd.read_csv(tmp_path / "private" / "trials.csv")["status"]) == ["TERMINATED"]
+
+
+def test_workers_on_every_node_get_the_settings_yolotune_relies_on(two_node_cluster, monkeypatch):
+    """The actor-reuse timeout (runner.WORKER_ENV) is set in the driver's environment, which workers of
+    other nodes do not inherit: the job's runtime_env brings it to a trial's actor on the worker node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from compose import experiment
+    from yolotune.runner import WORKER_ENV, _ray_init_args
+
+    cluster = two_node_cluster
+    monkeypatch.setenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", "31")  # not what the nodes were started with
+    ray.init(**_ray_init_args(experiment(f"ray.address={cluster.address}")))
+    try:
+        head = ray.get_runtime_context().get_node_id()
+        (worker_node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
+
+        @ray.remote(num_cpus=1)
+        class Trial:  # as Ray Tune's trial actors: a job's actor, placed on the worker node
+            def settings(self):
+                return ray.get_runtime_context().get_node_id(), {name: os.environ.get(name) for name in WORKER_ENV}
+
+        trial = Trial.options(scheduling_strategy=NodeAffinitySchedulingStrategy(worker_node, soft=False)).remote()
+        node, settings = ray.get(trial.settings.remote(), timeout=120)
+    finally:
+        ray.shutdown()
+    assert node == worker_node and settings == {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "31"}

@@ -229,3 +229,73 @@ def test_a_trial_out_of_gpu_memory(shapes_cache, tmp_path, monkeypatch):
     assert [row["trained_batch"] for row in read_jsonl(tmp_path / "history.jsonl")[0]] == [2]
     assert [metrics["trained_batch"] for metrics in reported] == [2]
     assert asked_index == [] and len(amp_checks) == 1
+
+
+@pytest.mark.parametrize("epoch,line", [
+    (None, "CUDA out of memory setting up training (batch 4) on 0.25 GPU: lower batch or space.batch, or give trials "
+           "more GPU (resources.gpu_per_trial)"),
+    (1, "CUDA out of memory training batch 4 on 0.25 GPU: lower batch or space.batch, or give trials more GPU "
+        "(resources.gpu_per_trial)"),
+])
+def test_out_of_memory_is_one_line_wherever_it_happens(epoch, line, shapes_cache, tmp_path, monkeypatch):
+    """A real (tiny, CPU) trial runs out of memory while Ultralytics builds its trainer (a callback that
+    runs in BaseTrainer.__init__, as moving the model to the card does; the trainer never exists, which
+    surfaced as an AttributeError) or in its second epoch (past Ultralytics' first-epoch batch halving): one
+    line each, from Ultralytics' own code path, the OOM kept as its cause."""
+    import torch
+    from ultralytics.utils.callbacks.base import default_callbacks
+
+    from yolotune import trainable
+    from yolotune.data import ShapesDataConfig, make_shapes
+
+    def out_of_memory(trainer):
+        if epoch is None or trainer.epoch == epoch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    event = "on_pretrain_routine_start" if epoch is None else "on_train_batch_start"
+    monkeypatch.setitem(default_callbacks, event, [*default_callbacks[event], out_of_memory])
+    monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: None)
+    data = make_shapes(ShapesDataConfig(train_images=4, val_images=2, imgsz=64, cache_dir=str(shapes_cache)))
+    job = {"weights": "yolo11n.yaml", "data": str(data / "data.yaml"), "experiment_dir": str(tmp_path),
+           "train": {"epochs": 2, "imgsz": 64, "batch": 4, "workers": 0, "plots": False, "val": False},
+           "threads": torch.get_num_threads(), "metric": "val/box_loss", "mode": "min", "gpu_per_trial": 0.25}
+    with pytest.raises(RuntimeError) as failed:
+        trainable._train({}, job, tmp_path, None, "cpu", "")
+    assert str(failed.value) == line and type(failed.value) is RuntimeError
+    assert isinstance(failed.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert len(read_jsonl(tmp_path / "history.jsonl")[0]) == (epoch or 0)  # the epochs before it were reported
+
+
+def test_a_trial_whose_share_others_held_is_retried(monkeypatch):
+    """Out of memory with less than its share held and free: a GpuMemoryTaken, which the runner retries."""
+    from types import SimpleNamespace as Model
+
+    from yolotune import gpu_slots, trainable
+
+    monkeypatch.setattr(gpu_slots, "neighbour_took_memory", lambda share: share == 0.25)
+    error = trainable.out_of_memory_error(Model(trainer=Model(batch_size=8)), {"batch": 16}, 0.25)
+    assert isinstance(error, gpu_slots.GpuMemoryTaken) and str(error) == (
+        "CUDA out of memory training batch 8 on 0.25 GPU: other processes on the card held part of this trial's "
+        "share; retried (failure.max_failures)")
+    assert type(trainable.out_of_memory_error(Model(trainer=None), {"batch": 16}, 0.5)) is RuntimeError
+
+
+def test_a_gpu_share_others_held_is_retried_and_an_own_out_of_memory_is_not(monkeypatch):
+    """The runner's failure rule, with the errors as Ray hands them over (RayTaskError of the trial's):
+    GpuMemoryTaken keeps the trial's retries (failure.max_failures), its own out-of-memory has none."""
+    from ray.exceptions import RayTaskError
+    from ray.tune.execution.tune_controller import TuneController
+
+    from yolotune import runner
+    from yolotune.gpu_slots import GpuMemoryTaken
+
+    retries_left = []
+    monkeypatch.setattr(TuneController, "_process_trial_failure",
+                        lambda controller, trial, exception: retries_left.append(trial.max_failures))
+    runner._handle_trial_failures()
+    trial = SimpleNamespace(max_failures=3)
+    for cause in (GpuMemoryTaken("CUDA out of memory training batch 8 on 0.25 GPU: other processes ..."),
+                  RuntimeError("CUDA out of memory training batch 8 on 0.25 GPU: lower batch ...")):
+        TuneController._process_trial_failure(None, trial, RayTaskError("train_trial", "Traceback ...", cause))
+    assert retries_left == [3, 0] and trial.max_failures == 3

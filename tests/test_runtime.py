@@ -432,15 +432,24 @@ def test_a_trial_log_keeps_whole_lines_only(tmp_path):
 
 # --- Ray: a private local instance or a cluster that answers -----------------------------------
 
+# What every worker, on every node, gets from the driver (runner.WORKER_ENV): Ray's 2 s would let a slow
+# release of a reused worker's trial fail the next trial.
+WORKERS = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}
+
+
 @pytest.mark.parametrize("overrides,expected", [
     ([], {"address": "local", "num_cpus": local_cpus(), "num_gpus": _local_gpus(), "include_dashboard": False,
-          "_node_ip_address": "127.0.0.1", "runtime_env": None, "logging_level": logging.WARNING}),
+          "_node_ip_address": "127.0.0.1", "runtime_env": {"env_vars": WORKERS}, "logging_level": logging.WARNING}),
     (["ray.address=auto", "verbose=ray", "+ray.runtime_env.env_vars.A='1'"],
-     {"address": "auto", "runtime_env": {"env_vars": {"A": "1"}}, "logging_level": logging.INFO}),
-    (["ray.address=10.0.0.1:6379", "verbose=quiet"],
-     {"address": "10.0.0.1:6379", "runtime_env": None, "logging_level": logging.WARNING}),
+     {"address": "auto", "runtime_env": {"env_vars": {**WORKERS, "A": "1"}}, "logging_level": logging.INFO}),
+    (["ray.address=10.0.0.1:6379", "verbose=quiet", "+ray.runtime_env.pip=[x]"],
+     {"address": "10.0.0.1:6379", "runtime_env": {"pip": ["x"], "env_vars": WORKERS}, "logging_level": logging.WARNING}),
+    (["ray.address=auto", "+ray.runtime_env.env_vars.TUNE_FUNCTION_THREAD_TIMEOUT_S='60'"],  # the user's wins
+     {"address": "auto", "runtime_env": {"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60"}},
+      "logging_level": logging.WARNING}),
 ])
-def test_ray_starts_privately_unless_a_cluster_is_named(overrides, expected):
+def test_ray_starts_privately_unless_a_cluster_is_named(overrides, expected, monkeypatch):
+    monkeypatch.setenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")  # as runner.py sets it, unless the user did
     assert _ray_init_args(experiment(*overrides)) == {"log_to_driver": False, **expected}
 
 

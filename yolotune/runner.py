@@ -25,9 +25,10 @@ from yolotune.data import build_label_caches, check_readable_on_every_node
 from yolotune.errors import ConfigError, StorageFull, is_storage_full
 from yolotune.layout import trial_dirname
 from yolotune.model import resolve_weights
-from yolotune.resources import TrialResources, check_autobatch, local_cpus, plan
+from yolotune.resources import (Node, TrialResources, check_autobatch, local_cpus, local_memory_mb, plan,
+                                trial_gpu_mb)
 from yolotune.space import to_ray_space
-from yolotune.storage import Location, cache_root, is_uri, node_dataset
+from yolotune.storage import Location, cache_root, is_uri, node_dataset, node_file
 
 
 # Ray's TensorBoard logger only warns about Ultralytics' metric names; W&B is the dashboard here.
@@ -40,6 +41,9 @@ os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
 # Epochs without validation report no metric (trainable.py; validate=decisions): not an error here.
 # The driver checks results; yolotune checks the metric's name itself (config.validate).
 os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+# The settings above that Ray reads in the trials' workers: on a cluster those do not inherit the
+# driver's environment, so they go to every node's workers in the job's runtime_env (_ray_init_args).
+WORKER_ENV = ("TUNE_FUNCTION_THREAD_TIMEOUT_S",)
 
 
 def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
@@ -77,12 +81,13 @@ def run(exp: ExperimentConfig, exp_dir: Path, save_config: Callable[[], None]):
     resumable = False  # once the Tuner has saved tuner.pkl
     try:
         if exp.ray.address is not None:
-            resources = plan(exp.resources, cluster_nodes(), exp.iterations)
+            resources = plan(exp.resources, cluster_nodes(), exp.iterations, job.pop("gpu_mb", None))
             check_autobatch(exp, resources.gpu)
             local_files = [p for p in (job["data"], job["weights"]) if os.path.isabs(p)]  # not URIs: fetched per node
             check_readable_on_every_node(local_files)
         job["threads"] = resources.threads
         job["gpu_per_trial"] = resources.gpu
+        job.pop("gpu_mb", None)
         job["image_cache_mb"] = resources.image_cache_mb
         job["train"].setdefault("workers", resources.loader_workers)  # within the trial's CPUs (GPU only)
         if resources.gpu and job["train"].get("amp", True) not in (False, "fp32", "bf16"):
@@ -371,6 +376,8 @@ def _handle_trial_failures() -> None:
     from ray.exceptions import RayActorError, RayTaskError
     from ray.tune.execution.tune_controller import TuneController
 
+    from yolotune.gpu_slots import GpuMemoryTaken
+
     process = TuneController._process_trial_failure
     if getattr(process, "yolotune_handles", False):
         return
@@ -382,8 +389,10 @@ def _handle_trial_failures() -> None:
                 TRIAL_FOUND_STORAGE_FULL.set()
                 os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's handler: stop, save the experiment state
             return None
-        own_error = isinstance(exception, RayTaskError) and not isinstance(exception.as_instanceof_cause(),
-                                                                           RayActorError)
+        # A trial whose share of a GPU other processes held (gpu_slots.GpuMemoryTaken) is retried as after a
+        # lost worker: another try, on a card with room, outlives it.
+        own_error = isinstance(exception, RayTaskError) and not isinstance(
+            exception.as_instanceof_cause(), (RayActorError, GpuMemoryTaken))
         if not own_error:
             return process(controller, trial, exception)
         max_failures, trial.max_failures = trial.max_failures, 0  # Trial.should_recover: no retry left
@@ -433,16 +442,26 @@ def cluster_nodes() -> List[Tuple[float, float]]:
     """(CPUs, GPUs) of each alive node of the connected Ray cluster."""
     import ray
 
-    return [(node["Resources"].get("CPU", 0), node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
+    return [Node(node["Resources"].get("CPU", 0), node["Resources"].get("GPU", 0),
+                 node["Resources"].get("memory", 0) / 2**20) for node in ray.nodes() if node["Alive"]]
 
 
 def _ray_init_args(exp: ExperimentConfig) -> Dict[str, Any]:
-    args = {"log_to_driver": False, "runtime_env": exp.ray.runtime_env or None,
+    args = {"log_to_driver": False, "runtime_env": worker_runtime_env(exp.ray.runtime_env),
             "logging_level": logging.INFO if exp.verbose == "ray" else logging.WARNING}
     if exp.ray.address is None:  # a private local Ray, never a cluster that `ray start` left recorded
         return {**args, "address": "local", "num_cpus": local_cpus(), "num_gpus": _local_gpus(),
                 "include_dashboard": False, "_node_ip_address": "127.0.0.1"}  # this machine only
     return {**args, "address": exp.ray.address}
+
+
+def worker_runtime_env(runtime_env: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The job's runtime_env (ray.runtime_env) with the settings yolotune relies on in workers
+    (WORKER_ENV, as this driver has them) added to its env_vars; the user's own values win."""
+    runtime_env = dict(runtime_env or {})
+    ours = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
+    runtime_env["env_vars"] = {**ours, **(runtime_env.get("env_vars") or {})}
+    return runtime_env
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -471,15 +490,21 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     Ultralytics, the weights, the dataset, and the resources of this machine (a cluster's are known
     once Ray connects: None). Returns everything a trial needs besides its sampled values (plain,
     resolved, absolute) and the planned resources."""
-    resources = None
-    if exp.ray.address is None:
-        resources = plan(exp.resources, [(local_cpus(), _local_gpus())], exp.iterations)
-        check_autobatch(exp, resources.gpu)
     train_args.check_values(exp)
     task = exp.model.task
     weights, data = exp.model.resolve(), exp.data.resolve(task)
     tuned_models = exp.dists["model"].values if "model" in exp.dists else []
     models = {str(m): resolve_weights(f"space.model.values[{i}]", m) for i, m in enumerate(tuned_models)}
+    gpus = _local_gpus() if exp.ray.address is None else 0
+    # The driver's GPUs (a cluster's are not known here): trials per GPU by memory
+    gpu_mb = (gpu_memory_estimate(exp, [weights, *models.values()])
+              if (gpus or exp.ray.address is not None) and exp.resources.gpu_mb_per_trial is None
+              and exp.resources.gpu_per_trial != 0 else None)
+    resources = None
+    if exp.ray.address is None:
+        node = Node(local_cpus(), gpus, local_memory_mb(), _local_gpu_memory_mb())
+        resources = plan(exp.resources, [node], exp.iterations, gpu_mb)
+        check_autobatch(exp, resources.gpu)
     build_label_caches(str(node_dataset(data)) if is_uri(data) else data, task)  # the copy trials on this node share
     train = {**exp.train, "epochs": exp.epochs}  # explicit: trials and resumes compare against it
     train.setdefault("plots", False)  # per-epoch plots cost seconds per trial; ask with train.plots=true
@@ -491,8 +516,31 @@ def preflight(exp: ExperimentConfig, exp_dir: Path) -> Tuple[Dict[str, Any], Opt
     experiment = Location(exp.storage).child(exp_dir.name).uri if is_uri(exp.storage) else str(exp_dir)
     job = {"weights": weights, "models": models, "data": data, "train": train, "experiment_dir": experiment,
            "threads": 1, "metric": exp.metric, "mode": exp.mode, "measure_model": bool(exp.objectives),
-           "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs()}
+           "checkpoint_every": exp.checkpoint.every, "validate_epochs": exp.validation_epochs(), "gpu_mb": gpu_mb}
     return job, resources
+
+
+def gpu_memory_estimate(exp: ExperimentConfig, weights: List[str]) -> Optional[float]:
+    """resources.trial_gpu_mb for the largest of the models, batches and image sizes a trial may train
+    with; None where AutoBatch sizes the batch (from the card's free memory)."""
+    from ultralytics import YOLO
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.utils.torch_utils import get_flops
+
+    values = {"batch": [], "imgsz": []}
+    for _, name, value in train_args.candidate_values(exp):
+        if name in values:
+            values[name].append(value)
+    batch = max(values["batch"] or [DEFAULT_CFG_DICT["batch"]])
+    imgsz = max(max(v) if isinstance(v, (list, tuple)) else v for v in values["imgsz"] or [DEFAULT_CFG_DICT["imgsz"]])
+    if not isinstance(batch, int) or batch < 1:
+        return None
+    estimates = []
+    for path in weights:
+        model = YOLO(node_file(path) if is_uri(path) else path).model
+        params = sum(p.numel() for p in model.parameters())
+        estimates.append(trial_gpu_mb(params, get_flops(model, 640), batch, int(imgsz)))
+    return max(estimates)
 
 
 def amp_check_weights() -> Optional[str]:
@@ -521,3 +569,11 @@ def _local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def _local_gpu_memory_mb() -> float:
+    """The memory of this machine's smallest GPU, in MiB (0: none)."""
+    import torch
+
+    return min((torch.cuda.get_device_properties(i).total_memory / 2**20 for i in range(torch.cuda.device_count())),
+               default=0)

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import ray
 from ray import tune
 
+from yolotune import gpu_slots
 from yolotune.decoded_images import DECODED_IMAGES
 from yolotune.epoch_report import BestEpoch, EpochReporter
 from yolotune.layout import HISTORY, STAGED, TRAIN_LOG, trial_dirname
@@ -33,7 +34,9 @@ from yolotune.worker_setup import (check_amp_once_per_node, disable_ultralytics_
 
 
 def train_trial(config: Dict[str, Any], job: Dict[str, Any]) -> None:
-    device, gpu = claim_device(ray.get_gpu_ids())  # before torch can see the GPUs
+    # before torch can see the GPUs: the card of this process's slot on the node, then the device
+    gpu_slots.spread(job.get("gpu_per_trial", 0))
+    device, gpu = claim_device(ray.get_gpu_ids())
     location = Location(job["experiment_dir"]).child(trial_dirname(tune.get_context().get_trial_id()))
     checkpoint = tune.get_checkpoint()
     trial_dir = _trial_dir(location, checkpoint)
@@ -57,6 +60,7 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, checkpo
     disable_ultralytics_reporting()
     disable_ultralytics_update_check()
     check_amp_once_per_node(job.get("amp_weights_dir"))
+    gpu_slots.cap_memory(job.get("gpu_per_trial", 0))
     DECODED_IMAGES.use(job.get("image_cache_mb", 0) * 2**20, job["threads"])
     save_dir = trial_dir / "train"
     data = str(node_dataset(job["data"])) if is_uri(job["data"]) else job["data"]  # a store's: this node's copy
@@ -89,14 +93,27 @@ def _train(config: Dict[str, Any], job: Dict[str, Any], trial_dir: Path, checkpo
         # Ultralytics retries an OOM of the first epoch with half the batch (up to 3 times); this one it gave up on.
         if "out of memory" not in str(e).lower():
             raise
-        raise RuntimeError(out_of_memory_message(model.trainer.batch_size, job["gpu_per_trial"])) from e
+        raise out_of_memory_error(model, args, job["gpu_per_trial"]) from e
     finally:
         _release(model)
 
 
-def out_of_memory_message(batch: int, gpu_share: float) -> str:
-    """The one line a trial that ran out of GPU memory fails with (the console shows it)."""
-    return (f"CUDA out of memory training batch {batch} on {gpu_share:g} GPU: lower batch or space.batch, "
+def out_of_memory_error(model, args: Dict[str, Any], gpu_share: float) -> RuntimeError:
+    """The one-line error of a trial out of GPU memory (the console shows it), wherever it happened: while
+    the trainer was built (there is no trainer yet) or training; retried (GpuMemoryTaken) when other
+    processes held part of the trial's share of the card."""
+    trainer = getattr(model, "trainer", None)
+    batch = getattr(trainer, "batch_size", None) or args.get("batch")
+    where = f"training batch {batch}" if trainer is not None else f"setting up training (batch {batch})"
+    if gpu_slots.neighbour_took_memory(gpu_share):
+        return gpu_slots.GpuMemoryTaken(f"CUDA out of memory {where} on {gpu_share:g} GPU: other processes on the "
+                                        "card held part of this trial's share; retried (failure.max_failures)")
+    return RuntimeError(out_of_memory_message(where, gpu_share))
+
+
+def out_of_memory_message(where: str, gpu_share: float) -> str:
+    """The one line a trial that ran out of GPU memory fails with."""
+    return (f"CUDA out of memory {where} on {gpu_share:g} GPU: lower batch or space.batch, "
             "or give trials more GPU (resources.gpu_per_trial)")
 
 
