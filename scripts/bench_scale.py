@@ -1,7 +1,8 @@
 """How yolotune scales to thousands of trials: reading, importance, the live refresh and disk.
 
 Builds experiments of 100, 500 and 2,000 trials in yolotune's own format (.hydra/config.yaml,
-trials.jsonl, each trial's history.jsonl, train/args.yaml and weights), shaped like a day's sweep:
+trials.jsonl, each trial's history.jsonl, train/args.yaml and weights) from a real small one (``--from``:
+its saved config, its history rows' keys and fixed values, its trials' args.yaml), shaped like a day's sweep:
 the default space's 22 parameters, ASHA deciding at 10, 30 and 90 of 100 epochs (reduction 3),
 validation at those epochs only, about 2 % errored trials, the metric decided mostly by lr0. Then
 times, each in a fresh process pinned to one core (wall and CPU seconds):
@@ -13,7 +14,8 @@ times, each in a fresh process pinned to one core (wall and CPU seconds):
 
 and prints the experiment's size, report.html's size and the weights a stopped trial keeps.
 
-    python scripts/bench_scale.py                      # 100, 500, 2000 trials; about 10 minutes
+    python -m yolotune experiment=quickstart name=small   # the real small experiment, about a minute
+    python scripts/bench_scale.py --from runs/tune/small    # 100, 500, 2000 trials; about 10 minutes
     python scripts/bench_scale.py --sizes 100 --code /work/main   # another checkout's yolotune ("before")
 
 ``--code`` times that checkout's yolotune on the same experiments (its PYTHONPATH); the
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -50,30 +53,50 @@ def space() -> dict:
     return yaml.safe_load((REPO / "conf" / "space" / "default.yaml").read_text())
 
 
-def saved_config(trials: int) -> dict:
-    """.hydra/config.yaml as the runner writes it (experiment.save_config), Hydra's keys aside."""
-    return {
-        "defaults": [{"hydra": "yolotune"}, "_self_"], "hydra": {"searchpath": ["pkg://yolotune.conf"]},
-        "name": "scale", "storage": "runs/tune", "iterations": trials, "seed": 0, "metric": METRIC, "mode": "max",
-        "resume": False, "resume_errored": False, "space": space(),
-        "train": {"epochs": EPOCHS, "imgsz": 640, "batch": 16}, "model": {"weights": "yolo11n.yaml"},
-        "scheduler": {"type": "asha", "grace_period": RUNGS[0], "reduction_factor": REDUCTION},
-        "search": {"type": "random"}, "data": {"yaml": "/data/coco128.yaml"},
-    }
+def saved_config(trials: int, real: Optional[dict] = None) -> dict:
+    """.hydra/config.yaml as the runner writes it (experiment.save_config): the real experiment's (or a
+    minimal one), with the day's sweep's size, space, epochs and ASHA rungs."""
+    config = real or {"defaults": [{"hydra": "yolotune"}, "_self_"], "hydra": {"searchpath": ["pkg://yolotune.conf"]},
+                      "storage": "runs/tune", "seed": 0, "resume": False, "resume_errored": False,
+                      "model": {"weights": "yolo11n.yaml"}, "search": {"type": "random"},
+                      "data": {"yaml": "/data/coco128.yaml"}, "train": {"imgsz": 640, "batch": 16}}
+    return {**config, "name": "scale", "iterations": trials, "metric": METRIC, "mode": "max", "space": space(),
+            "train": {**config["train"], "epochs": EPOCHS},
+            "scheduler": {"type": "asha", "grace_period": RUNGS[0], "reduction_factor": REDUCTION}}
+
+
+def real_experiment(path: Optional[Path]) -> dict:
+    """What a real experiment gives the built ones: its saved config, the fixed values of its history rows
+    (where the trial ran, its learning rates, batch: all but the losses, metrics, epoch and times), a
+    trial's train/args.yaml, and the size of a trial's weights files."""
+    if path is None:
+        return {"config": None, "row": {"lr/pg0": 0.01, "lr/pg1": 0.01, "lr/pg2": 0.01, "trained_batch": 16,
+                                        "hostname": "node-a", "node_id": "abc123", "pid": 42},
+                "args": {"data": "/data/coco128.yaml"}, "weights_mb": None}
+    trial = max(path.glob("trial_*"), key=lambda d: len((d / "history.jsonl").read_text().splitlines()))
+    row = json.loads((trial / "history.jsonl").read_text().splitlines()[-1])
+    varying = {"epoch", "validated", "gpu", "timestamp", "time_this_iter_s", *LOSSES, *VAL}
+    last = max(trial.glob("checkpoint_*/last.pt"))
+    return {"config": yaml.safe_load((path / ".hydra" / "config.yaml").read_text()),
+            "row": {k: v for k, v in row.items() if k not in varying and not k.startswith(("metrics/", "val/"))},
+            "args": yaml.safe_load((trial / "train" / "args.yaml").read_text()),
+            "weights_mb": last.stat().st_size / 2**20}
 
 
 def sample(dist: dict, rng: random.Random) -> float:
     return rng.uniform(dist["low"], dist["high"])
 
 
-def build(exp_dir: Path, trials: int, seed: int = 0, weights_mb: float = WEIGHTS_MB) -> Path:
-    """An experiment of ``trials`` ended trials (and weights files as yolotune kept them before
+def build(exp_dir: Path, trials: int, seed: int = 0, weights_mb: float = WEIGHTS_MB, real: Optional[Path] = None) -> Path:
+    """An experiment of ``trials`` ended trials in the format of ``real`` (a real experiment: see
+    ``real_experiment``; None: a minimal one), and weights files as yolotune kept them before
     checkpoint.keep: the checkpoint's last.pt, Ultralytics' best.pt and best_by_metric.pt, each
-    ``weights_mb``)."""
+    ``weights_mb``."""
     rng = random.Random(seed)
-    dists = space()
+    dists, template = space(), real_experiment(real)
     (exp_dir / ".hydra").mkdir(parents=True)
-    (exp_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved_config(trials), sort_keys=False))
+    (exp_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved_config(trials, template["config"]),
+                                                                  sort_keys=False))
     configs = [{name: sample(d, rng) for name, d in dists.items()} for _ in range(trials)]
     # ASHA: the top third by the metric at each rung goes on; the score is mostly lr0's (near 0.01 best).
     score = [-(math.log10(c["lr0"]) + 2) ** 2 + 0.3 * c["mosaic"] + rng.gauss(0, 0.1) for c in configs]
@@ -94,20 +117,20 @@ def build(exp_dir: Path, trials: int, seed: int = 0, weights_mb: float = WEIGHTS
         rows, t = [], 1000.0 + 60 * n
         for epoch in range(1, epochs + 1):
             t += 60
-            row = {"epoch": epoch, **{k: 2.0 - epoch / 100 + rng.gauss(0, 0.05) for k in LOSSES},
-                   "lr/pg0": 0.01, "lr/pg1": 0.01, "lr/pg2": 0.01}
+            row = {"epoch": epoch, **{k: 2.0 - epoch / 100 + rng.gauss(0, 0.05) for k in LOSSES}, **template["row"]}
             validated = epoch in (*RUNGS, EPOCHS)
             if validated:
                 m = max(0.0, 0.5 + 0.08 * score[n] + 0.1 * math.log(epoch) / math.log(EPOCHS) + rng.gauss(0, 0.01))
                 row.update({k: m * 1.3 if "50(" in k else m for k in VAL if k not in ("val/box_loss", "val/cls_loss",
                                                                                    "val/dfl_loss")})
                 row.update({k: 1.5 - m for k in ("val/box_loss", "val/cls_loss", "val/dfl_loss")})
-            row.update(validated=int(validated), trained_batch=16, hostname="node-a", node_id="abc123", pid=42,
-                       gpu=str(n % 8), timestamp=t, time_this_iter_s=60.0)
+            row.update(validated=int(validated), gpu=str(n % 8), timestamp=t, time_this_iter_s=60.0)
             rows.append(row)
         (trial_dir / "train" / "weights").mkdir(parents=True)
         (trial_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (trial_dir / "train" / "args.yaml").write_text(yaml.safe_dump({"data": "/data/coco128.yaml", **config}))
+        own = {"project": str(trial_dir), "save_dir": str(trial_dir / "train")}  # where this trial ran
+        (trial_dir / "train" / "args.yaml").write_text(yaml.safe_dump(
+            {**template["args"], **config, **{k: v for k, v in own.items() if k in template["args"]}}))
         checkpoint = trial_dir / f"checkpoint_{epochs - 1:06d}"
         checkpoint.mkdir()
         for weights in (checkpoint / "last.pt", trial_dir / "train" / "weights" / "best.pt",
@@ -168,15 +191,19 @@ def size_of(path: Path, suffix: str = "") -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 2000])
+    parser.add_argument("--from", dest="real", type=Path, help="a real small experiment to build them from")
     parser.add_argument("--code", type=Path, default=REPO, help="the checkout whose yolotune is timed")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_scale"))
     args = parser.parse_args()
     print(f"code: {args.code} ({subprocess.run(['git', 'log', '-1', '--format=%h %s'], cwd=args.code, capture_output=True, text=True).stdout.strip()[:70]})")
     print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    real_mb = real_experiment(args.real)["weights_mb"]
+    if real_mb:
+        print(f"built from {args.real}: a trial's last.pt is {real_mb:.1f} MiB there (the built ones: {WEIGHTS_MB} MiB)")
     for trials in args.sizes:
         pristine = args.out / f"built_{trials}"
         if not pristine.is_dir():
-            build(pristine / "scale", trials)
+            build(pristine / "scale", trials, real=args.real)
         exp = args.out / f"timed_{trials}" / "scale"
         shutil.rmtree(exp.parent, ignore_errors=True)
         shutil.copytree(pristine, exp.parent)
