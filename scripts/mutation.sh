@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 if [ $# -eq 0 ]; then
   set -- yolotune.{space,config,schedulers,search,resources,results,train_args,errors}.'*' \
          yolotune.{records,storage,console,layout}.'*' \
-         yolotune.runner.x_{export_best,resume_command,check_reachable,amp_check_weights,_ray_init_args}__'*' \
+         yolotune.runner.x_{export_best,resume_command,check_reachable,_ray_init_args}__'*' yolotune.preflight.x_amp_check_weights__'*' \
          yolotune.trainable.x_{_trial_dir,_resume_point,_newest,claim_device}__'*' \
          yolotune.worker_setup.x_move_staged_checkpoints__'*' yolotune.epoch_report.xǁBestEpochǁ'*' \
          yolotune.trial_log.xǁ_FinishedLinesǁ'*' yolotune.decoded_images.xǁDecodedImagesǁ{add,_decode,key}__'*'

@@ -49,7 +49,7 @@ def attempt(storage: Path, cache: Path, *overrides: str, preflight: bool = True)
     replace_space_entries(cfg, argv)
     exp, exp_dir, _ = prepare(cfg, argv)
     if preflight:
-        from yolotune.runner import preflight as heavy_checks
+        from yolotune.preflight import preflight as heavy_checks
 
         heavy_checks(exp, exp_dir)
     return exp
@@ -621,7 +621,7 @@ def test_each_tasks_data_is_refused_in_one_line_before_ray(case, model, data, ta
 
 def test_a_classify_folder_in_the_current_directory_is_its_data(task_data, tmp_path, shapes_cache, monkeypatch):
     """A bare name of a folder here, as Ultralytics takes it; resolved to its absolute path for the trials."""
-    from yolotune.runner import preflight
+    from yolotune.preflight import preflight
 
     monkeypatch.chdir(task_data)
     exp = attempt(tmp_path / "runs", shapes_cache, *BASE, "model=yolo11n-cls-scratch", "data=coco8", "data.yaml=cls",
@@ -643,7 +643,7 @@ def test_a_seed_leaves_deterministic_gpu_training_off_unless_asked(overrides, se
                                                                     shapes_cache):
     """Ultralytics trains deterministically by default (slow on GPUs); a seed fixes the sampling and the
     trials' seeds, deterministic algorithms only with train.deterministic=true."""
-    from yolotune.runner import preflight
+    from yolotune.preflight import preflight
 
     exp = attempt(tmp_path / "runs", shapes_cache, *BASE, *overrides, preflight=False)
     job, _ = preflight(exp, tmp_path / "runs" / "bad")

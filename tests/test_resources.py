@@ -452,13 +452,13 @@ def test_cpus_honour_the_cgroup_limit(own, files, cpus, tmp_path, monkeypatch):
 
 
 def test_the_estimate_takes_the_largest_model_batch_and_image_a_trial_may_get():
-    """The driver's estimate (runner.gpu_memory_estimate): the model's parameters and its GFLOPs at 640 px
+    """The driver's estimate (preflight.gpu_memory_estimate): the model's parameters and its GFLOPs at 640 px
     (Ultralytics' count), the largest batch and imgsz of train and space; none with AutoBatch."""
     from compose import experiment
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops
 
-    from yolotune.runner import gpu_memory_estimate
+    from yolotune.preflight import gpu_memory_estimate
 
     model = YOLO("yolo11n.yaml").model
     params, gflops = sum(p.numel() for p in model.parameters()), get_flops(model, 640)

@@ -25,7 +25,8 @@ from yolotune import layout, records
 from yolotune.results import load
 from yolotune.errors import ConfigError
 from yolotune.resources import local_cpus
-from yolotune.runner import _local_gpus, _ray_init_args, check_reachable, export_best, resume_command
+from yolotune.preflight import local_gpus
+from yolotune.runner import _ray_init_args, check_reachable, export_best, resume_command
 from yolotune.storage import Location
 from yolotune.epoch_report import BestEpoch
 from yolotune.trainable import _resume_point
@@ -438,7 +439,7 @@ WORKERS = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ([], {"address": "local", "num_cpus": local_cpus(), "num_gpus": _local_gpus(), "include_dashboard": False,
+    ([], {"address": "local", "num_cpus": local_cpus(), "num_gpus": local_gpus(), "include_dashboard": False,
           "_node_ip_address": "127.0.0.1", "runtime_env": {"env_vars": WORKERS}, "logging_level": logging.WARNING}),
     (["ray.address=auto", "verbose=ray", "+ray.runtime_env.env_vars.A='1'"],
      {"address": "auto", "runtime_env": {"env_vars": {**WORKERS, "A": "1"}}, "logging_level": logging.INFO}),
@@ -490,7 +491,7 @@ def test_the_amp_check_model_is_found_where_ultralytics_keeps_it_or_fetched_into
     import ultralytics.utils
     import ultralytics.utils.downloads
 
-    from yolotune.runner import amp_check_weights
+    from yolotune.preflight import amp_check_weights
     from yolotune.worker_setup import AMP_CHECK_MODEL
 
     cache = tmp_path / "cache"

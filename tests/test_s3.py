@@ -343,7 +343,7 @@ def test_data_and_weights_in_the_store_are_checked_and_fetched_before_ray(s3, tm
     from test_bad_input import BASE, attempt
     from ultralytics.cfg import ROOT
 
-    from yolotune.runner import preflight
+    from yolotune.preflight import preflight
 
     data = _upload_shapes(f"ds-{tmp_path.name}", shapes_cache)
     boto3.client("s3").upload_file(str(ROOT / "cfg/models/11/yolo11.yaml"), "yolotune", f"m-{tmp_path.name}/yolo11n.yaml")

@@ -43,7 +43,8 @@ def run_experiment(cfg: DictConfig, overrides: Sequence[str]):
     """Run the experiment, holding its lock; returns its directory and Ray's ResultGrid (None for a dry run; a
     finished experiment's own, its resume runs nothing)."""
     exp, exp_dir, cfg = prepare(cfg, overrides)
-    from yolotune.runner import dry_run, finished_results, run
+    from yolotune.preflight import dry_run
+    from yolotune.runner import finished_results, run
 
     if exp.resume and layout.is_finished(exp_dir) and not exp.resume_errored:
         return exp_dir, finished_results(exp, exp_dir)  # as the guide's resume of a finished one: nothing runs

@@ -32,7 +32,7 @@ def node_amp_check(model, weights_dir: Optional[str]) -> bool:
     together wait for the first one's).
 
     The check loads its model (``yolo26n.pt``) from ``weights_dir``, the driver's copy
-    (runner.amp_check_weights), and downloads nothing: where that folder is not on this node (a
+    (preflight.amp_check_weights), and downloads nothing: where that folder is not on this node (a
     cluster node), or the driver had none (offline), the check is skipped at once with AMP on, as
     Ultralytics does offline, and the next trial tries again.
     """
