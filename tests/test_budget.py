@@ -12,20 +12,20 @@ from conftest import run_cli, small_sweep_overrides
 from yolotune import layout
 
 pytestmark = pytest.mark.slow
-EPOCHS = 100  # far more than the 30 s budget can train after start-up (an epoch takes 0.3-1.5 s here), yet quick to resume
+EPOCHS = 100  # far more than the 15 s budget can train after start-up (an epoch takes 0.25-1.5 s here), yet quick to resume
 
 
 def test_budget_stops_the_experiment_and_resume_finishes_it(tmp_path, shapes_cache):
     overrides = [o for o in small_sweep_overrides(tmp_path, shapes_cache, "b", iterations=2, epochs=EPOCHS)
                  if not o.startswith("scheduler")] + ["scheduler=fifo", "resources=cpu"]
     # A checkpoint only at the last epoch: the run must checkpoint the epoch it stops after.
-    stopped = run_cli(*overrides, "budget.time=30s", f"checkpoint.every={EPOCHS}")
+    stopped = run_cli(*overrides, "budget.time=15s", f"checkpoint.every={EPOCHS}")
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode == 0, out[-3000:]
     exp_dir = tmp_path / "b"
     results = yolotune.load(exp_dir)
     assert results.status == "stopped by budget" and layout.stopped_by_budget(exp_dir)
-    assert "(stopped by budget)" in stopped.stdout and "The time budget (30s) ended the experiment" in stopped.stdout
+    assert "(stopped by budget)" in stopped.stdout and "The time budget (15s) ended the experiment" in stopped.stdout
     epochs_before = results.history().groupby("trial_id").epoch.max()
     assert 0 < epochs_before.max() < EPOCHS  # some epochs done, none of the trials complete
     for trial_dir in exp_dir.glob("trial_*"):  # each stopped at an epoch end, which was checkpointed

@@ -42,13 +42,13 @@ def _start(overrides, ray_tmp: Path, cwd: Path = REPO):
                             env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
 
 
-def _wait_for(predicate, proc, timeout=300):
+def _wait_for(predicate, proc, timeout=300, every=0.2):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
+        time.sleep(every)
     raise AssertionError("timed out")
 
 
@@ -139,7 +139,10 @@ def test_a_second_ctrl_c_stops_at_once_and_the_moved_experiment_resumes_once(tmp
         proc = _start(overrides, ray_tmp)
         _wait_for(lambda: list((tmp_path / "first" / "exp").glob("trial_*/checkpoint_*")), proc)
         os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(1)  # the graceful stop (trials stopped, state saved, results, plots) takes longer
+        # The second as soon as Ray took the first (its graceful stop, then results and plots, can end within
+        # a second): Ray's warning reaches the experiment's log.
+        log = tmp_path / "first" / "exp" / layout.CONSOLE_LOG
+        _wait_for(lambda: "Stop signal received" in log.read_text(errors="replace"), proc, timeout=60, every=0.02)
         os.killpg(proc.pid, signal.SIGINT)
         second = time.time()
         output = proc.communicate(timeout=120)[0]
