@@ -859,3 +859,17 @@ def test_a_resumed_live_view_knows_the_order_its_trials_were_recorded_in(tmp_pat
         assert view._progress.order == {"b_00001": 0, "a_00000": 1, "c_00002": 2}
     finally:
         view.on_experiment_end([])
+
+
+@pytest.mark.parametrize("error,shown", [(OSError(28, "Error writing bytes to file"), False),  # ENOSPC
+                                         (OSError(13, "Permission denied"), True), (None, True)])
+def test_rays_failed_state_save_on_a_full_storage_stays_off_the_console(error, shown):
+    """Ray logs a failed experiment-state save with the error in its traceback only, not its message: on a
+    full storage the run ends with yolotune's one line instead; other errors still show."""
+    from yolotune.console import _RayConsoleFilter
+
+    record = logging.LogRecord("ray.tune.execution.experiment_state", logging.ERROR, __file__, 1,
+                               "Saving experiment state to storage at '%s' failed with exception: ", ("/runs/x",),
+                               (type(error), error, None) if error else None)
+    assert _RayConsoleFilter(live_view=True).filter(record) is shown
+    assert _RayConsoleFilter(live_view=False).filter(record) is True  # verbose=ray: Ray's records as Ray prints them

@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
+from yolotune.errors import is_storage_full
 from yolotune.layout import TRAIN_LOG, TRAINED_BATCH, TRIAL_RECORD, read_jsonl, trial_dirname
 
 VERBOSE = ("yolotune", "ray", "quiet")  # the config's `verbose`: our live view, Ray's tables, or nothing
@@ -446,8 +447,11 @@ class _RayConsoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        _log_only(f"{record.levelname} {record.name}: {message}")
-        return not (self.live_view and (message.startswith(self.REPORTED) or self.FULL in message))
+        error = record.exc_info[1] if record.exc_info else None
+        _log_only(f"{record.levelname} {record.name}: {message}"
+                  + (f"\n{logging.Formatter().formatException(record.exc_info)}" if error is not None else ""))
+        full = self.FULL in message or is_storage_full(error)  # a state save's error is in its traceback
+        return not (self.live_view and (message.startswith(self.REPORTED) or full))
 
 
 @contextmanager
