@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from yolotune.layout import count
 from yolotune.results import ExperimentResults
 from yolotune.space import Dist
 
@@ -80,8 +81,7 @@ def _judge(results: ExperimentResults, metric: str, mode: str) -> Importance:
     if not space:
         return cannot("cannot be judged: no tuned parameters")
     if len(used) < MIN_TRIALS:
-        trials_text = f"{len(used)} trial{'' if len(used) == 1 else 's'}"
-        return cannot(f"cannot be judged yet: {trials_text} with a value of {metric} (errored ones left out); "
+        return cannot(f"cannot be judged yet: {count(len(used), 'trial')} with a value of {metric} (errored ones left out); "
                       f"it needs at least {MIN_TRIALS}")
     if used[f"best_{metric}"].nunique() < 2:
         return cannot(f"cannot be judged yet: every trial has the same {metric}")

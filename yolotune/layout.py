@@ -188,6 +188,11 @@ def _lines(path: Path) -> Iterator[str]:
     return (line for line in text.splitlines() if line.strip())
 
 
+def count(n: float, word: str) -> str:
+    """``n`` and ``word``, plural unless ``n`` is 1: "1 trial", "3 trials", "0.5 CPUs"."""
+    return f"{n:g} {word}{'' if n == 1 else 's'}"
+
+
 def first_line(text: Optional[str]) -> str:
     """The line of an error message or traceback that says what went wrong: a traceback's last
     non-blank line (the exception), or a message's first."""

@@ -97,13 +97,9 @@ def describe(record: Dict[str, Any]) -> str:
     """A latency record's method in words, e.g. ``alone on cpu, 1 thread, 64x64, batch 1, fp32, Conv+BN
     fused, median of 15 after 3 warm-up``."""
     size = "x".join(map(str, record["imgsz"]))
-    return (f"{record['method']} on {record['device']}, {threads_text(record['threads'])}, {size}, "
+    return (f"{record['method']} on {record['device']}, {layout.count(record['threads'], 'thread')}, {size}, "
             f"batch {record['batch']}, {record['precision']}, median of {record['repeats']} after "
             f"{record['warmup']} warm-up")
-
-
-def threads_text(threads: int) -> str:
-    return f"{threads} thread{'' if threads == 1 else 's'}"
 
 
 def read_measured(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -130,8 +126,8 @@ def measure_alone(location: Location, gpu: bool, say: Optional[Callable[[str], N
     if not waiting:
         return []
     if say:
-        say(f"Measuring the latency of {len(waiting)} trial{'' if len(waiting) == 1 else 's'} alone, one at a time, "
-            f"on {'a GPU' if gpu else f'the CPU ({threads_text(CPU_THREADS)})'}")
+        device = "a GPU" if gpu else f"the CPU ({layout.count(CPU_THREADS, 'thread')})"
+        say(f"Measuring the latency of {layout.count(len(waiting), 'trial')} alone, one at a time, on {device}")
     task = ray.remote(num_cpus=CPU_THREADS, num_gpus=1 if gpu else 0)(latency_alone)
     done = []
     for trial_id in waiting:

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import pandas as pd
 
 from yolotune.importance import COUNTED, importance
-from yolotune.layout import PLOTS_DIR, write_atomic
+from yolotune.layout import PLOTS_DIR, count, write_atomic
 from yolotune.results import ExperimentResults, better, lower_is_better, measured
 
 KINDS = ("history", "params", "progress", "parallel", "importance")
@@ -74,7 +74,7 @@ def _history(results, metric: str, mode: str):
 
     history, trials, best = results.history(), results.dataframe(metric, mode), results.best(metric, mode)
     reported = set(history.trial_id)
-    shown = _count(len(trials), "trial") + ("" if len(reported) == len(trials) else f", {len(reported)} reported")
+    shown = count(len(trials), "trial") + ("" if len(reported) == len(trials) else f", {len(reported)} reported")
     title = f"{metric} per epoch of each trial ({shown}): experiment {results.path.name}"
     if trials[f"best_{metric}"].isna().all():
         return _empty(title, f"no trial has reported {metric} yet")
@@ -148,7 +148,7 @@ def _params(results, metric: str, mode: str):
     trials = results.dataframe(metric, mode)
     key = f"best_{metric}"
     scored = trials.dropna(subset=[key])
-    title = (f"Best {metric} of each trial vs its sampled hyperparameters ({_count(len(scored), 'trial')}, "
+    title = (f"Best {metric} of each trial vs its sampled hyperparameters ({count(len(scored), 'trial')}, "
              f"{better(mode)}): experiment {results.path.name}")
     if not space or scored.empty:
         return _empty(title, "no tuned parameters" if not space else f"no trial has reported {metric} yet")
@@ -256,7 +256,7 @@ def _parallel(results, metric: str, mode: str):
 
     key = f"best_{metric}"
     scored = results.dataframe(metric, mode).dropna(subset=[key])
-    title = (f"Trials in parallel coordinates ({_count(len(scored), 'trial')} with a value of {metric}, "
+    title = (f"Trials in parallel coordinates ({count(len(scored), 'trial')} with a value of {metric}, "
              f"{better(mode)})\nexperiment {results.path.name}")
     if scored.empty:
         return _empty(title, f"no trial has reported {metric} yet")
@@ -346,7 +346,7 @@ def _span(low: float, high: float) -> Tuple[float, float]:
 def _importance(results, metric: str, mode: str):
     """One bar per tuned parameter: its importance for the best metric, the method named."""
     judged = importance(results, metric, mode)
-    title = (f"Parameter importance for best {metric}: {judged.method}, {_count(judged.trials, 'trial')}\n"
+    title = (f"Parameter importance for best {metric}: {judged.method}, {count(judged.trials, 'trial')}\n"
              f"experiment {results.path.name}")
     if judged.reason:
         return _empty(title, f"Importance {judged.reason}")
@@ -380,7 +380,7 @@ def _pareto(results, metric: str, mode: str):
         return _empty(title, "no trial has a value of every objective yet")
     first, others = objectives[0], objectives[1:]
     fig = _new_figure(5.2 * len(others) + 1.5, 5)
-    fig.suptitle(f"{title}\n{_count(len(values), 'trial')}; best: {results.select_rule}")
+    fig.suptitle(f"{title}\n{count(len(values), 'trial')}; best: {results.select_rule}")
     best = results.best()
     front, dominated = values[values.pareto_rank == 1], values[values.pareto_rank != 1]
     for ax, other in zip(fig.subplots(1, len(others), squeeze=False)[0], others):
@@ -436,6 +436,3 @@ def _empty(title: str, message: str):
     ax.set_yticks([])
     return fig
 
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -46,17 +46,11 @@ def write_plots(results: ExperimentResults) -> Dict[str, Path]:
     return {"trials_csv": write_trials_csv(own), **plots.save(results)}
 
 
-def write_all_at(uri: str) -> None:
-    """write_all for the experiment at ``uri``, a directory or a store URI: read from there (the
-    trials' files reach a store, not the driver), the files written back there."""
-    location = Location(uri)
-    location.upload(*write_all(location.download()).values())
-
-
 def live_refresh(uri: str, prune: bool = True) -> None:
-    """What the live view runs as trials end, in a process of its own (``refresh_in_process``): with
-    ``prune``, the ended trials' weights pruned by ``checkpoint.keep`` (retention.py), then
-    ``write_all_at(uri)``."""
+    """What the live view runs as trials end, in a process of its own (``refresh_in_process``), for the
+    experiment at ``uri`` (a directory or a store URI: the trials' files reach a store, not the driver):
+    with ``prune``, the ended trials' weights pruned by ``checkpoint.keep`` (retention.py), then
+    ``write_all``, its files written back there."""
     from yolotune import retention
 
     location = Location(uri)
@@ -147,7 +141,7 @@ def latency_lines(results: ExperimentResults) -> List[str]:
     lines = [f"latency_ms measured {method}" for method in methods]
     waiting = results.latency_unmeasured
     if waiting:
-        lines.append(f"latency_ms not measured yet for {len(waiting)} ended trial{'' if len(waiting) == 1 else 's'} "
+        lines.append(f"latency_ms not measured yet for {layout.count(len(waiting), 'ended trial')} "
                      f"({', '.join(waiting)}), without a Pareto rank till then: measured alone once the run's trials "
                      "have ended (after an interrupted run, by the next resume=true)")
     return lines

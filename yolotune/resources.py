@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 from yolotune.errors import ConfigError, check_range
+from yolotune.layout import count
 
 TRIALS_PER_GPU = 4  # small YOLO trials leave most of a GPU idle; four side by side fill it (ANCHORS.md)
 # Loader processes a GPU trial gets where the node's CPUs allow (fewer trials per GPU otherwise): one
@@ -128,9 +129,9 @@ class TrialResources:
         cpus, gpus = sum(c for c, _ in self.nodes), sum(g for _, g in self.nodes)
         hosts = f", trials on {self.hosts}" if self.hosts < len(self.nodes) else ""
         idle = f"; {self.gpus - self.at_once} of {self.gpus} GPUs idle" if self.at_once < self.gpus else ""
-        return (f"Plan: {_count(self.at_once, 'trial')} at once, each {_count(self.cpu, 'CPU')}{gpu}, "
-                f"{_count(self.loader_workers, 'loader worker')}, {_count(self.threads, 'thread')}, {cache} "
-                f"({_count(gpus, 'GPU')}, {_count(cpus, 'CPU')} on {_count(len(self.nodes), 'node')}{hosts}){idle}")
+        return (f"Plan: {count(self.at_once, 'trial')} at once, each {count(self.cpu, 'CPU')}{gpu}, "
+                f"{count(self.loader_workers, 'loader worker')}, {count(self.threads, 'thread')}, {cache} "
+                f"({count(gpus, 'GPU')}, {count(cpus, 'CPU')} on {count(len(self.nodes), 'node')}{hosts}){idle}")
 
     def record(self) -> dict:
         """The plan as plan.yaml keeps it: plain numbers."""
@@ -139,10 +140,6 @@ class TrialResources:
                 "image_cache_mb_per_trial": self.image_cache_mb, "max_concurrent_trials": self.max_concurrent_trials,
                 "gpu_mb_per_trial": self.gpu_mb, "gpu_memory_mb": self.gpu_memory_mb,
                 "nodes": [{"cpus": c, "gpus": g} for c, g in self.nodes]}
-
-
-def _count(n: float, word: str) -> str:
-    return f"{n:g} {word}{'' if n == 1 else 's'}"
 
 
 def local_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroup: Path = Path("/proc/self/cgroup")) -> int:

@@ -131,7 +131,7 @@ class ExperimentResults:
 
     def _skipped(self, name: str, lines: int) -> None:
         if lines:
-            self.problems.append(f"{name}: skipped {lines} damaged line{'' if lines == 1 else 's'}")
+            self.problems.append(f"{name}: skipped {layout.count(lines, 'damaged line')}")
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.path / layout.trial_dirname(trial_id)
