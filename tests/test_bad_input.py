@@ -849,3 +849,15 @@ def test_dry_run_checks_everything_and_starts_nothing(overrides, key, tmp_path, 
         assert proc.returncode == 2 and proc.stderr.startswith(f"yolotune: error: {key}="), proc.stderr[-2000:]
         assert len(proc.stderr.splitlines()) == 1 and "Plan" not in proc.stdout
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.subprocess
+def test_a_dry_run_multirun_checks_each_job_and_makes_no_experiment(tmp_path, shapes_cache):
+    """dry_run=true through -m: each valid job is `checked` (not a failure to load an experiment that a dry
+    run never makes), the bad one `refused`, the others still checked; exit 1 as for any refused job."""
+    proc = run_cli("-m", "experiment=quickstart", "dry_run=true", f"data.cache_dir={shapes_cache}",
+                   f"storage={tmp_path}/runs", "iterations=1,ten,2", timeout=300)
+    summary = pd.read_csv(next((tmp_path / "runs" / "multirun").glob("*/multirun_summary.csv")))
+    assert list(summary["status"]) == ["checked", "refused", "checked"], summary.to_string()
+    assert summary["experiment"].isna().all() and proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["multirun"]  # no experiment made

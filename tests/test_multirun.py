@@ -54,7 +54,8 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path, shapes_cache):
 
 @pytest.mark.parametrize("statuses,code", [
     (["ok", "ok"], 0), (["refused", "refused"], 2), (["refused"], 2), (["refused", "ok"], 1), (["failed", "ok"], 1),
-    (["failed", "refused"], 1), (["interrupted", "ok"], 1),
+    (["failed", "refused"], 1), (["interrupted", "ok"], 1), (["checked", "checked"], 0), (["checked", "ok"], 0),
+    (["checked", "refused"], 1),
 ])
 def test_the_exit_code_says_how_the_jobs_went(statuses, code):
     """2 only when every job was refused (nothing ran, as a single run's mistake); 1 when a job failed or was

@@ -2,7 +2,8 @@
 
 It composes the same Hydra config as the CLI and sets the given values on it (no override strings:
 any path, any value), so it gets the same validation and writes the same experiment directory; it
-returns Ray's ResultGrid. Mistakes raise ConfigError naming the key, the value and what is allowed.
+returns Ray's ResultGrid (None with ``dry_run=true`` in ``overrides``: every check and the plan, no
+sweep). Mistakes raise ConfigError naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def _main(cfg: DictConfig) -> None:
         from yolotune.multirun import run_job
 
         def job():
-            exp_dir, _ = run_experiment(cfg, overrides)
-            return exp_dir, layout.is_finished(exp_dir)
+            exp_dir, grid = run_experiment(cfg, overrides)
+            return (None, False) if grid is None else (exp_dir, layout.is_finished(exp_dir))  # None: dry_run
 
         run_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, overrides, job)
         return

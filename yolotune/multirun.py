@@ -24,13 +24,16 @@ SUMMARY = "multirun_summary.csv"
 
 
 def run_job(sweep_dir: Path, job_num: int, overrides, run) -> None:
-    """Run one job with ``run() -> (experiment dir, finished)``; record its row whatever happens
-    (the launcher uploads the summary when storage is a URI)."""
+    """Run one job with ``run() -> (experiment dir, finished)``, a dir of None for a dry run (checked,
+    nothing made); record its row whatever happens (the launcher uploads the summary when storage is a URI)."""
     start = time.time()
     row = new_row(job_num, overrides)
     try:
         exp_dir, finished = run()
-        row.update(experiment=str(exp_dir), status="ok" if finished else "interrupted", **_best(exp_dir))
+        if exp_dir is None:
+            row.update(status="checked")
+        else:
+            row.update(experiment=str(exp_dir), status="ok" if finished else "interrupted", **_best(exp_dir))
         if row["trials_errored"] and not row["trials_finished"]:  # as a single run, which exits 1
             row.update(status="failed", error="every trial failed (trials.csv has their errors)")
     except Exception as e:  # noqa: BLE001 - one failed job must not stop the others
@@ -88,8 +91,9 @@ class MultirunSummary(Callback):
 
 
 def exit_code(statuses) -> int:
-    """0 when every job finished, 2 when every job was refused (as a single run's mistake), else 1."""
+    """0 when every job finished (or, with dry_run, passed its checks), 2 when every job was refused (as a
+    single run's mistake), else 1."""
     statuses = set(statuses)
-    if statuses == {"ok"}:
+    if statuses and statuses <= {"ok", "checked"}:
         return 0
     return 2 if statuses == {"refused"} else 1
