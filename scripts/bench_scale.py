@@ -87,7 +87,8 @@ def sample(dist: dict, rng: random.Random) -> float:
     return rng.uniform(dist["low"], dist["high"])
 
 
-def build(exp_dir: Path, trials: int, seed: int = 0, weights_mb: float = WEIGHTS_MB, real: Optional[Path] = None) -> Path:
+def build(exp_dir: Path, trials: int, seed: int = 0, weights_mb: float = WEIGHTS_MB,
+          real: Optional[Path] = None) -> Path:
     """An experiment of ``trials`` ended trials in the format of ``real`` (a real experiment: see
     ``real_experiment``; None: a minimal one), and weights files as yolotune kept them before
     checkpoint.keep: the checkpoint's last.pt, Ultralytics' best.pt and best_by_metric.pt, each
@@ -163,8 +164,9 @@ def commands(exp: Path) -> list:
             "import time; t = time.process_time(); from yolotune.results import load; "
             f"load({str(exp)!r}).dataframe(); print('CPU', time.process_time() - t)"]),
         ("live refresh", python + [
-            "import time, yolotune.report as r; t = time.process_time(); "
-            f"getattr(r, 'live_refresh', r.write_all_at)({str(exp)!r}); print('CPU', time.process_time() - t)"]),
+            "import time, yolotune.report as r; t = time.process_time(); "  # write_all_at: a checkout from before
+            f"(r.live_refresh if hasattr(r, 'live_refresh') else r.write_all_at)({str(exp)!r}); "
+            "print('CPU', time.process_time() - t)"]),
     ]
 
 
