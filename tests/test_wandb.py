@@ -36,6 +36,8 @@ def _records(path: Path):
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # W&B's service process is still writing this chunk
+            return
         chunks += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a record is complete
